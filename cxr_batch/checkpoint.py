@@ -1,0 +1,101 @@
+"""The checkpoint format shared by training and scoring, and safe loading of untrusted files.
+
+A checkpoint is one ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts), so it
+loads with ``torch.load(weights_only=True)``: a file that would need to unpickle a Python object
+(and could run code doing so) is refused, not executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass
+
+import torch
+
+from . import CLASSES
+from .errors import CheckpointError
+from .model import ARCHS, CamResNet, build_model
+from . import storage
+
+FORMAT = "cxr-batch-checkpoint"
+VERSION = 1
+
+
+def make_checkpoint(model: CamResNet, *, arch: str, image_size: int, threshold: float, settings: dict,
+                    epoch: int = 0, metrics: dict | None = None, optimizer: dict | None = None,
+                    history: list | None = None) -> dict:
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    return {
+        "format": FORMAT, "version": VERSION, "arch": arch, "classes": list(CLASSES),
+        "image_size": int(image_size), "threshold": float(threshold), "settings": settings,
+        "epoch": int(epoch), "metrics": metrics or {}, "history": history or [],
+        "state_dict": state, "optimizer": optimizer,
+    }
+
+
+def save_checkpoint(ckpt: dict, uri: str) -> None:
+    """Write atomically (temp name + rename on local disks; S3 puts are atomic already)."""
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def load_state_file(uri: str) -> dict:
+    """A torch file that may come from anywhere -> its plain dict, refusing pickled code."""
+    return load_state_file_bytes(_read(uri), uri)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    ckpt: dict
+    model_id: str  # first 16 hex digits of the file's sha256
+
+
+def load_checkpoint(uri: str) -> LoadedCheckpoint:
+    data = _read(uri)
+    ckpt = load_state_file_bytes(data, uri)
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{uri} is not a cxr-batch checkpoint (no format={FORMAT!r} entry); train one with"
+            " `cxr-batch train`, or pass ARCH:WEIGHTS such as resnet101:imagenet."
+        )
+    if ckpt.get("arch") not in ARCHS or list(ckpt.get("classes", [])) != list(CLASSES):
+        raise CheckpointError(f"{uri}: unsupported arch {ckpt.get('arch')!r} or classes {ckpt.get('classes')!r}.")
+    return LoadedCheckpoint(ckpt, hashlib.sha256(data).hexdigest()[:16])
+
+
+def load_state_file_bytes(data: bytes, uri: str) -> dict:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:160] if str(e).strip() else ""
+        raise CheckpointError(
+            f"Refusing to load {uri}: it holds pickled Python objects that could run code when loaded"
+            f" (torch.load weights_only=True said: {first}). Only plain tensor files (cxr-batch checkpoints, state dicts) are accepted."
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{uri} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]}).") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{uri} holds a {type(obj).__name__}, not a dict of tensors.")
+    return obj
+
+
+def model_from_checkpoint(ckpt: dict) -> CamResNet:
+    model = build_model(ckpt["arch"], "none")
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+def _read(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise CheckpointError(f"Checkpoint not found: {uri}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{uri} is a folder; pass the checkpoint file in it (e.g. best.ckpt).") from None
+
+
+def _unwrap(model):
+    return getattr(model, "module", getattr(model, "_orig_mod", model))

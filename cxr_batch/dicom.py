@@ -1,0 +1,220 @@
+"""DICOM bytes -> grayscale pixels: the DICOM half of the decode boundary (see ``decode.py``).
+
+The pixel path follows the DICOM display pipeline (PS3.4 N.2.1.1), first frame only:
+  stored values -> Modality LUT (Rescale Slope/Intercept) -> VOI LUT or first Window Center/Width
+  (else the data's own min..max) -> [0, 1] -> MONOCHROME1 inverted, so 0 is black (air dark,
+  bone bright). RGB/YBR/palette images become luminance.
+
+``meta`` holds what a scoring row may carry: modality, view, SOP Instance UID and pixel format.
+Nothing that identifies a patient leaves this module, so output tables can be shared.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from .decode import _one_line, window_minmax
+from .errors import DecodeError
+
+# What to install per compressed family, matched on the syntax's name in this order ("JPEG 2000"
+# before "JPEG"); pydicom's own list names gdcm by its import name, not what to pip install.
+_INSTALL = (
+    ("JPEG 2000", "pip install pylibjpeg pylibjpeg-openjpeg"),  # also HTJ2K
+    ("JPEG", "pip install pylibjpeg pylibjpeg-libjpeg"),  # baseline, extended, lossless, JPEG-LS
+    ("RLE", "pip install pylibjpeg pylibjpeg-rle"),
+)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Rec. 601 luma, the weights Pillow's convert("L") uses: a colour DICOM and the same picture
+# saved as a JPEG decode to the same gray.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def is_dicom(head: bytes) -> bool:
+    """True when ``head`` (at least the first 132 bytes of a file) has the DICOM preamble marker.
+
+    Archives often hold DICOMs with no extension (``IM0001``), so the content decides, not the name.
+    """
+    return bytes(head[128:132]) == b"DICM"
+
+
+def decode_dicom(data: bytes, *, max_pixels: int) -> tuple[np.ndarray, dict]:
+    """Decode a whole DICOM file to ``(gray, meta)``: gray float32 (H, W) in [0, 1], 0 = black."""
+    ds = _read(data)
+    rows, cols = _check_size(ds, max_pixels)
+    ts = _transfer_syntax(ds)
+    _check_decoder(ts)
+    _check_length(ds, ts)
+    try:
+        # index=0 decodes the first frame only: a multi-frame file costs one frame of memory.
+        arr = pixel_array(ds, index=0)
+    except Exception as e:  # plugins raise RuntimeError, ValueError, ... on bad codestreams
+        raise DecodeError(f"corrupt or truncated pixel data ({ts.name}): {_one_line(e)}") from None
+    try:
+        gray = _to_gray(arr, ds)
+    except DecodeError:
+        raise
+    except Exception as e:  # a malformed LUT or palette in the header
+        raise DecodeError(f"cannot map DICOM pixels to gray: {_one_line(e)}") from None
+    return gray, _meta(ds, rows, cols)
+
+
+def _read(data: bytes) -> Dataset:
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    has_preamble = is_dicom(data[:132])
+    # Without the preamble, only try a raw dataset (ACR-NEMA era, some PACS exports) when it
+    # opens with a group 0002/0008 tag: force=True on arbitrary bytes "succeeds" with junk.
+    if not has_preamble and data[:2] not in (b"\x02\x00", b"\x08\x00"):
+        raise DecodeError("not a DICOM file: no 'DICM' marker at byte 128 and no DICOM tag at byte 0")
+    try:
+        ds = dcmread(io.BytesIO(data), force=not has_preamble)
+        ds.get("Rows")  # elements are parsed lazily: surface a mangled header here
+    except Exception as e:
+        raise DecodeError(f"unreadable DICOM header: {_one_line(e)}") from None
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise DecodeError(_no_pixels_message(ds))
+    return ds
+
+
+def _no_pixels_message(ds: Dataset) -> str:
+    # The file meta's copy of the SOP class survives a cut inside the dataset.
+    sop = getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
+    kind = UID(str(sop)).name if sop else "none"
+    # A file cut off inside its pixel data reads as an image header without pixels, or as an
+    # empty dataset (pydicom drops everything when compressed data lacks its end marker).
+    if len(ds) == 0 or "Rows" in ds or "Image" in kind:
+        return "truncated pixel data: the DICOM file ends before its image is complete; copy it again"
+    return f"DICOM has no pixel data (SOP class: {kind}): not an image object, or a damaged file"
+
+
+def _check_size(ds: Dataset, max_pixels: int) -> tuple[int, int]:
+    """Refuse oversized images from the header alone, before any pixel buffer is allocated."""
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError) as e:
+        raise DecodeError(f"DICOM header has an invalid image size: {_one_line(e)}") from None
+    if rows < 1 or cols < 1 or frames < 1:
+        raise DecodeError(
+            f"DICOM header has an invalid image size: Rows={rows}, Columns={cols}, NumberOfFrames={frames}"
+        )
+    # The limit applies per frame because only the first frame is ever decoded.
+    if rows * cols > max_pixels:
+        raise DecodeError(
+            f"too many pixels: {cols}x{rows} = {rows * cols:,} exceeds the limit of {max_pixels:,}"
+            " (raise --max-pixels if this file is trusted)"
+        )
+    return rows, cols
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    ts = meta.get("TransferSyntaxUID")
+    if ts:
+        return UID(ts)
+    # No file meta (raw dataset): its pixels are native and laid out as the dataset was parsed,
+    # which pydicom recorded; the decoder needs that written down as a transfer syntax.
+    implicit, little = ds.original_encoding
+    ts = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    meta.TransferSyntaxUID = ts
+    ds.file_meta = meta
+    return ts
+
+
+def _check_decoder(ts: UID) -> None:
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise DecodeError(
+            f"unsupported DICOM transfer syntax {ts.name}: no Python decoder exists for it;"
+            " convert the file to an uncompressed syntax first (e.g. dcmtk's dcmdjpeg or gdcmconv --raw)"
+        ) from None
+    if not decoder.is_available:
+        hint = next((cmd for family, cmd in _INSTALL if family in ts.name), None)
+        hint = hint or "install one of: " + "; ".join(decoder.missing_dependencies)
+        raise DecodeError(f"unsupported DICOM transfer syntax {ts.name}: {hint}")
+
+
+def _check_length(ds: Dataset, ts: UID) -> None:
+    """Name a cut-short native file as such; compressed streams are checked by their decoder."""
+    if ts.is_compressed or "PixelData" not in ds:
+        return
+    need, have = get_expected_length(ds, "bytes"), len(ds.PixelData)
+    if have < need:
+        raise DecodeError(
+            f"truncated pixel data: {have:,} of {need:,} bytes; the file was cut short, copy it again"
+        )
+
+
+def _to_gray(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        return _luma(rgb, np.iinfo(rgb.dtype).max)
+    if arr.ndim == 3:  # RGB, or YBR that pixel_array has already converted to RGB
+        return _luma(arr, 2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1)
+    values = apply_modality_lut(arr, ds)
+    gray = _apply_voi(values, ds)
+    if gray is None:
+        # No display window in the file: use the data's own range, never an 8-bit truncation.
+        gray = window_minmax(values)
+    if photometric == "MONOCHROME1":  # stored with 0 = white; flip after windowing, as viewers do
+        gray = 1.0 - gray
+    return np.ascontiguousarray(gray, dtype=np.float32)
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The file's VOI LUT, or its first Window Center/Width, mapped onto [0, 1]; None if it has neither."""
+    seq = ds.get("VOILUTSequence")
+    if seq and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]:
+        n, first = int(seq[0].LUTDescriptor[0]) or 2**16, int(seq[0].LUTDescriptor[1])
+        values = np.rint(values).astype(np.int64)  # LUT inputs are integers (and floats make pydicom warn)
+        probe = np.arange(first, first + n)
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        probe = np.array([-1e30, 1e30])
+    else:
+        return None
+    try:
+        out = apply_voi_lut(values, ds, index=0)
+        # pydicom returns the VOI output in a range that depends on bits stored, rescale and LUT
+        # depth; pushing the whole input domain through reads that range from pydicom itself.
+        with np.errstate(over="ignore"):
+            ends = apply_voi_lut(probe, ds, index=0)
+    except (ValueError, TypeError, IndexError, NotImplementedError):
+        return None  # e.g. Window Width 0 from a buggy modality: the image is fine, the window is not
+    lo, hi = float(np.min(ends)), float(np.max(ends))
+    if not hi > lo:
+        return None
+    return np.clip((out - lo) * (1.0 / (hi - lo)), 0.0, 1.0).astype(np.float32)
+
+
+def _luma(rgb: np.ndarray, full_scale: float) -> np.ndarray:
+    """Colour has no VOI: keep the absolute scale, as for 8-bit JPEGs, so a dark photo stays dark."""
+    gray = rgb[..., :3].astype(np.float32) @ _LUMA
+    return np.clip(gray * np.float32(1.0 / max(full_scale, 1)), 0.0, 1.0)
+
+
+def _meta(ds: Dataset, rows: int, cols: int) -> dict:
+    """An allow-list, not a deny-list: a new identifying tag can never slip into the output."""
+    return {
+        "modality": _text(ds, "Modality"),
+        "view_position": _text(ds, "ViewPosition"),
+        "sop_instance_uid": _text(ds, "SOPInstanceUID"),
+        "photometric": _text(ds, "PhotometricInterpretation") or "",
+        "bits_stored": int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0),
+        "width": cols,
+        "height": rows,
+    }
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None

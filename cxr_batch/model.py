@@ -1,0 +1,87 @@
+"""The network: a torchvision ResNet with a 2-class head that also returns its last conv features,
+so the Class Activation Map (Zhou et al. 2016) comes from the same forward pass as the prediction."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models
+
+from . import CLASSES
+from .errors import InputError
+
+ARCHS = ("resnet18", "resnet50", "resnet101")
+WEIGHTS = ("imagenet", "none")  # or a path to a local file
+
+_TORCHVISION = {
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
+    "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V2),
+}
+
+
+class CamResNet(nn.Module):
+    """ResNet trunk + global average pool + linear head; ``forward`` -> (logits, layer4 features).
+
+    Because the head is linear on the average-pooled features, the CAM of class k,
+    ``sum_c fc.weight[k, c] * features[c]``, averages exactly to that class's logit minus its bias.
+    """
+
+    def __init__(self, trunk: nn.Module, n_features: int, n_classes: int = len(CLASSES)):
+        super().__init__()
+        self.trunk = trunk
+        self.fc = nn.Linear(n_features, n_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.trunk(x)
+        logits = self.fc(features.mean(dim=(2, 3)))
+        return logits, features
+
+    def backbone_parameters(self):
+        return self.trunk.parameters()
+
+
+def check_arch(arch: str) -> str:
+    if arch not in ARCHS:
+        raise InputError(f"Invalid arch {arch!r}. Only {', '.join(ARCHS)} are supported.")
+    return arch
+
+
+def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0) -> CamResNet:
+    """A fresh model. ``weights``: "imagenet" (torchvision's, downloaded or from the torch hub cache),
+    "none" (random, seeded so the same spec gives the same model), or a path to a local file holding
+    an ImageNet ResNet state dict (a torchvision ``.pth``)."""
+    ctor, tv_weights = _TORCHVISION[check_arch(arch)]
+    torch.manual_seed(seed)
+    net = ctor(weights=None)
+    if weights == "imagenet":
+        net.load_state_dict(_imagenet_state(arch, tv_weights))
+    elif weights != "none":
+        from .checkpoint import load_state_file
+
+        state = load_state_file(weights)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the 1000-class head is replaced
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("fc.")]:
+            raise InputError(
+                f"{weights} does not hold {arch} weights ({len(missing)} missing, {len(unexpected)} unexpected keys);"
+                f" pass a torchvision {arch} state dict, --weights imagenet or --weights none."
+            )
+    n_features = net.fc.in_features
+    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    model = CamResNet(trunk, n_features)
+    torch.manual_seed(seed + 1)
+    nn.init.normal_(model.fc.weight, std=0.01)
+    nn.init.zeros_(model.fc.bias)
+    return model
+
+
+def _imagenet_state(arch: str, tv_weights) -> dict:
+    try:
+        return tv_weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # offline: URLError, or a hash mismatch on a partial download
+        cache = torch.hub.get_dir() + "/checkpoints/" + tv_weights.url.rsplit("/", 1)[-1]
+        raise InputError(
+            f"ImageNet weights for {arch} could not be loaded ({type(e).__name__}). Put {tv_weights.url}"
+            f" at {cache}, or pass --weights FILE or --weights none."
+        ) from None

@@ -1,0 +1,133 @@
+"""Where results land: the Parquet part files, their schema, resume bookkeeping, and CAM paths.
+
+Rows are written by the driver in part files of a few thousand rows, each published atomically
+(temp name + rename, or one S3 PUT), so a job killed at any moment leaves only whole parts. A
+re-run reads the ``path`` column of the parts already there and scores only the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+import unicodedata
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+from .errors import InputError
+
+SCHEMA = pa.schema([
+    ("path", pa.string()),  # relative to the archive root, POSIX
+    ("label", pa.string()),  # NORMAL / PNEUMONIA from a folder on the path, else null
+    ("pred", pa.string()),  # class name; null when the file could not be scored
+    ("prob_pneumonia", pa.float32()),
+    ("threshold", pa.float32()),  # pred is PNEUMONIA when prob_pneumonia >= threshold
+    ("cam_path", pa.string()),
+    ("cam_peak_x", pa.float32()),  # CAM maximum as a fraction of the width (0 = left edge)
+    ("cam_peak_y", pa.float32()),  # ... and of the height (0 = top)
+    ("width", pa.int32()),  # the file's own pixel size
+    ("height", pa.int32()),
+    ("format", pa.string()),
+    ("bytes", pa.int64()),
+    ("sha256", pa.string()),
+    ("modality", pa.string()),  # DICOM only
+    ("view_position", pa.string()),
+    ("sop_instance_uid", pa.string()),
+    ("model", pa.string()),
+    ("error", pa.string()),  # null when scored; else one line saying what is wrong
+])
+
+_PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")
+
+
+class PartWriter:
+    """Collects row tables and publishes them as ``part-<run>-<seq>.parquet`` files."""
+
+    def __init__(self, out: str, metadata: dict, rows_per_part: int = 2000):
+        self.out, self.rows_per_part = out, rows_per_part
+        self.run = uuid.uuid4().hex[:8]
+        self.seq, self.rows, self.pending = 0, 0, []
+        self.schema = SCHEMA.with_metadata({b"cxr_batch": json.dumps(metadata, default=str).encode()})
+        storage.makedirs(out)
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table.select(SCHEMA.names).cast(SCHEMA))
+        self.rows += table.num_rows
+        if sum(t.num_rows for t in self.pending) >= self.rows_per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        storage.write_bytes_atomic(storage.join(self.out, f"part-{self.run}-{self.seq:05d}.parquet"), buf.getvalue())
+        self.seq += 1
+        self.pending = []
+
+
+def part_files(out: str) -> list[str]:
+    return sorted(storage.join(out, n) for n in storage.list_dir(out) if _PART.match(n))
+
+
+def done_paths(out: str, model_id: str) -> set[str]:
+    """Paths that already have a row in ``out``; refuses to mix two models' rows in one table."""
+    done: set[str] = set()
+    for part in part_files(out):
+        fs, path = storage.resolve(part)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            meta = json.loads((pf.schema_arrow.metadata or {}).get(b"cxr_batch", b"{}"))
+            if meta.get("model_id") not in (None, model_id):
+                raise InputError(
+                    f"{out} already holds results of model {meta.get('model_id')}, not {model_id}:"
+                    " pass --overwrite to start over, or a new --out."
+                )
+            done.update(pf.read(columns=["path"]).column("path").to_pylist())
+    return done
+
+
+def read_metadata(out: str) -> dict:
+    parts = part_files(out)
+    if not parts:
+        return {}
+    fs, path = storage.resolve(parts[0])
+    with fs.open_input_file(path) as f:
+        return json.loads(pq.ParquetFile(f).schema_arrow.metadata[b"cxr_batch"])
+
+
+def read_table(out: str) -> pa.Table:
+    parts = part_files(out)
+    if not parts:
+        return SCHEMA.empty_table()
+    tables = []
+    for part in parts:
+        fs, path = storage.resolve(part)
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables)
+
+
+def safe_relpath(rel: str) -> str:
+    """An input's relative path -> a relative POSIX path that cannot leave the folder it is joined to.
+
+    Drops empty, ".", ".." and drive components, turns backslashes into separators, replaces control
+    characters, and keeps unicode and spaces (they are legal names). Never returns an empty path.
+    """
+    rel = unicodedata.normalize("NFC", rel.replace("\\", "/"))
+    parts = []
+    for p in rel.split("/"):
+        p = re.sub(r"[\x00-\x1f\x7f]", "_", p).strip()
+        if p in ("", ".", "..") or re.fullmatch(r"[A-Za-z]:", p):
+            continue
+        parts.append(p[:200])  # most filesystems cap a name at 255 bytes
+    return posixpath.join(*parts) if parts else "_"
+
+
+def cam_uri(cam_dir: str, rel: str) -> str:
+    return storage.join(cam_dir, *(safe_relpath(rel) + ".png").split("/"))

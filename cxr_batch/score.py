@@ -1,0 +1,313 @@
+"""The scoring job: archive -> Ray Data stream -> Parquet rows + CAM overlay PNGs.
+
+Stages (one Ray Data operator each, none relying on row order; every row carries ``path``):
+  1. decode   CPU tasks: read bytes, hash, decode, resize to the model's input  (decode.py)
+  2. model    an actor pool: forward pass -> P(PNEUMONIA) and the CAM          (Scorer)
+  3. finish   CPU tasks: CAM peak, overlay PNG written off the model's path    (finish_batch)
+  4. the driver publishes Parquet parts as rows stream in                      (output.py)
+Pure work lives in decode/transforms/cam; this module is the Ray edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from . import CLASSES, POSITIVE, storage
+from .decode import DEFAULT_MAX_PIXELS, decode_image
+from .discover import discover, label_from_path
+from .errors import DecodeError, InputError
+from .output import PartWriter, cam_uri, done_paths, read_metadata
+from .registry import ModelInfo, describe
+from .transforms import to_model_pixels, to_u8
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreSettings:
+    archive: str
+    out: str  # a folder of Parquet part files (pandas, pyarrow, duckdb read it as one table)
+    model: str | None = None  # checkpoint path/URI or ARCH:WEIGHTS; None = the registered default
+    cam_dir: str | None = None  # None: "<out>-cams" beside the output
+    cams: bool = True
+    cam_size: int | None = None  # overlay side in px; None = the model's input size (fast); 0 = original size
+    batch_size: int = 16  # images per forward pass
+    actors: int | None = None  # model replicas; None = one per GPU, or as many CPU actors as fit
+    cpus_per_actor: float | None = None  # None: sized from the cluster (see plan_resources)
+    device: str = "auto"
+    precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the model in each actor (slow start, faster steady state)
+    channels_last: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+    rows_per_part: int = 2000
+    limit: int | None = None  # score only the first N files (sorted by path): smoke tests
+    stall_timeout_s: float = 900  # Ray Data raises instead of hanging this long without progress
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise InputError(f"Invalid precision {self.precision!r}. Only {', '.join(PRECISIONS)} are supported.")
+        if self.device not in DEVICES:
+            raise InputError(f"Invalid device {self.device!r}. Only {', '.join(DEVICES)} are supported.")
+        if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
+            raise InputError("--batch-size and --actors must be at least 1.")
+
+    def resolved_cam_dir(self) -> str:
+        if self.cam_dir:
+            return self.cam_dir
+        base = self.out.rstrip("/")
+        stem = base[: -len(".parquet")] if base.endswith(".parquet") else base
+        return stem + "-cams"
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    torch_threads: int
+    task_cpus: float  # per decode / finish task
+
+
+def plan_resources(cluster_cpus: float, cluster_gpus: float, s: ScoreSettings) -> ResourcePlan:
+    """Size the pool so it always fits: Ray Data waits forever (no error) for resources that never come.
+
+    GPUs: one actor per GPU, a fixed pool (an autoscaling GPU pool can stay at one replica).
+    CPU only: leave one CPU to decode/finish tasks and give the rest to actors of up to 4 CPUs each;
+    torch in an actor uses as many threads as the CPUs it holds.
+    """
+    use_gpu = cluster_gpus >= 1 and s.device != "cpu"
+    if s.device == "gpu" and cluster_gpus < 1:
+        raise InputError("--device gpu, but the Ray cluster has no GPU; use --device cpu or auto.")
+    task_cpus = 0.5 if cluster_cpus < 4 else 1.0
+    if use_gpu:
+        actors = s.actors or int(cluster_gpus)
+        if actors > cluster_gpus:
+            raise InputError(f"--actors {actors} exceeds the cluster's {int(cluster_gpus)} GPUs.")
+        cpus = s.cpus_per_actor if s.cpus_per_actor is not None else 1.0
+        return ResourcePlan(actors, cpus, 1.0, max(1, int(cpus)), task_cpus)
+    free = cluster_cpus - 2 * task_cpus  # one decode and one finish task can always run
+    if free < 0.5:
+        raise InputError(f"The Ray cluster has {cluster_cpus:g} CPUs; scoring needs at least 1.5.")
+    cpus = s.cpus_per_actor if s.cpus_per_actor is not None else max(0.5, min(4.0, free))
+    actors = s.actors or max(1, int(free // cpus))
+    if actors * cpus > free + 1e-9:
+        raise InputError(
+            f"{actors} actors x {cpus:g} CPUs do not fit beside the decode tasks on {cluster_cpus:g} CPUs;"
+            " lower --actors or --cpus-per-actor.")
+    return ResourcePlan(actors, cpus, 0.0, max(1, math.ceil(cpus)), task_cpus)
+
+
+# ---------------------------------------------------------------- stage 1: decode (CPU tasks)
+
+def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int) -> dict:
+    n = len(batch["path"])
+    out = {k: [None] * n for k in ("label", "error", "sha256", "format", "modality", "view_position",
+                                   "sop_instance_uid")}
+    out.update(path=list(batch["path"]), bytes=np.full(n, -1, np.int64),
+               width=np.zeros(n, np.int32), height=np.zeros(n, np.int32),
+               pixels=np.zeros((n, image_size, image_size), np.uint8))
+    for i, rel in enumerate(out["path"]):
+        out["label"][i] = label_from_path(rel)
+        try:
+            data = _read(archive, rel)
+            out["bytes"][i] = len(data)
+            out["sha256"][i] = hashlib.sha256(data).hexdigest()
+            d = decode_image(data, max_pixels=max_pixels, draft=image_size)
+            out["pixels"][i] = to_model_pixels(d.gray, image_size)
+            out["width"][i], out["height"][i], out["format"][i] = d.width, d.height, d.format
+            for k in ("modality", "view_position", "sop_instance_uid"):
+                out[k][i] = d.meta.get(k)
+        except DecodeError as e:
+            out["error"][i] = str(e)
+        except Exception as e:  # never let one file take down a batch of good ones
+            out["error"][i] = f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def _read(archive: str, rel: str) -> bytes:
+    fs, root = storage.resolve(archive)
+    path = f"{root}/{rel}"
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except PermissionError:
+        raise DecodeError("unreadable file: permission denied") from None
+    except FileNotFoundError:
+        raise DecodeError("file vanished after it was listed") from None
+    except OSError as e:
+        raise DecodeError(f"unreadable file: {' '.join(str(e).split())[:160]}") from None
+
+
+# ---------------------------------------------------------------- stage 2: model (actor pool)
+
+class Scorer:
+    """Loads the model once per actor; ``__call__`` adds ``prob_pneumonia`` and ``cam`` to a batch."""
+
+    def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool):
+        import torch
+
+        from .registry import fc_weight, load
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast = precision == "bf16"
+        self.channels_last = channels_last
+        model = load(ModelInfo(**info)).to(self.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.weight = fc_weight(model).float()
+        self.model = torch.compile(model) if compile else model
+
+    def __call__(self, batch: dict) -> dict:
+        from .cam import class_activation_maps
+        from .transforms import normalize
+
+        torch = self.torch
+        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        n = len(ok)
+        prob = np.full(n, np.nan, np.float32)
+        cams = None
+        if ok.any():
+            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device, non_blocking=True)
+            x = normalize(x, channels_last=self.channels_last)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits, features = self.model(x)
+            prob[ok] = torch.softmax(logits.float(), dim=1)[:, POSITIVE].cpu().numpy()
+            good_cams = class_activation_maps(features.float(), self.weight, POSITIVE).cpu().numpy()
+            cams = np.zeros((n,) + good_cams.shape[1:], np.float32)
+            cams[ok] = good_cams
+        batch["prob_pneumonia"] = prob
+        batch["cam"] = cams if cams is not None else np.zeros((n, 1, 1), np.float32)
+        return batch
+
+
+# ---------------------------------------------------------------- stage 3: finish (CPU tasks)
+
+def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int | None, archive: str,
+                 max_pixels: int) -> dict:
+    from .cam import encode_png, overlay, peak
+
+    n = len(batch["path"])
+    prob = batch["prob_pneumonia"]
+    pred, cam_path = [None] * n, [None] * n
+    peak_x, peak_y = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    for i in range(n):
+        if batch["error"][i] is not None:
+            continue
+        pred[i] = CLASSES[POSITIVE] if prob[i] >= info["threshold"] else CLASSES[1 - POSITIVE]
+        peak_x[i], peak_y[i] = peak(batch["cam"][i])
+        if cam_dir is None:
+            continue
+        try:
+            base = _cam_base(batch, i, cam_size, archive, max_pixels)
+            uri = cam_uri(cam_dir, batch["path"][i])
+            storage.write_bytes_atomic(uri, encode_png(overlay(base, batch["cam"][i])))
+            cam_path[i] = uri
+        except Exception as e:  # a failed PNG must not lose the row's prediction
+            batch["error"][i] = f"CAM PNG not written: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    out = {k: batch[k] for k in ("path", "label", "width", "height", "format", "bytes", "sha256", "modality",
+                                 "view_position", "sop_instance_uid", "error")}
+    out.update(pred=np.asarray(pred, dtype=object), prob_pneumonia=prob, cam_path=np.asarray(cam_path, dtype=object),
+               cam_peak_x=peak_x, cam_peak_y=peak_y, threshold=np.full(n, info["threshold"], np.float32),
+               model=np.asarray([info["model_id"]] * n, dtype=object))
+    return out
+
+
+def _cam_base(batch: dict, i: int, cam_size: int | None, archive: str, max_pixels: int) -> np.ndarray:
+    """The X-ray under the overlay: the model's input when sizes match (no second decode)."""
+    pixels = batch["pixels"][i]
+    if cam_size is None or cam_size == pixels.shape[0]:
+        return pixels
+    d = decode_image(_read(archive, batch["path"][i]), max_pixels=max_pixels, draft=cam_size or None)
+    return to_u8(d.gray) if cam_size == 0 else to_model_pixels(d.gray, cam_size)
+
+
+# ---------------------------------------------------------------- the job
+
+@dataclass
+class ScoreSummary:
+    seen: int = 0
+    already_done: int = 0
+    scored: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    out: str = ""
+    cam_dir: str | None = None
+    model: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.scored + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_score(s: ScoreSettings, *, progress=None) -> ScoreSummary:
+    """Score ``s.archive`` into ``s.out``. Ray must be initialised (see ``raycluster.ensure_ray``)."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    t0 = time.perf_counter()
+    info = describe(s.model)
+    s = replace(s, model=info.spec)
+    cam_dir = s.resolved_cam_dir() if s.cams else None
+    if s.overwrite:
+        storage.delete_dir(s.out)
+        if cam_dir:
+            storage.delete_dir(cam_dir)
+    files = discover(s.archive)
+    if s.limit is not None:
+        files = files[: s.limit]
+    done = done_paths(s.out, info.model_id)
+    todo = [f for f in files if f.path not in done]
+    res = ray.cluster_resources()
+    plan = plan_resources(res.get("CPU", 0), res.get("GPU", 0), s)
+    summary = ScoreSummary(seen=len(files), already_done=len(files) - len(todo), out=s.out, cam_dir=cam_dir,
+                           model=info.to_dict(), plan=asdict(plan))
+    metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
+                "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    writer = PartWriter(s.out, metadata, s.rows_per_part)
+    if todo:
+        ctx = DataContext.get_current()
+        ctx.execution_no_progress_timeout_s = s.stall_timeout_s
+        ctx.enable_progress_bars = False  # our own one-line progress below reads better in logs
+        ctx.print_on_execution_start = False
+        info_d = info.to_dict()
+        blocks = max(1, min(len(todo) // 32, 4096))
+        ds = ray.data.from_items([{"path": f.path} for f in todo], override_num_blocks=blocks)
+        ds = ds.map_batches(decode_batch, batch_size=32, num_cpus=plan.task_cpus, batch_format="numpy",
+                            fn_kwargs=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels))
+        ds = ds.map_batches(
+            Scorer, batch_size=s.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.actors),
+            num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+            fn_constructor_kwargs=dict(info=info_d, threads=plan.torch_threads, precision=s.precision,
+                                       compile=s.compile, channels_last=s.channels_last))
+        ds = ds.map_batches(finish_batch, batch_size=64, num_cpus=plan.task_cpus, batch_format="numpy",
+                            fn_kwargs=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive,
+                                           max_pixels=s.max_pixels))
+        last = 0.0
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(table)
+            ok = table.column("error").null_count  # error is null exactly for scored rows
+            summary.scored += ok
+            summary.errors += table.num_rows - ok
+            summary.seconds = time.perf_counter() - t0
+            if progress and time.perf_counter() - last > 2:
+                last = time.perf_counter()
+                progress(summary, len(todo))
+    writer.flush()
+    summary.seconds = time.perf_counter() - t0
+    if progress:
+        progress(summary, len(todo))
+    return summary

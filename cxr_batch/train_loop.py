@@ -1,0 +1,193 @@
+"""What each Ray Train worker runs. Rank 0 alone writes; every rank calls ``ray.train.report``."""
+
+from __future__ import annotations
+
+import math
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import POSITIVE, storage
+from .checkpoint import load_state_file, make_checkpoint, save_checkpoint
+from .metrics import roc_auc
+from .model import build_model
+from .train import TrainSettings, choose_threshold, lr_at
+from .trainset import augment, load_pixels, shard
+from .transforms import normalize
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    from ray.train.torch import get_device
+
+    s = TrainSettings(**config["settings"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    on_gpu = device.type == "cuda"
+    torch.set_num_threads(max(1, int(s.cpus_per_worker)))
+    torch.manual_seed(s.seed + rank)
+
+    train_x, train_y, skipped = load_pixels(shard(config["train"], rank, world, s.seed), s.image_size, s.max_pixels)
+    val_x, val_y, vskipped = load_pixels(shard(config["val"], rank, world, s.seed), s.image_size, s.max_pixels)
+    if skipped or vskipped:
+        print(f"[rank {rank}] skipped {len(skipped) + len(vskipped)} unreadable images, e.g. {(skipped + vskipped)[0]}")
+
+    model = build_model(s.arch, s.weights, seed=s.seed).to(device)
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+    counts = np.asarray(config["class_counts"], np.float64)
+    class_weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32, device=device)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight)
+
+    ckpt_uri, best_uri = storage.join(s.out, "last.ckpt"), storage.join(s.out, "best.ckpt")
+    start, history, opt_state = 1, [], None
+    if storage.exists(ckpt_uri):  # a re-run, or Ray restarting the group after a worker died
+        ck = load_state_file(ckpt_uri)
+        model.load_state_dict(ck["state_dict"])
+        start, history, opt_state = ck["epoch"] + 1, ck["history"], ck.get("optimizer")
+        if rank == 0:
+            print(f"resuming from {ckpt_uri}: epoch {ck['epoch']} of {s.epochs} done")
+
+    for epoch in range(start, s.epochs + 1):
+        phase, lr = lr_at(s, epoch)
+        ddp, opt = _phase_model(model, phase, lr, s, device, world)
+        if opt_state is not None and opt_state.get("phase") == phase:
+            opt.load_state_dict(opt_state["state"])
+            for g in opt.param_groups:
+                g["lr"] = lr
+        opt_state = None
+        t0 = time.perf_counter()
+        tr = _train_epoch(ddp, model, opt, loss_fn, train_x, train_y, s, epoch, rank, device, on_gpu, phase)
+        train_seconds = time.perf_counter() - t0
+        va = _evaluate(model, val_x, val_y, s, device, on_gpu, loss_fn)
+        row = _epoch_row(epoch, phase, lr, tr, va, s, train_seconds, len(train_y))
+        history = history + [row]
+        report = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
+        if rank == 0:
+            _save(model, opt, s, row, history, ckpt_uri, best_uri, phase)
+            with tempfile.TemporaryDirectory() as d:
+                with open(f"{d}/epoch.json", "w") as f:
+                    json.dump(row, f)  # the weights live in last.ckpt; Ray tracks this marker
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(report)
+        if s.stop_after_epoch is not None and epoch >= s.stop_after_epoch:
+            break
+
+
+def _phase_model(model, phase, lr, s, device, world):
+    """Freeze the trunk in warm-up (its BatchNorm statistics too). DDP is rebuilt per phase because
+    it records which parameters need gradients when it is constructed."""
+    frozen = phase == "warmup"
+    for p in model.trunk.parameters():
+        p.requires_grad_(not frozen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        ddp = model
+    return ddp, opt
+
+
+def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, on_gpu, phase):
+    model.train()
+    if phase == "warmup":
+        model.trunk.eval()
+    gen = torch.Generator().manual_seed(s.seed * 1000 + epoch * 10 + rank)
+    order = torch.randperm(len(y), generator=gen)
+    # Every rank must run the same number of steps (DDP all-reduces each one): pad short shards.
+    steps = _global_max(math.ceil(len(y) / s.batch_size) if len(y) else 0, device)
+    total_loss, correct, n = 0.0, 0, 0
+    for step in range(steps):
+        idx = order[(torch.arange(s.batch_size) + step * s.batch_size) % max(1, len(y))]
+        xb = normalize(augment(torch.from_numpy(x[idx.numpy()]), gen), channels_last=on_gpu).to(device)
+        yb = torch.from_numpy(y[idx.numpy()]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            logits, _ = ddp(xb)
+            loss = loss_fn(logits.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total_loss += float(loss) * len(yb)
+        correct += int((logits.argmax(1) == yb).sum())
+        n += len(yb)
+    t = _all_reduce([total_loss, correct, n], device)
+    return {"loss": t[0] / max(1, t[2]), "acc": t[1] / max(1, t[2])}
+
+
+@torch.no_grad()
+def _evaluate(model, x, y, s, device, on_gpu, loss_fn):
+    """Val metrics over ALL ranks' shards: gather every probability, then compute once."""
+    model.eval()
+    probs, losses = [], 0.0
+    for i in range(0, len(y), s.batch_size):
+        xb = normalize(torch.from_numpy(x[i:i + s.batch_size]), channels_last=on_gpu).to(device)
+        yb = torch.from_numpy(y[i:i + s.batch_size]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            logits, _ = model(xb)
+        losses += float(loss_fn(logits.float(), yb)) * len(yb)
+        probs.append(torch.softmax(logits.float(), 1)[:, POSITIVE].cpu().numpy())
+    p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+    gathered = _all_gather((p.tolist(), y.tolist(), losses))
+    p_all = np.concatenate([np.asarray(g[0]) for g in gathered])
+    y_all = np.concatenate([np.asarray(g[1], np.int64) for g in gathered])
+    loss = sum(g[2] for g in gathered) / max(1, len(y_all))
+    threshold, rule = choose_threshold(y_all, p_all, s.target_sensitivity)
+    auc = roc_auc(y_all, p_all) if len(set(y_all.tolist())) == 2 else float("nan")
+    return {"loss": loss, "acc": float(((p_all >= threshold) == y_all).mean()) if len(y_all) else float("nan"),
+            "acc_at_0.5": float(((p_all >= 0.5) == y_all).mean()) if len(y_all) else float("nan"),
+            "auc": None if np.isnan(auc) else float(auc), "threshold": threshold, "threshold_rule": rule,
+            "n": int(len(y_all))}
+
+
+def _epoch_row(epoch, phase, lr, tr, va, s, seconds, n_local):
+    return {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
+            "val_loss": va["loss"], "val_acc": va["acc"], "val_acc_at_0.5": va["acc_at_0.5"], "val_auc": va["auc"],
+            "threshold": va["threshold"], "threshold_rule": va["threshold_rule"], "val_n": va["n"],
+            "epoch_seconds": seconds, "images_per_s_per_worker": n_local / seconds if seconds > 0 else 0.0}
+
+
+def _save(model, opt, s, row, history, ckpt_uri, best_uri, phase):
+    from dataclasses import asdict
+
+    ck = make_checkpoint(model, arch=s.arch, image_size=s.image_size, threshold=row["threshold"], settings=asdict(s),
+                         epoch=row["epoch"], metrics=row, history=history,
+                         optimizer={"phase": phase, "state": opt.state_dict()})
+    scored = [h for h in history if h["val_auc"] is not None]
+    best = max(scored, key=lambda h: (h["val_auc"], -h["val_loss"])) if scored else history[-1]
+    if best["epoch"] == row["epoch"]:
+        save_checkpoint({**ck, "optimizer": None}, best_uri)  # scoring needs no optimizer state
+    save_checkpoint(ck, ckpt_uri)
+    storage.write_bytes_atomic(storage.join(s.out, "history.json"), json.dumps(history, indent=1).encode())
+
+
+def _all_reduce(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _global_max(value: int, device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _all_gather(obj):
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+

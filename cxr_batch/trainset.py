@@ -1,0 +1,115 @@
+"""Training data: which files, split how, decoded once into memory, augmented per epoch.
+
+Each Ray Train worker decodes only its own shard (rank::world) with the same decode path as
+scoring, keeps it as uint8 (a 224 px image is 49 KB: the whole public set is 300 MB), and draws
+fresh augmentations every epoch. That avoids a Ray Data read stage competing with the training
+workers for CPUs (on 2 CPUs with 2 workers it would wait forever for one).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import CLASSES, storage
+from .decode import decode_image
+from .discover import discover, label_from_path
+from .errors import DecodeError, InputError
+from .transforms import to_model_pixels
+
+MIN_VAL_IMAGES = 50  # below this (the public set's val/ has 16) AUC and a threshold are noise
+MIN_VAL_PER_CLASS = 10
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list  # [(uri, label index)]
+    val: list
+    val_note: str  # how val was chosen, for the summary
+
+
+def labelled_files(folder: str) -> list[tuple[str, int]]:
+    if not storage.is_dir(folder):
+        return []
+    out = []
+    for e in discover(folder):
+        label = label_from_path(e.path)
+        if label is not None:
+            out.append((storage.join(folder, *e.path.split("/")), CLASSES.index(label)))
+    return out
+
+
+def make_split(data: str, *, val_fraction: float, seed: int) -> Split:
+    train = labelled_files(storage.join(data, "train"))
+    if not train:
+        raise InputError(
+            f"No labelled images under {storage.join(data, 'train')}: expected train/NORMAL/*.jpeg and"
+            " train/PNEUMONIA/*.jpeg (the public pediatric pneumonia set's layout). Try `cxr-batch synth DIR`.")
+    counts = np.bincount([y for _, y in train], minlength=2)
+    if counts.min() == 0:
+        raise InputError(f"train/ needs both classes; found NORMAL={counts[0]}, PNEUMONIA={counts[1]}.")
+    val = labelled_files(storage.join(data, "val"))
+    vcounts = np.bincount([y for _, y in val], minlength=2)
+    if len(val) >= MIN_VAL_IMAGES and vcounts.min() >= MIN_VAL_PER_CLASS:
+        return Split(train, val, f"val/ ({len(val)} images)")
+    rng = random.Random(seed)
+    new_train, new_val = [], []
+    for cls in range(len(CLASSES)):
+        items = [t for t in train if t[1] == cls]
+        rng.shuffle(items)
+        k = max(1, round(len(items) * val_fraction))
+        new_val += items[:k]
+        new_train += items[k:]
+    why = "missing" if not val else f"has only {len(val)} images"
+    return Split(sorted(new_train), sorted(new_val),
+                 f"a stratified {val_fraction:.0%} of train/ ({len(new_val)} images), because val/ {why}")
+
+
+def shard(items: list, rank: int, world: int, seed: int) -> list:
+    items = list(items)
+    random.Random(seed).shuffle(items)  # mixes classes before striding, so shards are balanced
+    return items[rank::world]
+
+
+def load_pixels(items: list, image_size: int, max_pixels: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Decode a shard -> (uint8 (N, S, S), labels (N,), skipped [(uri, error)])."""
+    pixels, labels, skipped = [], [], []
+    for uri, y in items:
+        try:
+            d = decode_image(storage.read_bytes(uri), max_pixels=max_pixels, draft=image_size)
+        except (DecodeError, OSError) as e:
+            skipped.append((uri, str(e)))
+            continue
+        pixels.append(to_model_pixels(d.gray, image_size))
+        labels.append(y)
+    if not pixels:
+        return np.zeros((0, image_size, image_size), np.uint8), np.zeros(0, np.int64), skipped
+    return np.stack(pixels), np.asarray(labels, np.int64), skipped
+
+
+def augment(batch: torch.Tensor, gen: torch.Generator, *, scale=(0.7, 1.0), max_rotate=7.0) -> torch.Tensor:
+    """uint8 (B, S, S) -> float [0, 1] (B, S, S), each image with its own random parameters:
+    resized crop (70-100% of the area, aspect 0.85-1.18, so a lesion near the border survives),
+    rotation, horizontal flip, brightness/contrast. One affine grid_sample per batch."""
+    b, s, _ = batch.shape
+    x = batch.float().unsqueeze(1) / 255.0
+    u = torch.rand(b, 6, generator=gen)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    aspect = torch.exp((u[:, 1] - 0.5) * 2 * 0.17)
+    sx, sy = torch.sqrt(area * aspect).clamp(max=1), torch.sqrt(area / aspect).clamp(max=1)
+    tx, ty = (1 - sx) * (2 * u[:, 2] - 1), (1 - sy) * (2 * u[:, 3] - 1)
+    angle = torch.deg2rad((2 * u[:, 4] - 1) * max_rotate)
+    flip = torch.where(u[:, 5] < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([sx * cos * flip, -sy * sin, tx], 1),
+                         torch.stack([sx * sin * flip, sy * cos, ty], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, x.shape, align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    v = torch.rand(b, 2, generator=gen)
+    contrast = (0.8 + 0.4 * v[:, 0]).view(b, 1, 1, 1)
+    brightness = ((v[:, 1] - 0.5) * 0.2).view(b, 1, 1, 1)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp(0, 1).squeeze(1)

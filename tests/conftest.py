@@ -1,0 +1,34 @@
+"""One real local Ray for the whole session (starting Ray costs 4-6 s; once is enough)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests must never pick up a developer's registered default model.
+os.environ.setdefault("CXR_BATCH_HOME", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cxr-batch-test-home-{os.getpid()}"))
+os.environ.pop("CXR_BATCH_MODEL", None)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+    from ray.data import DataContext
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, logging_level="WARNING")
+    # A test that cannot get its resources fails in minutes instead of hanging for 30.
+    DataContext.get_current().execution_no_progress_timeout_s = 180
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory):
+    """A small labelled phantom archive shared by the tests that only read it."""
+    from cxr_batch.synth import make_archive
+
+    root = tmp_path_factory.mktemp("phantoms") / "archive"
+    make_archive(root, n_train=24, n_val=8, n_test=16, size=192, seed=3)
+    return root
