@@ -67,10 +67,12 @@ def main():
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Refuse images above this many pixels (decompression bombs). Default 100M.")
 @click.option("--overwrite", is_flag=True, help="Delete the output and CAMs first. Default: resume, scoring only files with no row yet.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N files (sorted by path).")
+@click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
+              help="Rows per published Parquet part: small values make tests see parts early.")
 @_ray_options
 @_friendly
 def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
-          compile_, max_pixels, overwrite, limit, address):
+          compile_, max_pixels, overwrite, limit, rows_per_part, address):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
@@ -86,7 +88,7 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
     s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
                       batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
                       precision=precision, compile=compile_, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                      overwrite=overwrite, limit=limit)
+                      overwrite=overwrite, limit=limit, rows_per_part=rows_per_part)
     from .registry import describe
 
     info = describe(model)  # fail on a bad model before starting Ray
@@ -147,6 +149,141 @@ def synth(out, n_train, n_val, n_test, size, seed):
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"Wrote {n_train + n_val + n_test} phantoms to {out} (truth: {truth}).")
+
+
+@main.command()
+@click.argument("data")
+@click.option("--out", "-o", required=True, help="Run folder (local or s3://): last.ckpt, best.ckpt, history.json. Re-run to resume.")
+@click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101"]), default="resnet101", show_default=True)
+@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|FILE",
+              help="Start from torchvision's ImageNet weights, random weights, or a local state-dict file.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Total epochs, warm-up included.")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Epochs training only the new head with the backbone frozen (pretrained weights only).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Per worker.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fine-tuning learning rate (AdamW, cosine decay). Default 1e-4 pretrained, 1e-3 from scratch.")
+@click.option("--image-size", type=click.IntRange(min=64), default=224, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Data-parallel Ray Train workers.")
+@click.option("--gpu/--no-gpu", default=None, help="Train on GPUs. Default: when the cluster has them.")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0.5), default=1.0, show_default=True)
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Choose the threshold reaching this sensitivity on val (default: Youden's J).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
+              help="Stratified share of train/ used for validation when val/ is missing or tiny.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--register/--no-register", default=True, show_default=True,
+              help="Make best.ckpt the default model of `cxr-batch score`.")
+@_ray_options
+@_friendly
+def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image_size, workers, gpu, cpus_per_worker,
+          target_sensitivity, val_fraction, seed, register, address):
+    """Fine-tune a ResNet on DATA/train (NORMAL/ and PNEUMONIA/ folders), validate on DATA/val.
+
+    Data-parallel over --workers with Ray Train. Each epoch writes OUT/last.ckpt; the best by val
+    AUC is OUT/best.ckpt with its decision threshold. The test split is never used.
+
+    Example: cxr-batch train /data/chest_xray --out runs/r101 --epochs 10
+    """
+    from .raycluster import ensure_ray
+    from .train import TrainSettings, run_train
+
+    s = TrainSettings(data=data, out=out, arch=arch, weights=weights, epochs=epochs, warmup_epochs=warmup_epochs,
+                      batch_size=batch_size, lr=lr, image_size=image_size, workers=workers, gpu=gpu,
+                      cpus_per_worker=cpus_per_worker, target_sensitivity=target_sensitivity,
+                      val_fraction=val_fraction, seed=seed)
+    started = ensure_ray(address)
+    try:
+        summary = run_train(s, echo=click.echo, register=register)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    click.echo(format_train_summary(summary))
+
+
+def format_train_summary(t: dict) -> str:
+    auc = "n/a" if t["val_auc"] is None else f"{t['val_auc']:.3f}"
+    lines = ["", f"cxr-batch train: {t['epochs']} epochs in {t['seconds']:.0f} s"
+             f" ({t['images_per_s_per_worker']:.1f} images/s per worker)",
+             f"  best epoch    {t['best_epoch']}: val AUC {auc}, val accuracy {t['val_acc']:.3f}, threshold {t['threshold']:.3f}",
+             f"  validation    {t['validation']}",
+             f"  checkpoint    {t['best_checkpoint']}"]
+    if t.get("registered_as_default"):
+        lines.append("  registered    as the default model of `cxr-batch score` (--no-register to skip)")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.argument("folder")
+@click.option("--out", "-o", required=True, help="Report folder: metrics.json, report.md, PNG plots, predictions.")
+@click.option("--truth", default=None, help="truth.csv of lesion positions (default: looked up in FOLDER and its parents).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True, help="Resamples for the 95% CIs.")
+@_ray_options
+@_friendly
+def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, address):
+    """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots.
+
+    Example: cxr-batch evaluate runs/r101/best.ckpt /data/chest_xray/test --out runs/r101/test-report
+    """
+    from .evaluate import EvaluateSettings, run_evaluate
+    from .raycluster import ensure_ray
+
+    s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot)
+    started = ensure_ray(address)
+    try:
+        m = run_evaluate(s, progress=_progress)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    click.echo(format_eval_summary(m, out))
+
+
+def format_eval_summary(m: dict, out: str) -> str:
+    k, ci = m["metrics"], m["ci95"]
+
+    def f(key):
+        return "n/a" if k.get(key) is None else f"{k[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if ci.get(key) else f"{k[key]:.3f}"
+
+    lines = ["", f"cxr-batch evaluate: {m['n_scored']} labelled images, threshold {m['threshold']:.3f}",
+             f"  accuracy {f('accuracy')}   AUC {f('roc_auc')}",
+             f"  sensitivity {f('sensitivity')}   specificity {f('specificity')}"]
+    pt = (m.get("pointing") or {}).get("true_positives")
+    if pt:
+        lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion")
+    lines.append(f"  report        {out}/report.md (metrics.json, roc.png, confusion.png, training_curves.png, errors_montage.png)")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--out", "-o", default="demo", show_default=True, help="Folder for the archive, the run and the report.")
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--train", "n_train", type=click.IntRange(min=20), default=400, show_default=True, help="Training phantoms.")
+@_ray_options
+@_friendly
+def demo(out, epochs, n_train, address):
+    """Run the whole flow on built-in phantoms: synth -> train -> score -> report (minutes on a CPU).
+
+    Example: cxr-batch demo --out demo
+    """
+    from .demo import DemoSettings, run_demo
+    from .raycluster import ensure_ray
+
+    started = ensure_ray(address)
+    try:
+        r = run_demo(DemoSettings(out=out, epochs=epochs, n_train=n_train), echo=click.echo, progress=_progress)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    click.echo(format_eval_summary(r["metrics"], r["out"] + "/report"))
+    click.echo(f"  checkpoint    {r['checkpoint']}  (score more with: cxr-batch score ARCHIVE --out results.parquet --model {r['checkpoint']})")
 
 
 if __name__ == "__main__":

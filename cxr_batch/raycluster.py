@@ -19,8 +19,28 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(logging_level=logging.WARNING)
     if address:
+        cwd = _cwd()
         ray.init(address=address, **kwargs)
+        _reenter(cwd)
     else:
-        # The dashboard stays on: Ray Train V2 asks its state API for worker status.
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # "local": a new Ray in this process, never a `ray start` cluster that Ray would otherwise
+        # find in /tmp/ray/ray_current_cluster. The dashboard stays on: Ray Train V2 asks its state
+        # API for worker status.
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return True
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None
+
+
+def _reenter(cwd: str | None) -> None:
+    """Under `ray job submit --working-dir . --runtime-env-json '{"env_vars": ...}'`, the driver's
+    ray.init() unpacks the working dir again over the driver's own cwd (seen with Ray 2.60 on the
+    first run of a new package): the old folder is deleted, so getcwd() and every relative path fail,
+    though the same path exists again. Stepping back into it by name fixes both."""
+    if cwd and _cwd() != cwd and os.path.isdir(cwd):
+        os.chdir(cwd)

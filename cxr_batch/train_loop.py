@@ -54,14 +54,16 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"resuming from {ckpt_uri}: epoch {ck['epoch']} of {s.epochs} done")
 
+    current = None
     for epoch in range(start, s.epochs + 1):
         phase, lr = lr_at(s, epoch)
-        ddp, opt = _phase_model(model, phase, lr, s, device, world)
-        if opt_state is not None and opt_state.get("phase") == phase:
-            opt.load_state_dict(opt_state["state"])
-            for g in opt.param_groups:
-                g["lr"] = lr
-        opt_state = None
+        if phase != current:  # a new phase: new trainable set, so a new optimizer and DDP wrapper
+            ddp, opt = _phase_model(model, phase, lr, s, device, world)
+            if opt_state is not None and opt_state.get("phase") == phase:
+                opt.load_state_dict(opt_state["state"])
+            opt_state, current = None, phase
+        for g in opt.param_groups:
+            g["lr"] = lr
         t0 = time.perf_counter()
         tr = _train_epoch(ddp, model, opt, loss_fn, train_x, train_y, s, epoch, rank, device, on_gpu, phase)
         train_seconds = time.perf_counter() - t0
@@ -115,7 +117,7 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, on_gpu,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total_loss += float(loss) * len(yb)
+        total_loss += float(loss.detach()) * len(yb)
         correct += int((logits.argmax(1) == yb).sum())
         n += len(yb)
     t = _all_reduce([total_loss, correct, n], device)

@@ -1,0 +1,92 @@
+"""Training end to end on a real local Ray with 2 CPU workers, then evaluate and score with the result."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from cxr_batch import CLASSES
+from cxr_batch.checkpoint import load_checkpoint
+from cxr_batch.cli import main
+from cxr_batch.evaluate import EvaluateSettings, run_evaluate
+from cxr_batch.metrics import binary_metrics
+from cxr_batch.synth import make_archive
+from cxr_batch.train import TrainSettings, run_train
+
+pytestmark = pytest.mark.slow
+
+# Measured on the 2-core CI machine (see the note on issue 3): this setting reached test accuracy
+# 0.97-1.00 and a pointing rate of 0.8-0.9 over several seeds; the bars below leave a margin.
+MIN_TEST_ACCURACY = 0.9
+MIN_POINTING_RATE = 0.6
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = root / "data"
+    make_archive(data, n_train=400, n_val=80, n_test=120, size=160, seed=11)
+    s = TrainSettings(data=str(data), out=str(root / "run"), arch="resnet18", weights="none", epochs=8,
+                      image_size=128, batch_size=16, workers=2, lr=2e-3)
+    summary = run_train(s, register=True, echo=lambda *a: None)
+    report = run_evaluate(EvaluateSettings(checkpoint=summary["best_checkpoint"], folder=str(data / "test"),
+                                           out=str(root / "report"), n_boot=300))
+    return root, s, summary, report
+
+
+def test_every_epoch_is_recorded_with_metrics_over_all_workers(trained):
+    root, s, summary, _ = trained
+    history = json.loads((root / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, s.epochs + 1))
+    assert all(h["val_n"] == 80 for h in history)  # both workers' val shards, not rank 0's half
+    ck = load_checkpoint(summary["best_checkpoint"]).ckpt
+    assert ck["classes"] == list(CLASSES) and ck["settings"]["arch"] == "resnet18"
+    assert 0 < ck["threshold"] < 1 and ck["epoch"] == summary["best_epoch"]
+    last = load_checkpoint(str(root / "run" / "last.ckpt")).ckpt
+    assert last["epoch"] == s.epochs and last["optimizer"] is not None
+
+
+def test_trained_model_beats_chance_on_held_out_images(trained):
+    _, _, _, report = trained
+    assert report["n_scored"] == 120
+    assert report["metrics"]["accuracy"] >= MIN_TEST_ACCURACY, report["metrics"]
+
+
+def test_cam_peak_falls_on_the_planted_opacity(trained):
+    _, _, _, report = trained
+    game = report["pointing"]["true_positives"]
+    assert game["n"] >= 40
+    assert game["rate"] >= MIN_POINTING_RATE, game
+
+
+def test_evaluate_writes_every_file_and_its_metrics_match_the_parquet(trained):
+    root, _, _, report = trained
+    out = root / "report"
+    for name in ("metrics.json", "report.md", "roc.png", "confusion.png", "training_curves.png", "errors_montage.png"):
+        assert (out / name).stat().st_size > 0, name
+    from PIL import Image
+
+    for png in out.glob("*.png"):
+        with Image.open(png) as im:
+            assert im.size[0] > 200
+    table = pq.read_table(out / "predictions.parquet").to_pylist()
+    y = np.array([CLASSES.index(r["label"]) for r in table if r["error"] is None])
+    p = np.array([r["prob_pneumonia"] for r in table if r["error"] is None])
+    again = binary_metrics(y, p, report["threshold"])
+    saved = json.loads((out / "metrics.json").read_text())
+    for k in ("accuracy", "sensitivity", "specificity", "roc_auc", "f1"):
+        assert again[k] == pytest.approx(saved["metrics"][k]), k
+        lo, hi = saved["ci95"][k]
+        assert lo <= saved["metrics"][k] <= hi
+    assert saved["metrics"]["confusion"] == again["confusion"]
+
+
+def test_finished_run_is_the_default_model_of_score(trained, tmp_path):
+    root, _, summary, _ = trained
+    r = CliRunner().invoke(main, ["score", str(root / "data" / "val"), "--out", str(tmp_path / "r.parquet"), "--no-cams"])
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(tmp_path / "r.parquet").to_pylist()
+    assert len(rows) == 80 and {r["model"] for r in rows} == {load_checkpoint(summary["best_checkpoint"]).model_id}
