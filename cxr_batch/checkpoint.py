@@ -23,13 +23,13 @@ FORMAT = "cxr-batch-checkpoint"
 VERSION = 1
 
 
-def make_checkpoint(model: CamResNet, *, arch: str, image_size: int, threshold: float, settings: dict,
+def make_checkpoint(model: CamResNet, *, arch: str, image_size: int, threshold: float, settings: dict, cam_stride: int = 32,
                     epoch: int = 0, metrics: dict | None = None, optimizer: dict | None = None,
                     history: list | None = None) -> dict:
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
     return {
         "format": FORMAT, "version": VERSION, "arch": arch, "classes": list(CLASSES),
-        "image_size": int(image_size), "threshold": float(threshold), "settings": settings,
+        "image_size": int(image_size), "cam_stride": int(cam_stride), "threshold": float(threshold), "settings": settings,
         "epoch": int(epoch), "metrics": metrics or {}, "history": history or [],
         "state_dict": state, "optimizer": optimizer,
     }
@@ -70,10 +70,12 @@ def load_state_file_bytes(data: bytes, uri: str) -> dict:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1][:160] if str(e).strip() else ""
+        # torch's message is paragraphs of advice; the line naming the refused global is the news.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line), lines[-1] if lines else "")
         raise CheckpointError(
             f"Refusing to load {uri}: it holds pickled Python objects that could run code when loaded"
-            f" (torch.load weights_only=True said: {first}). Only plain tensor files (cxr-batch checkpoints, state dicts) are accepted."
+            f" (torch.load weights_only=True said: {detail[:160]}). Only plain tensor files (cxr-batch checkpoints, state dicts) are accepted."
         ) from None
     except Exception as e:
         raise CheckpointError(f"{uri} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]}).") from None
@@ -83,7 +85,7 @@ def load_state_file_bytes(data: bytes, uri: str) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict) -> CamResNet:
-    model = build_model(ckpt["arch"], "none")
+    model = build_model(ckpt["arch"], "none", cam_stride=int(ckpt.get("cam_stride", 32)))
     model.load_state_dict(ckpt["state_dict"])
     return model
 

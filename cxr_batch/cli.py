@@ -82,7 +82,7 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
     Example: cxr-batch score /data/chest_xray/test --out results.parquet
     """
     from .decode import DEFAULT_MAX_PIXELS
-    from .raycluster import ensure_ray
+    from .raycluster import ray_running
     from .score import ScoreSettings, run_score
 
     s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
@@ -95,14 +95,8 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
     if not info.trained:
         click.secho(f"WARNING: {info.spec} has an UNTRAINED 2-class head: predictions and CAMs are meaningless"
                     " except as a smoke test. Pass a checkpoint from `cxr-batch train`.", fg="yellow", err=True)
-    started = ensure_ray(address)
-    try:
+    with ray_running(address):
         summary = run_score(s, progress=_progress)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     click.echo(format_summary(summary))
 
 
@@ -185,21 +179,15 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
 
     Example: cxr-batch train /data/chest_xray --out runs/r101 --epochs 10
     """
-    from .raycluster import ensure_ray
+    from .raycluster import ray_running
     from .train import TrainSettings, run_train
 
     s = TrainSettings(data=data, out=out, arch=arch, weights=weights, epochs=epochs, warmup_epochs=warmup_epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, workers=workers, gpu=gpu,
                       cpus_per_worker=cpus_per_worker, target_sensitivity=target_sensitivity,
                       val_fraction=val_fraction, seed=seed)
-    started = ensure_ray(address)
-    try:
+    with ray_running(address):
         summary = run_train(s, echo=click.echo, register=register)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     click.echo(format_train_summary(summary))
 
 
@@ -230,17 +218,11 @@ def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, address):
     Example: cxr-batch evaluate runs/r101/best.ckpt /data/chest_xray/test --out runs/r101/test-report
     """
     from .evaluate import EvaluateSettings, run_evaluate
-    from .raycluster import ensure_ray
+    from .raycluster import ray_running
 
     s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot)
-    started = ensure_ray(address)
-    try:
+    with ray_running(address):
         m = run_evaluate(s, progress=_progress)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     click.echo(format_eval_summary(m, out))
 
 
@@ -272,18 +254,58 @@ def demo(out, epochs, n_train, address):
     Example: cxr-batch demo --out demo
     """
     from .demo import DemoSettings, run_demo
-    from .raycluster import ensure_ray
+    from .raycluster import ray_running
 
-    started = ensure_ray(address)
-    try:
+    with ray_running(address):
         r = run_demo(DemoSettings(out=out, epochs=epochs, n_train=n_train), echo=click.echo, progress=_progress)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     click.echo(format_eval_summary(r["metrics"], r["out"] + "/report"))
     click.echo(f"  checkpoint    {r['checkpoint']}  (score more with: cxr-batch score ARCHIVE --out results.parquet --model {r['checkpoint']})")
+
+
+@main.command()
+@click.argument("workdir")
+@click.option("--archive", default=None, help="Images to score. Default: generate phantoms into WORKDIR/archive (kept).")
+@click.option("--images", type=click.IntRange(min=1), default=600, show_default=True, help="Images to generate / use.")
+@click.option("--min-side", type=click.IntRange(min=32), default=1000, show_default=True, help="Smallest generated side, px.")
+@click.option("--max-side", type=click.IntRange(min=32), default=2000, show_default=True, help="Largest generated side, px.")
+@click.option("--model", "-m", default="resnet101:none", show_default=True, metavar="CKPT|ARCH:WEIGHTS")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="Untrained head: score a derived checkpoint whose P(PNEUMONIA) spreads around 0.5, so that"
+                   " agreement with fp32 means something (same compute per image).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--modes", default="fp32,bf16", show_default=True,
+              help="Comma-separated precision modes: fp32, bf16, fp32+compile, bf16+compile (fp32 is required).")
+@click.option("--memory-check", is_flag=True, help="Also score N and 10N small images and compare peak memory.")
+@click.option("--memory-images", type=click.IntRange(min=1), default=100, show_default=True, help="N for --memory-check.")
+@click.option("--num-cpus", type=click.IntRange(min=2), default=None, help="CPUs of the local Ray it starts. Default: all.")
+@click.option("--out-json", default=None, help="Write every number to this JSON file.")
+@_friendly
+def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, batch_size, modes, memory_check,
+              memory_images, num_cpus, out_json):
+    """Measure `cxr-batch score` against plain PyTorch and the bare model, in one run on one archive.
+
+    Prints images/s of (a) a tutorial-style PyTorch loop, (b) `cxr-batch score` per precision mode and
+    (c) the model's forward alone, the ratios b/a and b/c, peak memory, and each mode's agreement with fp32.
+
+    Example: cxr-batch benchmark /tmp/bench --out-json benchmark.json
+    """
+    import json
+
+    from .benchmark import BenchSettings, format_table, run_benchmark
+
+    try:
+        s = BenchSettings(workdir=workdir, archive=archive, images=images, min_side=min_side, max_side=max_side,
+                          model=model, calibrate=calibrate, batch_size=batch_size,
+                          modes=tuple(m.strip() for m in modes.split(",") if m.strip()), memory_check=memory_check,
+                          memory_images=memory_images, num_cpus=num_cpus)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    result = run_benchmark(s, log=lambda m: click.echo(m, err=True))
+    click.echo(format_table(result))
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=2)
+        click.echo(f"wrote {out_json}")
 
 
 if __name__ == "__main__":

@@ -47,13 +47,28 @@ def check_arch(arch: str) -> str:
     return arch
 
 
-def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0) -> CamResNet:
+CAM_STRIDES = (32, 16)
+
+
+def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0, cam_stride: int = 32) -> CamResNet:
     """A fresh model. ``weights``: "imagenet" (torchvision's, downloaded or from the torch hub cache),
     "none" (random, seeded so the same spec gives the same model), or a path to a local file holding
-    an ImageNet ResNet state dict (a torchvision ``.pth``)."""
+    an ImageNet ResNet state dict (a torchvision ``.pth``).
+
+    ``cam_stride`` 16 removes the last stride-2 of the network (in layer4), as Zhou et al. removed
+    VGG's last pooling layers: the CAM becomes 14x14 instead of 7x7 at 224 px, so its peak can say
+    which part of a lung is involved. Bottleneck nets (50/101) dilate layer4 instead, which keeps
+    the receptive fields pretrained weights expect. The weights are the same either way.
+    """
     ctor, tv_weights = _TORCHVISION[check_arch(arch)]
+    if cam_stride not in CAM_STRIDES:
+        raise InputError(f"Invalid cam stride {cam_stride}. Only {', '.join(map(str, CAM_STRIDES))} are supported.")
     torch.manual_seed(seed)
-    net = ctor(weights=None)
+    dilate = cam_stride == 16 and arch != "resnet18"
+    net = ctor(weights=None, replace_stride_with_dilation=[False, False, dilate])
+    if cam_stride == 16 and arch == "resnet18":  # BasicBlock has no dilation: drop the stride alone
+        net.layer4[0].conv1.stride = (1, 1)
+        net.layer4[0].downsample[0].stride = (1, 1)
     if weights == "imagenet":
         net.load_state_dict(_imagenet_state(arch, tv_weights))
     elif weights != "none":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
@@ -19,9 +20,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(logging_level=logging.WARNING)
     if address:
-        cwd = _cwd()
         ray.init(address=address, **kwargs)
-        _reenter(cwd)
     else:
         # "local": a new Ray in this process, never a `ray start` cluster that Ray would otherwise
         # find in /tmp/ray/ray_current_cluster. The dashboard stays on: Ray Train V2 asks its state
@@ -30,17 +29,14 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
     return True
 
 
-def _cwd() -> str | None:
+@contextmanager
+def ray_running(address: str | None = None):
+    """``with ray_running(addr):`` Ray is up inside; shut down after only if this started it."""
+    started = ensure_ray(address)
     try:
-        return os.getcwd()
-    except FileNotFoundError:
-        return None
+        yield
+    finally:
+        if started:
+            import ray
 
-
-def _reenter(cwd: str | None) -> None:
-    """Under `ray job submit --working-dir . --runtime-env-json '{"env_vars": ...}'`, the driver's
-    ray.init() unpacks the working dir again over the driver's own cwd (seen with Ray 2.60 on the
-    first run of a new package): the old folder is deleted, so getcwd() and every relative path fail,
-    though the same path exists again. Stepping back into it by name fixes both."""
-    if cwd and _cwd() != cwd and os.path.isdir(cwd):
-        os.chdir(cwd)
+            ray.shutdown()

@@ -29,10 +29,12 @@ from . import CLASSES
 # a 2000 px phantom then costs ~0.1 s instead of ~2 s. Only the film grain is full resolution.
 WORK_SIDE = 512
 MIN_SIDE = 32
-# Opacity peak contrast as a fraction of how much darker lung is than soft tissue (i.e. the
-# share of air it replaces): visible to a reader and learnable in a few epochs, yet far from
-# a saturated white disc. In display terms that is ~0.8-1.5x the rib-over-lung contrast.
-OPACITY_CONTRAST = (0.3, 0.5)
+# Opacity peak contrast as a fraction of how much darker lung is than soft tissue, i.e. the share
+# of the air it replaces (1.0 would be as dense as the chest wall). With the patchy texture the
+# lesion stays well short of white. Chosen for learnability: a 4-block CNN from scratch, 160
+# images at 128 px, 8 epochs, reached test AUC 0.73-0.8 at (0.45, 0.75) but 0.87-0.99 here, with
+# its CAM peak on the lesion in 77% of positives.
+OPACITY_CONTRAST = (0.6, 0.9)
 OPACITY_RADIUS = (0.06, 0.12)  # fraction of the image width (half-maximum radius)
 JPEG_QUALITY = 90
 SPLITS = ("train", "val", "test")
@@ -105,7 +107,8 @@ def _anatomy(rng: np.random.Generator, u: np.ndarray, v: np.ndarray) -> tuple[np
     img = img - depth * (1.0 - 0.25 * np.clip(v / 0.5, 0, 1)) * lung
     img = img + (0.1 * medi - 0.12 * _trachea(u, v)) * body
     img = img + _hila(rng, u, v) * lung
-    img = img + 0.025 * _smooth_noise(rng, n, coarse=48, sigma=1.0) * lung  # lung markings
+    # Lung markings: faint, since at lesion scale they are the distractor a model must learn past.
+    img = img + 0.012 * _smooth_noise(rng, n, coarse=48, sigma=1.0) * lung
     img = img + 0.05 * _spine(u, v) * body
     bones = _ribs(rng, u, v) + 1.2 * _clavicles(rng, u, v)
     # Ribs read clearly only against air; over soft tissue and the heart they fade.

@@ -24,6 +24,7 @@ from .errors import InputError
 from .model import check_arch
 
 THRESHOLD_RULES = ("youden", "sensitivity")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,9 +40,13 @@ class TrainSettings:
     warmup_lr: float = 1e-3
     weight_decay: float = 1e-4
     image_size: int = 224
+    cam_stride: int = 16  # 16: a 14x14 CAM at 224 px instead of 7x7 (see model.build_model)
     workers: int = 2
     gpu: bool | None = None  # None = use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
+    # Ray placement group strategy for the workers: PACK fills one node first (fast all-reduce);
+    # SPREAD prefers one worker per node, STRICT_SPREAD refuses to start without it.
+    placement: str = "PACK"
     val_fraction: float = 0.1  # of train/, stratified, when val/ is missing or tiny
     target_sensitivity: float | None = None  # None: threshold by Youden's J on val
     seed: int = 0
@@ -57,6 +62,8 @@ class TrainSettings:
             raise InputError("--target-sensitivity must be between 0 and 1, e.g. 0.95.")
         if self.image_size < 64:
             raise InputError("--image-size must be at least 64 px.")
+        if self.placement not in PLACEMENTS:
+            raise InputError(f"Invalid --placement {self.placement}. Only {', '.join(PLACEMENTS)} are supported.")
 
     @property
     def pretrained(self) -> bool:
@@ -113,16 +120,18 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
     echo(f"model: {s.arch}, weights {s.weights}; {s.epochs} epochs ({s.n_warmup} warm-up), {s.workers} "
          f"{'GPU' if use_gpu else 'CPU'} workers x batch {s.batch_size}")
     t0 = time.perf_counter()
+    ray_path, ray_fs = _ray_storage(s.out)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"settings": asdict(s), "train": split.train, "val": split.val, "class_counts": counts.tolist()},
-        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=use_gpu, placement_strategy=s.placement,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=RunConfig(
             # A fresh name each call: resuming is ours (from last.ckpt), so a finished earlier run
             # in the same storage cannot make Ray skip this one.
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=_ray_storage(s.out),
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
@@ -163,5 +172,11 @@ def _check_shared_storage(s: TrainSettings) -> None:
             " storage every node sees. Use --out s3://bucket/run (or set CXR_BATCH_SHARED_FS=1 if it is an NFS mount).")
 
 
-def _ray_storage(out: str) -> str:
-    return storage.join(out, "ray") if storage.is_uri(out) else os.path.abspath(os.path.join(out, "ray"))
+def _ray_storage(out: str):
+    """-> (storage_path, storage_filesystem) for Ray Train's RunConfig, under <out>/ray. For a URI
+    Ray gets storage.py's own filesystem, so its files and our checkpoints go through one endpoint,
+    region and set of credentials, decided in one place."""
+    if storage.is_uri(out):
+        fs, path = storage.resolve(storage.join(out, "ray"))
+        return path, fs
+    return os.path.abspath(os.path.join(out, "ray")), None

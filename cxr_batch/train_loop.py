@@ -38,7 +38,7 @@ def train_loop(config: dict) -> None:
     if skipped or vskipped:
         print(f"[rank {rank}] skipped {len(skipped) + len(vskipped)} unreadable images, e.g. {(skipped + vskipped)[0]}")
 
-    model = build_model(s.arch, s.weights, seed=s.seed).to(device)
+    model = build_model(s.arch, s.weights, seed=s.seed, cam_stride=s.cam_stride).to(device)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
     counts = np.asarray(config["class_counts"], np.float64)
@@ -160,6 +160,7 @@ def _save(model, opt, s, row, history, ckpt_uri, best_uri, phase):
     from dataclasses import asdict
 
     ck = make_checkpoint(model, arch=s.arch, image_size=s.image_size, threshold=row["threshold"], settings=asdict(s),
+                         cam_stride=s.cam_stride,
                          epoch=row["epoch"], metrics=row, history=history,
                          optimizer={"phase": phase, "state": opt.state_dict()})
     scored = [h for h in history if h["val_auc"] is not None]
