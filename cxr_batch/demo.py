@@ -24,7 +24,7 @@ class DemoSettings:
     arch: str = "resnet18"
     epochs: int = 8
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-4
     workers: int = 2
     seed: int = 0
 

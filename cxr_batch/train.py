@@ -36,7 +36,7 @@ class TrainSettings:
     epochs: int = 10  # total, warm-up included
     warmup_epochs: int = 1  # head only, backbone frozen; skipped when weights=none (nothing to protect)
     batch_size: int = 32  # per worker
-    lr: float | None = None  # fine-tuning lr (AdamW); None = 1e-4 pretrained, 1e-3 from scratch
+    lr: float | None = None  # fine-tuning lr (AdamW); None = 1e-4 pretrained, 5e-4 from scratch (2e-3 stalled for 6 epochs on phantoms)
     warmup_lr: float = 1e-3
     weight_decay: float = 1e-4
     image_size: int = 224
@@ -71,7 +71,7 @@ class TrainSettings:
 
     @property
     def finetune_lr(self) -> float:
-        return self.lr if self.lr is not None else (1e-4 if self.pretrained else 1e-3)
+        return self.lr if self.lr is not None else (1e-4 if self.pretrained else 5e-4)
 
     @property
     def n_warmup(self) -> int:

@@ -18,10 +18,11 @@ from cxr_batch.train import TrainSettings, run_train
 
 pytestmark = pytest.mark.slow
 
-# Measured on the 2-core CI machine (see the note on issue 3): this setting reached test accuracy
-# 0.97-1.00 and a pointing rate of 0.8-0.9 over several seeds; the bars below leave a margin.
+# Measured on the 2-core machine with exactly this archive and setting (note on issue 3): val accuracy
+# 0.975 from epoch 5, test accuracy 0.99, AUC 1.00, CAM pointing 58/59 true positives. With
+# lr 2e-3 the same run stalled near chance until epoch 7 (test acc 0.80): the bars leave room.
 MIN_TEST_ACCURACY = 0.9
-MIN_POINTING_RATE = 0.6
+MIN_POINTING_RATE = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def trained(ray_session, tmp_path_factory):
     data = root / "data"
     make_archive(data, n_train=400, n_val=80, n_test=120, size=160, seed=11)
     s = TrainSettings(data=str(data), out=str(root / "run"), arch="resnet18", weights="none", epochs=8,
-                      image_size=128, batch_size=16, workers=2, lr=2e-3)
+                      image_size=128, batch_size=16, workers=2, lr=5e-4)
     summary = run_train(s, register=True, echo=lambda *a: None)
     report = run_evaluate(EvaluateSettings(checkpoint=summary["best_checkpoint"], folder=str(data / "test"),
                                            out=str(root / "report"), n_boot=300))
