@@ -156,7 +156,7 @@ def synth(out, n_train, n_val, n_test, size, seed):
               help="Epochs training only the new head with the backbone frozen (pretrained weights only).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Per worker.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Fine-tuning learning rate (AdamW, cosine decay). Default 1e-4 pretrained, 1e-3 from scratch.")
+              help="Fine-tuning learning rate (AdamW, cosine decay). Default 1e-4 pretrained, 5e-4 from scratch.")
 @click.option("--image-size", type=click.IntRange(min=64), default=224, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Data-parallel Ray Train workers.")
 @click.option("--gpu/--no-gpu", default=None, help="Train on GPUs. Default: when the cluster has them.")

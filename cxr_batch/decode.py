@@ -43,11 +43,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    from .dicom import decode_dicom, is_dicom  # local import: pydicom costs ~0.2 s to import
+    from .dicom import is_dicom  # local import: pydicom costs ~0.2 s to import
 
     if is_dicom(data[:132]):
-        gray, meta = decode_dicom(data, max_pixels=max_pixels)
-        return Decoded(gray, int(meta["width"]), int(meta["height"]), "DICOM", meta)
+        return _decode_dicom(data, max_pixels)
     try:
         with warnings.catch_warnings():
             # PIL warns (and only raises at 2x) above its own limit; ours is checked below.
@@ -56,6 +55,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     except Image.DecompressionBombError as e:
         raise DecodeError(f"too many pixels: {_one_line(e)}") from None
     except UnidentifiedImageError:
+        if data[:2] in (b"\x02\x00", b"\x08\x00"):  # a DICOM dataset without the preamble (ACR-NEMA era exports)
+            return _decode_dicom(data, max_pixels)
         raise DecodeError("not an image: the bytes are no format Pillow or pydicom can read") from None
     except Exception as e:  # PIL raises many types for mangled headers
         raise DecodeError(f"unreadable image header: {_one_line(e)}") from None
@@ -78,6 +79,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     if gray.shape[0] < 1 or gray.shape[1] < 1:
         raise DecodeError(f"image has no pixels ({width}x{height})")
     return Decoded(gray, width, height, fmt)
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> Decoded:
+    from .dicom import decode_dicom
+
+    gray, meta = decode_dicom(data, max_pixels=max_pixels)
+    return Decoded(gray, int(meta["width"]), int(meta["height"]), "DICOM", meta)
 
 
 def _to_gray(im: Image.Image) -> np.ndarray:

@@ -7,6 +7,7 @@ re-run reads the ``path`` column of the parts already there and scores only the 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
@@ -125,9 +126,15 @@ def safe_relpath(rel: str) -> str:
         p = re.sub(r"[\x00-\x1f\x7f]", "_", p).strip()
         if p in ("", ".", "..") or re.fullmatch(r"[A-Za-z]:", p):
             continue
-        parts.append(p[:200])  # most filesystems cap a name at 255 bytes
+        # Most filesystems cap a name at 255 bytes, not characters; leave room for cam_uri's suffixes.
+        parts.append(p.encode("utf-8", "replace")[:200].decode("utf-8", "ignore"))
     return posixpath.join(*parts) if parts else "_"
 
 
 def cam_uri(cam_dir: str, rel: str) -> str:
-    return storage.join(cam_dir, *(safe_relpath(rel) + ".png").split("/"))
+    safe = safe_relpath(rel)
+    if safe != rel:
+        # Sanitising can map two inputs onto one name (a\..\b.png and a/b.png, NFD and NFC
+        # spellings, long names cut alike): a hash of the original keeps each image's PNG its own.
+        safe += "~" + hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return storage.join(cam_dir, *(safe + ".png").split("/"))

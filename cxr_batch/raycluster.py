@@ -40,3 +40,38 @@ def ray_running(address: str | None = None):
             import ray
 
             ray.shutdown()
+
+
+@contextmanager
+def gpus_requested(n: int, *, timeout_s: float = 900, echo=print):
+    """``with gpus_requested(4):`` the cluster has at least 4 GPUs inside; the request ends after.
+
+    The jobs size their actor pools and train workers from the cluster as it is when they start, and
+    a cluster whose GPU workers scale from zero (cluster.yaml) has no GPU until something asks: this
+    asks the autoscaler, waits for the nodes to join, and withdraws the request on exit so idle
+    nodes can go again. Nothing to do when ``n`` is 0 or the GPUs are already there.
+    """
+    import time
+
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    from .errors import InputError
+
+    have = ray.cluster_resources().get("GPU", 0)
+    asked = n > 0 and have < n
+    if asked:
+        echo(f"asking the autoscaler for {n} GPUs (the cluster has {have:g}); waiting up to {timeout_s:g} s")
+        request_resources(bundles=[{"GPU": 1}] * n)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while asked and (have := ray.cluster_resources().get("GPU", 0)) < n:
+            if time.monotonic() > deadline:
+                raise InputError(
+                    f"Asked the autoscaler for {n} GPUs, but the cluster has {have:g} after {timeout_s:g} s. Check"
+                    " `ray status` and the GPU node type's max_workers in cluster.yaml, or lower --wait-for-gpus.")
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+        yield
+    finally:
+        if asked:
+            request_resources(bundles=[])  # withdraw: idle GPU nodes leave after idle_timeout_minutes

@@ -74,8 +74,10 @@ def describe(spec: str | None) -> ModelInfo:
     parsed = parse_arch_spec(spec)
     if parsed:
         arch, weights = parsed
-        if weights not in WEIGHTS and not storage.exists(weights):
-            raise InputError(f"Invalid --model {spec}: weights must be imagenet, none or an existing file.")
+        if weights not in WEIGHTS:
+            if not storage.exists(weights):
+                raise InputError(f"Invalid --model {spec}: weights must be imagenet, none or an existing file.")
+            build_model(arch, weights)  # refuse an unsafe or foreign file here, not in every scoring actor
         return ModelInfo(spec, arch, spec, DEFAULT_IMAGE_SIZE, 0.5, False)
     loaded = load_checkpoint(spec)
     ck = loaded.ckpt

@@ -1,0 +1,480 @@
+"""How fast `cxr-batch score` is, measured against two yardsticks in the same run, on the same archive:
+
+  (a) baseline  plain PyTorch as a tutorial reader writes it: a Dataset that opens each file with PIL,
+                torchvision Resize/ToTensor/Normalize, DataLoader(num_workers=2), an fp32 loop, a CAM
+                PNG per image coloured with matplotlib, pandas -> Parquet at the end;
+  (b) score     ``run_score`` end to end on a local Ray, once per precision mode;
+  (c) forward   the model alone on in-memory tensors, prepared exactly as the Scorer prepares it
+                (same precision and batch size): the most any pipeline around it can reach.
+
+Throughput is images per second of wall time, start-up included (model build, actor start), so a
+pipeline must earn its start-up on the archive size measured. Peak memory is the summed RSS of the
+process and all its descendants (DataLoader workers, every Ray process), sampled from /proc.
+
+Agreement: every mode is compared with fp32 on the same images (joined on ``path``). An untrained
+ResNet head (``resnet101:none``) is useless for that: activations of a random trunk grow through the
+residual blocks (logits ~4e4, every probability exactly 0 or 1), so agreement would be 100% for
+any arithmetic. Unless told otherwise the benchmark therefore scores a derived checkpoint: the same
+architecture and weights, with batch-norm statistics re-estimated on 32 archive images (what the
+first training steps would do) and a head along a random direction drawn with a fixed seed, scaled
+so that P(PNEUMONIA) spreads around 0.5. Compute per image is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import CLASSES, POSITIVE
+
+MODES = ("fp32", "bf16", "fp32+compile", "bf16+compile")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchSettings:
+    workdir: str  # archive (unless given), outputs and the derived checkpoint go here
+    archive: str | None = None  # None: generate phantoms into <workdir>/archive (kept for the next run)
+    images: int = 600
+    min_side: int = 1000  # generated phantoms are squares of a random side in [min_side, max_side]
+    max_side: int = 2000
+    model: str = "resnet101:none"
+    calibrate: bool = True  # untrained head -> derived checkpoint with a spread of probabilities (see above)
+    batch_size: int = 16
+    modes: tuple[str, ...] = ("fp32", "bf16")
+    forward_batches: int = 6  # timed batches for (c), after one warm-up batch
+    memory_check: bool = False
+    memory_images: int = 100  # N: the check scores N, then 10N images
+    memory_side: int = 128
+    memory_model: str = "resnet18:none"
+    num_cpus: int | None = None  # for a Ray the benchmark starts; None = all
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or "fp32" not in self.modes:
+            raise ValueError(f"Invalid modes {list(self.modes)}. Choose from {', '.join(MODES)}; fp32 is required"
+                             " (every other mode is compared with it).")
+        if self.images < 1 or self.batch_size < 1 or not 32 <= self.min_side <= self.max_side:
+            raise ValueError("--images and --batch-size must be at least 1, and 32 <= --min-side <= --max-side.")
+
+
+def parse_mode(mode: str) -> tuple[str, bool]:
+    """"bf16+compile" -> ("bf16", True)."""
+    precision, _, extra = mode.partition("+")
+    return precision, extra == "compile"
+
+
+# ---------------------------------------------------------------- inputs: archive and model
+
+def make_bench_archive(root, n: int, min_side: int, max_side: int, *, seed: int = 0) -> Path:
+    """``n`` phantom JPEGs (quality 90) of random square sides under root/{NORMAL,PNEUMONIA}/.
+    Kept between runs: a second call with the same arguments only checks the marker file."""
+    from .synth import JPEG_QUALITY, phantom
+
+    root = Path(root)
+    params = {"n": n, "min_side": min_side, "max_side": max_side, "seed": seed}
+    marker = root / "benchmark-archive.json"
+    if marker.exists() and json.loads(marker.read_text()) == params:
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root} holds something other than this benchmark's archive; pass an empty --workdir.")
+    for name in CLASSES:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        side, positive = int(rng.integers(min_side, max_side + 1)), i % 2 == 1
+        pixels, _ = phantom(rng, side, opacity=positive)
+        Image.fromarray(pixels).save(root / CLASSES[int(positive)] / f"bench-{i:05d}.jpeg", quality=JPEG_QUALITY)
+    marker.write_text(json.dumps(params) + "\n")
+    return root
+
+
+def calibrated_checkpoint(spec: str, archive: str, paths: list[str], dst: Path, *, seed: int = 0) -> str:
+    """The model of ``spec`` with batch-norm statistics re-estimated on up to 32 of ``paths`` and a
+    seeded random head standardised on them (see the module docstring); saved as a checkpoint."""
+    import torch
+
+    from .checkpoint import make_checkpoint, save_checkpoint
+    from .registry import describe, load
+    from .score import decode_batch
+    from .transforms import normalize
+
+    if dst.exists():
+        return str(dst)
+    info = describe(spec)
+    model = load(info)
+    sample = paths[:: max(1, len(paths) // 32)][:32]
+    batch = decode_batch({"path": sample}, archive=archive, image_size=info.image_size, max_pixels=10**9)
+    x = normalize(torch.from_numpy(batch["pixels"]))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the calibration batches
+        model.train()
+        for chunk in x.split(16):
+            model(chunk)
+        model.eval()
+        _, features = model(x)
+        pooled = features.mean(dim=(2, 3))
+        direction = torch.randn(pooled.shape[1], generator=torch.Generator().manual_seed(seed))
+        proj = pooled @ (direction / direction.norm())
+        centre, spread = proj.median(), proj.std().clamp_min(1e-6)
+        w = direction / direction.norm() / spread
+        # logit(PNEUMONIA) - logit(NORMAL) = 2 (proj - centre) / spread: about N(0, 2) over the archive
+        model.fc.weight.copy_(torch.stack([-w, w]) if POSITIVE == 1 else torch.stack([w, -w]))
+        model.fc.bias.copy_(torch.tensor([1.0, -1.0]) * centre / spread * (1 if POSITIVE == 1 else -1))
+    ckpt = make_checkpoint(model, arch=info.arch, image_size=info.image_size, threshold=0.5,
+                           settings={"derived_from": spec, "by": "cxr_batch.benchmark.calibrated_checkpoint",
+                                     "seed": seed, "calibration_images": len(sample)})
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(ckpt, str(dst))
+    return str(dst)
+
+
+# ---------------------------------------------------------------- (a) plain PyTorch, tutorial style
+
+class XrayFiles:
+    """A map-style torch Dataset: one file -> (normalised RGB tensor, path)."""
+
+    def __init__(self, root, paths, transform):
+        self.root, self.paths, self.transform = root, paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = Image.open(os.path.join(self.root, self.paths[i])).convert("RGB")
+        return self.transform(image), self.paths[i]
+
+
+def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str, out: Path, *,
+                     batch_size: int, num_workers: int = 2) -> None:
+    """The yardstick. Written plainly on purpose: no tuning a tutorial would not have."""
+    import matplotlib
+    import pandas as pd
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.Resize(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    # DataLoader forks its workers; after Ray has started threads in this process, forkserver is safer.
+    import ray
+
+    context = "forkserver" if ray.is_initialized() else None
+    loader = DataLoader(XrayFiles(archive, paths, transform), batch_size=batch_size, num_workers=num_workers,
+                        multiprocessing_context=context)
+    net = getattr(torchvision.models, arch)()
+    net.fc = torch.nn.Linear(net.fc.in_features, len(CLASSES))
+    net.load_state_dict(_torchvision_names(state_dict))
+    net.eval()
+    features = {}
+    net.layer4.register_forward_hook(lambda module, inputs, output: features.update(layer4=output))
+    jet = matplotlib.colormaps["jet"]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    cam_dir = out.parent / (out.stem + "-cams")
+    rows = []
+    with torch.no_grad():
+        for images, names in loader:
+            probs = torch.softmax(net(images), dim=1)[:, POSITIVE]
+            cams = torch.einsum("bchw,c->bhw", features["layer4"], net.fc.weight[POSITIVE])
+            cams = torch.nn.functional.interpolate(cams[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
+            for image, name, prob, cam in zip(images, names, probs, cams):
+                cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-8)
+                heat = jet(cam.numpy())[..., :3]
+                base = (image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+                png = cam_dir / (name + ".png")
+                png.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray((255 * (0.55 * base + 0.45 * heat)).astype(np.uint8)).save(png)
+                rows.append({"path": name, "prob_pneumonia": float(prob),
+                             "pred": CLASSES[POSITIVE] if prob >= 0.5 else CLASSES[1 - POSITIVE],
+                             "cam_path": str(png)})
+    pd.DataFrame(rows).to_parquet(out)
+
+
+def _torchvision_names(state: dict) -> dict:
+    """CamResNet keys (trunk.0 ... trunk.7, fc) -> torchvision ResNet keys (conv1 ... layer4, fc)."""
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    out = {}
+    for k, v in state.items():
+        if k.startswith("trunk."):
+            _, i, rest = k.split(".", 2)
+            k = f"{names[int(i)]}.{rest}"
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------- (c) the model alone
+
+def bare_forward(spec: str, *, precision: str, compile: bool, batch_size: int, batches: int) -> float:
+    """Images/s of the Scorer's own model preparation and forward on in-memory tensors (warm)."""
+    import torch
+
+    from .registry import describe, load
+    from .score import prepare_model
+    from .transforms import normalize
+
+    info = describe(spec)
+    model = prepare_model(load(info), torch.device("cpu"), channels_last=True, compile=compile)
+    g = torch.Generator().manual_seed(0)
+    x = normalize(torch.randint(0, 256, (batch_size, info.image_size, info.image_size), dtype=torch.uint8,
+                                generator=g), channels_last=True)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        model(x)  # warm-up: oneDNN picks its kernels (and torch.compile compiles) on the first call
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            model(x)
+        return batches * batch_size / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- memory
+
+class PeakMemory:
+    """Peak summed RSS of this process and all its descendants, sampled from /proc in a thread.
+
+    RSS counts pages shared between processes (torch's libraries, Ray's object store) once per
+    process, so it overstates the machine's use; ``peak_anon_mb`` (private heap pages) does not."""
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s, self.peak_rss_mb, self.peak_anon_mb = interval_s, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        rss = anon = 0
+        for pid in _tree(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            rss += int(line.split()[1])
+                        elif line.startswith("RssAnon:"):
+                            anon += int(line.split()[1])
+            except OSError:  # the process ended between listing and reading
+                pass
+        self.peak_rss_mb = max(self.peak_rss_mb, rss / 1024)
+        self.peak_anon_mb = max(self.peak_anon_mb, anon / 1024)
+
+
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+def _timed(fn, *args, **kwargs) -> dict:
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        value = fn(*args, **kwargs)
+        seconds = time.perf_counter() - t0
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(mem.peak_rss_mb), "peak_anon_mb": round(mem.peak_anon_mb),
+            "value": value}
+
+
+def compare(reference, other) -> dict:
+    """Label agreement and max |P difference| of ``other`` against ``reference`` (DataFrames), on path."""
+    cols = ["path", "pred", "prob_pneumonia"]
+    ref = reference[reference["pred"].notna()][cols]
+    both = ref.merge(other[other["pred"].notna()][cols], on="path", suffixes=("_ref", ""))
+    if both.empty:
+        return {"compared": 0, "label_agreement": None, "max_prob_diff": None}
+    return {"compared": len(both), "label_agreement": round(float((both["pred_ref"] == both["pred"]).mean()), 4),
+            "max_prob_diff": float((both["prob_pneumonia_ref"] - both["prob_pneumonia"]).abs().max())}
+
+
+def run_benchmark(s: BenchSettings, *, log=print) -> dict:
+    import gc
+
+    import pandas as pd
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .discover import discover
+    from .output import read_table
+    from .raycluster import ensure_ray
+    from .registry import describe
+    from .score import ScoreSettings, run_score
+
+    work = Path(s.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine(), "settings": asdict(s)}
+    log(f"benchmark settings: {json.dumps(asdict(s))}")
+    t0 = time.perf_counter()
+    archive = s.archive or str(make_bench_archive(work / "archive", s.images, s.min_side, s.max_side, seed=s.seed))
+    paths = [e.path for e in discover(archive)][: s.images]
+    sizes = [os.path.getsize(os.path.join(archive, p)) for p in paths]
+    result["archive"] = {"path": archive, "images": len(paths), "mean_kb": round(sum(sizes) / len(sizes) / 1024),
+                         "prepared_s": round(time.perf_counter() - t0, 1)}
+    info = describe(s.model)
+    model = s.model
+    if s.calibrate and not info.trained:
+        model = calibrated_checkpoint(s.model, archive, paths, work / f"calibrated-{info.arch}-seed{s.seed}.ckpt",
+                                      seed=s.seed)
+    result["model"] = {"spec": s.model, "scored_as": model, "calibrated_head": model != s.model, "arch": info.arch}
+    log(f"archive {archive}: {len(paths)} images, mean {result['archive']['mean_kb']} KB; model {model}")
+
+    ckpt = load_checkpoint(model).ckpt["state_dict"] if model != s.model else _state_of(model)
+    r = _timed(baseline_pytorch, archive, paths, ckpt, info.arch, work / "baseline.parquet", batch_size=s.batch_size)
+    result["baseline"] = _rate(r, len(paths))
+    log(f"(a) plain PyTorch fp32: {result['baseline']['images_per_s']:.2f} images/s")
+    del ckpt
+    gc.collect()
+
+    result["forward"] = {}
+    for mode in s.modes:
+        precision, compiled = parse_mode(mode)
+        ips = bare_forward(model, precision=precision, compile=compiled, batch_size=s.batch_size,
+                           batches=s.forward_batches)
+        result["forward"][mode] = {"images_per_s": round(ips, 2)}
+        log(f"(c) bare forward {mode}: {ips:.2f} images/s")
+        if compiled:
+            torch._dynamo.reset()
+    gc.collect()
+
+    started = ensure_ray(None, num_cpus=s.num_cpus)
+    try:
+        import ray
+
+        result["ray_cpus"] = ray.cluster_resources().get("CPU", 0)
+        result["score"] = {}
+        for mode in s.modes:
+            precision, compiled = parse_mode(mode)
+            out = work / f"score-{mode.replace('+', '-')}"
+            settings = ScoreSettings(archive=archive, out=str(out), model=model, batch_size=s.batch_size,
+                                     precision=precision, compile=compiled, overwrite=True, limit=len(paths))
+            r = _timed(run_score, settings)
+            summary = r.pop("value")
+            row = _rate(r, summary.scored + summary.errors)
+            row.update(errors=summary.errors, plan=summary.plan)
+            result["score"][mode] = row
+            log(f"(b) cxr-batch score {mode}: {row['images_per_s']:.2f} images/s ({row['seconds']:.1f} s,"
+                f" peak RSS {row['peak_rss_mb']} MB)")
+        if s.memory_check:
+            result["memory_check"] = memory_check(s, work, log=log)
+    finally:
+        if started:
+            ray.shutdown()
+
+    ref = read_table(str(work / "score-fp32")).to_pandas()
+    result["baseline"].update(compare(ref, pd.read_parquet(work / "baseline.parquet")))
+    a = result["baseline"]["images_per_s"]
+    for mode, row in result["score"].items():
+        c = result["forward"][mode]["images_per_s"]
+        row.update(compare(ref, read_table(str(work / f"score-{mode.replace('+', '-')}")).to_pandas()))
+        row.update(b_over_a=round(row["images_per_s"] / a, 2), b_over_c=round(row["images_per_s"] / c, 2))
+    agreeing = [m for m, row in result["score"].items() if (row["label_agreement"] or 0) >= 0.99]
+    result["fastest_agreeing_mode"] = max(agreeing, key=lambda m: result["score"][m]["images_per_s"])
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _state_of(spec: str) -> dict:
+    from .registry import describe, load
+
+    return load(describe(spec)).state_dict()
+
+
+def _rate(r: dict, images: int) -> dict:
+    r.pop("value", None)
+    return {"images": images, "images_per_s": round(images / r["seconds"], 2), **r}
+
+
+def memory_check(s: BenchSettings, work: Path, *, log=print) -> dict:
+    """Score N, then 10N small phantoms with the same settings: peak memory must not grow with N."""
+    from .score import ScoreSettings, run_score
+
+    n = s.memory_images
+    archive = make_bench_archive(work / f"memory-archive-{s.memory_side}", 10 * n, s.memory_side, s.memory_side,
+                                 seed=s.seed)
+    out = {"model": s.memory_model, "side": s.memory_side}
+    for key, limit in (("small", n), ("large", 10 * n)):
+        settings = ScoreSettings(archive=str(archive), out=str(work / f"memory-{key}"), model=s.memory_model,
+                                 batch_size=s.batch_size, overwrite=True, limit=limit)
+        r = _timed(run_score, settings)
+        r.pop("value")
+        out[key] = {"images": limit, **r}
+        log(f"memory check: {limit} images, peak RSS {r['peak_rss_mb']} MB, peak anon {r['peak_anon_mb']} MB")
+    out["rss_growth"] = round(out["large"]["peak_rss_mb"] / out["small"]["peak_rss_mb"] - 1, 3)
+    out["anon_growth"] = round(out["large"]["peak_anon_mb"] / out["small"]["peak_anon_mb"] - 1, 3)
+    return out
+
+
+def machine() -> dict:
+    import ray
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gb": round(mem_kb / 2**20, 1),
+            "bf16_instructions": [f for f in ("avx512_bf16", "amx_bf16") if f in flags],
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "torch_threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg())}
+
+
+def format_table(r: dict) -> str:
+    a = r["baseline"]
+    lines = [f"{'measurement':<34}{'images/s':>9}{'b/a':>7}{'b/c':>7}{'peak RSS MB':>13}{'agree fp32':>12}{'max |dP|':>10}",
+             f"{'(a) plain PyTorch, fp32':<34}{a['images_per_s']:>9.2f}{'':>14}{a['peak_rss_mb']:>13}"
+             f"{_pct(a.get('label_agreement')):>12}{_num(a.get('max_prob_diff')):>10}"]
+    for mode, c in r["forward"].items():
+        lines.append(f"{'(c) bare forward, ' + mode:<34}{c['images_per_s']:>9.2f}")
+    for mode, b in r["score"].items():
+        lines.append(f"{'(b) cxr-batch score, ' + mode:<34}{b['images_per_s']:>9.2f}{b['b_over_a']:>7.2f}"
+                     f"{b['b_over_c']:>7.2f}{b['peak_rss_mb']:>13}{_pct(b['label_agreement']):>12}"
+                     f"{_num(b['max_prob_diff']):>10}")
+    lines.append(f"fastest mode agreeing with fp32 on >= 99% of labels: {r['fastest_agreeing_mode']}")
+    if "memory_check" in r:
+        m = r["memory_check"]
+        lines.append(f"memory check ({m['model']}, {m['side']} px): {m['small']['images']} images peak RSS "
+                     f"{m['small']['peak_rss_mb']} MB, {m['large']['images']} images {m['large']['peak_rss_mb']} MB"
+                     f" ({m['rss_growth']:+.0%}; private anon {m['anon_growth']:+.0%})")
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4f}"

@@ -1,0 +1,79 @@
+"""A training run killed by signal (the driver, or one worker process) still ends with every epoch once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cxr_batch.checkpoint import load_checkpoint
+from cxr_batch.synth import make_archive
+
+pytestmark = pytest.mark.slow
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    data = tmp_path_factory.mktemp("tiny") / "data"
+    make_archive(data, n_train=48, n_val=24, n_test=0, size=96, seed=5)
+    return data
+
+
+def _train_cmd(data, out, address):
+    return [sys.executable, "-m", "cxr_batch.cli", "train", str(data), "--out", str(out), "--arch", "resnet18",
+            "--weights", "none", "--epochs", str(EPOCHS), "--image-size", "64", "--batch-size", "8",
+            "--workers", "2", "--no-register", "--address", address]
+
+
+def _wait_for_checkpoint(out, proc, timeout=240):
+    ckpt = out / "last.ckpt"
+    t0 = time.time()
+    while not ckpt.exists():
+        assert proc.poll() is None, f"training exited early with {proc.returncode}"
+        assert time.time() - t0 < timeout, "no checkpoint in time"
+        time.sleep(0.2)
+    return json.loads((out / "history.json").read_text())
+
+
+def _history(out):
+    return json.loads((out / "history.json").read_text())
+
+
+def test_killed_driver_resumes_from_last_checkpoint(ray_session, tiny, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(tiny, out, address), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = _wait_for_checkpoint(out, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = _history(out)
+    assert 1 <= len(done_before) < EPOCHS, "the kill came too late to test resuming"
+    again = subprocess.run(_train_cmd(tiny, out, address), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    history = _history(out)
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    assert history[0] == first[0]  # epoch 1 was not trained again: its record is the killed run's
+    assert load_checkpoint(str(out / "last.ckpt")).ckpt["epoch"] == EPOCHS
+
+
+def test_run_survives_the_loss_of_a_worker_process(ray_session, tiny, tmp_path):
+    from ray.util.state import list_actors
+
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(tiny, out, address), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(out, proc)
+    workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no live training worker to kill"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert "resuming from" in output  # the group was restarted from last.ckpt, not left to finish
+    history = _history(out)
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
