@@ -233,6 +233,10 @@ class Scorer:
             cams[ok] = good_cams
         batch["prob_pneumonia"] = prob
         batch["cam"] = cams if cams is not None else np.zeros((n, 1, 1), np.float32)
+        # Text columns come in as float NaN where a whole block was None: hand them on as None, or the
+        # next stage cannot concatenate this block with one holding strings ("string vs float").
+        for k in ("path", "label", "error", "sha256", "format", "modality", "view_position", "sop_instance_uid"):
+            batch[k] = np.asarray(_strings(batch[k]), dtype=object)
         return batch
 
 
@@ -345,7 +349,7 @@ def run_score(s: ScoreSettings, *, progress=None) -> ScoreSummary:
             num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
             fn_constructor_kwargs=dict(info=info_d, threads=plan.torch_threads, precision=s.precision,
                                        compile=s.compile, channels_last=s.channels_last))
-        ds = ds.map_batches(finish_batch, batch_size=64, num_cpus=plan.task_cpus, batch_format="numpy",
+        ds = ds.map_batches(finish_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
                             fn_kwargs=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive,
                                            max_pixels=s.max_pixels))
         last = 0.0

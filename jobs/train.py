@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="total, warm-up included (default 10)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="head-only epochs with a frozen backbone (default 1)")
     p.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
-    p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default 1e-4 pretrained, 1e-3 from scratch)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning lr (default 1e-4 pretrained, 5e-4 from scratch)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2, help="data-parallel workers (default 2; one per GPU)")
     p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,

@@ -4,12 +4,14 @@ Each node gets its own ports (others' Ray instances on the machine keep theirs) 
 --temp-dir in a private folder, so `ray start` records its address there and not in /tmp/ray, where
 a plain `ray.init()` elsewhere would find it and join. Token authentication is on, with a token of the
 cluster's own in RAY_AUTH_TOKEN (~/.ray/auth_token is left alone). `stop()` ends exactly the
-processes this cluster started: every `ray start --block` it launched and their descendants, by pid
-(never `ray stop`, which would end every Ray on the machine).
+processes this cluster started, by pid: every `ray start --block` it launched, their descendants,
+and any orphan that carries the cluster's token in its environment (never `ray stop`, which would
+end every Ray on the machine).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -20,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -83,34 +87,42 @@ class LocalCluster:
     def _log(self, i: int) -> str:
         return os.path.join(self.tmp, f"node{i}.log")
 
-    def nodes(self) -> list:
-        from ray.util.state import list_nodes
+    def state(self, kind: str, **filters: str) -> list[dict]:
+        """Ray's state API (/api/v0/<kind>) over plain HTTP with the cluster's token, e.g.
+        state("actors", class_name="RayTrainWorker"). Not through ray.util.state: Ray caches the
+        first auth token a process loads, and this process may later start a Ray of its own."""
+        query = [("limit", "10000"), ("detail", "false")]
+        for key, value in filters.items():
+            query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+        request = urllib.request.Request(f"{self.dashboard}/api/v0/{kind}?{urllib.parse.urlencode(query)}",
+                                         headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.load(response)
+        if not body.get("result"):
+            raise RuntimeError(f"state API /api/v0/{kind}: {body.get('msg')}")
+        return body["data"]["result"]["result"]
 
-        return [n for n in list_nodes(address=self.dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
+    def nodes(self) -> list[dict]:
+        return [n for n in self.state("nodes") if n["state"] == "ALIVE"]
 
     def wait_for_nodes(self, n: int, timeout: float) -> None:
         deadline, last = time.time() + timeout, None
-        with _env(self.env):
-            while time.time() < deadline:
-                for i, p in enumerate(self.procs):
-                    if p.poll() is not None:
-                        raise NodeStartError(f"ray start (node {i}) exited {p.returncode}:\n{_tail(self._log(i))}")
-                try:
-                    if len(self.nodes()) >= n:
-                        return
-                except Exception as e:  # the dashboard is still starting
-                    last = e
-                time.sleep(2)
+        while time.time() < deadline:
+            for i, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    raise NodeStartError(f"ray start (node {i}) exited {p.returncode}:\n{_tail(self._log(i))}")
+            try:
+                if len(self.nodes()) >= n:
+                    return
+            except Exception as e:  # the dashboard is still starting
+                last = e
+            time.sleep(2)
         raise TimeoutError(f"{n} Ray nodes not alive after {timeout:.0f} s ({last}):\n{_tail(self._log(0))}")
 
     def cli(self, *args: str, env: dict | None = None, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
         """Run a `ray ...` command against this cluster, with its token."""
         return subprocess.run([RAY, *args], env={**self.env, **(env or {})}, cwd=cwd, capture_output=True,
                               text=True, timeout=timeout)
-
-    def state_env(self):
-        """Context in which ray.util.state calls (in this process) carry the cluster's token."""
-        return _env(self.env)
 
     def stop(self) -> None:
         pids = set(_with_env("RAY_AUTH_TOKEN", self.env["RAY_AUTH_TOKEN"]))  # orphans included
@@ -144,25 +156,6 @@ class LocalCluster:
 
 class NodeStartError(RuntimeError):
     pass
-
-
-class _env:
-    """Temporarily set os.environ to include ``env`` (the state API reads the token from there)."""
-
-    def __init__(self, env: dict):
-        self.env, self.saved = env, None
-
-    def __enter__(self):
-        keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
-        self.saved = {k: os.environ.get(k) for k in keys}
-        os.environ.update({k: self.env[k] for k in keys})
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _free_ports(n: int) -> list[int]:

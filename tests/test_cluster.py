@@ -6,9 +6,12 @@ server (tests/s3server.py). The AWS_* variables reach the job drivers and all Ra
 through the job's runtime_env, as they must on a real cluster whose nodes were started without them.
 
 Why this arrangement: the cluster, its job drivers and its workers are all processes of their own.
-This test process runs the `ray` CLI and reads Ray's state API over HTTP, but never calls ray.init,
-so it shares a pytest session with the `ray_session` fixture (a process holds one Ray at a time) in
-any order. What ran where is checked from Ray's own records (ray.util.state.list_actors, node_id).
+This test process runs the `ray` CLI and reads Ray's state API over plain HTTP, and never calls
+ray.init or ray.util.state, so it shares a pytest session with the `ray_session` fixture in any
+order. Two reasons: a process holds one Ray at a time, and Ray caches the first auth token a process
+loads (after ray.util.state calls here with the cluster's token, the session's later ray.init failed
+its own GCS's authentication). What ran where is checked from Ray's own records: the state API's
+actors (/api/v0/actors, what list_actors reads) and their node_id.
 """
 
 from __future__ import annotations
@@ -55,14 +58,9 @@ def summary_of(p) -> dict:
 
 
 def actor_nodes(cluster, class_name: str) -> set[str]:
-    from ray.util.state import list_actors
-
-    c = cluster[0]
-    with c.state_env():
-        actors = list_actors(address=c.dashboard, filters=[("class_name", "=", class_name)], limit=1000,
-                             raise_on_missing_output=False)
+    actors = cluster[0].state("actors", class_name=class_name)
     assert actors, f"no {class_name} actors in Ray's records"
-    return {a.node_id for a in actors}
+    return {a["node_id"] for a in actors}
 
 
 @pytest.fixture(scope="module")
