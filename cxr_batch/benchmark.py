@@ -326,7 +326,6 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     import pandas as pd
     import torch
 
-    from .checkpoint import load_checkpoint
     from .discover import discover
     from .output import read_table
     from .raycluster import ensure_ray
@@ -351,11 +350,11 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     result["model"] = {"spec": s.model, "scored_as": model, "calibrated_head": model != s.model, "arch": info.arch}
     log(f"archive {archive}: {len(paths)} images, mean {result['archive']['mean_kb']} KB; model {model}")
 
-    ckpt = load_checkpoint(model).ckpt["state_dict"] if model != s.model else _state_of(model)
-    r = _timed(baseline_pytorch, archive, paths, ckpt, info.arch, work / "baseline.parquet", batch_size=s.batch_size)
+    state = _state_of(model)
+    r = _timed(baseline_pytorch, archive, paths, state, info.arch, work / "baseline.parquet", batch_size=s.batch_size)
     result["baseline"] = _rate(r, len(paths))
     log(f"(a) plain PyTorch fp32: {result['baseline']['images_per_s']:.2f} images/s")
-    del ckpt
+    del state
     gc.collect()
 
     result["forward"] = {}
@@ -464,6 +463,9 @@ def format_table(r: dict) -> str:
                      f"{b['b_over_c']:>7.2f}{b['peak_rss_mb']:>13}{_pct(b['label_agreement']):>12}"
                      f"{_num(b['max_prob_diff']):>10}")
     lines.append(f"fastest mode agreeing with fp32 on >= 99% of labels: {r['fastest_agreeing_mode']}")
+    m = r["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch {m['torch']}, ray {m['ray']};"
+                 f" load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end")
     if "memory_check" in r:
         m = r["memory_check"]
         lines.append(f"memory check ({m['model']}, {m['side']} px): {m['small']['images']} images peak RSS "
