@@ -8,7 +8,8 @@
                 (same precision and batch size): the most any pipeline around it can reach.
 
 Throughput is images per second of wall time, start-up included (model build, actor start), so a
-pipeline must earn its start-up on the archive size measured. Peak memory is the summed RSS of the
+pipeline must earn its start-up on the archive size measured; "steady" is the rate from the first
+rows out to the last, which leaves the start-up out. Peak memory is the summed RSS of the
 process and all its descendants (DataLoader workers, every Ray process), sampled from /proc.
 
 Agreement: every mode is compared with fp32 on the same images (joined on ``path``). An untrained
@@ -243,10 +244,12 @@ class PeakMemory:
     """Peak summed RSS of this process and all its descendants, sampled from /proc in a thread.
 
     RSS counts pages shared between processes (torch's libraries, Ray's object store) once per
-    process, so it overstates the machine's use; ``peak_anon_mb`` (private heap pages) does not."""
+    process, so it overstates the machine's use; ``peak_anon_mb`` (private heap pages) does not.
+    The sums also depend on how many Ray workers happen to be alive at once; ``peak_process_mb``,
+    the largest single process, does not."""
 
     def __init__(self, interval_s: float = 0.25):
-        self.interval_s, self.peak_rss_mb, self.peak_anon_mb = interval_s, 0.0, 0.0
+        self.interval_s, self.peak_rss_mb, self.peak_anon_mb, self.peak_process_mb = interval_s, 0.0, 0.0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -272,6 +275,7 @@ class PeakMemory:
                     for line in f:
                         if line.startswith("VmRSS:"):
                             rss += int(line.split()[1])
+                            self.peak_process_mb = max(self.peak_process_mb, int(line.split()[1]) / 1024)
                         elif line.startswith("RssAnon:"):
                             anon += int(line.split()[1])
             except OSError:  # the process ended between listing and reading
@@ -306,7 +310,7 @@ def _timed(fn, *args, **kwargs) -> dict:
         value = fn(*args, **kwargs)
         seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(mem.peak_rss_mb), "peak_anon_mb": round(mem.peak_anon_mb),
-            "value": value}
+            "peak_process_mb": round(mem.peak_process_mb), "value": value}
 
 
 def compare(reference, other) -> dict:
@@ -345,7 +349,8 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     info = describe(s.model)
     model = s.model
     if s.calibrate and not info.trained:
-        model = calibrated_checkpoint(s.model, archive, paths, work / f"calibrated-{info.arch}-seed{s.seed}.ckpt",
+        name = "".join(c if c.isalnum() else "-" for c in s.model)[-60:]  # the cache is per spec and seed
+        model = calibrated_checkpoint(s.model, archive, paths, work / f"calibrated-{name}-seed{s.seed}.ckpt",
                                       seed=s.seed)
     result["model"] = {"spec": s.model, "scored_as": model, "calibrated_head": model != s.model, "arch": info.arch}
     log(f"archive {archive}: {len(paths)} images, mean {result['archive']['mean_kb']} KB; model {model}")
@@ -379,10 +384,13 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
             out = work / f"score-{mode.replace('+', '-')}"
             settings = ScoreSettings(archive=archive, out=str(out), model=model, batch_size=s.batch_size,
                                      precision=precision, compile=compiled, overwrite=True, limit=len(paths))
-            r = _timed(run_score, settings)
+            marks = []  # (time, rows done) each time rows reach the driver (at most every 2 s)
+            started_at = time.perf_counter()
+            r = _timed(run_score, settings, progress=lambda sm, total: marks.append(
+                (time.perf_counter(), sm.scored + sm.errors)))
             summary = r.pop("value")
             row = _rate(r, summary.scored + summary.errors)
-            row.update(errors=summary.errors, plan=summary.plan)
+            row.update(errors=summary.errors, plan=summary.plan, **_steady(marks, started_at))
             result["score"][mode] = row
             log(f"(b) cxr-batch score {mode}: {row['images_per_s']:.2f} images/s ({row['seconds']:.1f} s,"
                 f" peak RSS {row['peak_rss_mb']} MB)")
@@ -398,7 +406,8 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     for mode, row in result["score"].items():
         c = result["forward"][mode]["images_per_s"]
         row.update(compare(ref, read_table(str(work / f"score-{mode.replace('+', '-')}")).to_pandas()))
-        row.update(b_over_a=round(row["images_per_s"] / a, 2), b_over_c=round(row["images_per_s"] / c, 2))
+        row.update(b_over_a=round(row["images_per_s"] / a, 2), b_over_c=round(row["images_per_s"] / c, 2),
+                   b_over_c_steady=round(row["steady_images_per_s"] / c, 2) if row["steady_images_per_s"] else None)
     agreeing = [m for m, row in result["score"].items() if (row["label_agreement"] or 0) >= 0.99]
     result["fastest_agreeing_mode"] = max(agreeing, key=lambda m: result["score"][m]["images_per_s"])
     result["machine"]["loadavg_end"] = list(os.getloadavg())
@@ -410,6 +419,15 @@ def _state_of(spec: str) -> dict:
     from .registry import describe, load
 
     return load(describe(spec)).state_dict()
+
+
+def _steady(marks: list, t0: float) -> dict:
+    """Start-up (seconds until the first rows are out) and the rate from then on: what the
+    pipeline does per image once the actor is up, apart from what it costs to start."""
+    if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+        return {"first_rows_s": round(marks[0][0] - t0, 1) if marks else None, "steady_images_per_s": None}
+    (t1, n1), (t2, n2) = marks[0], marks[-1]
+    return {"first_rows_s": round(t1 - t0, 1), "steady_images_per_s": round((n2 - n1) / (t2 - t1), 2)}
 
 
 def _rate(r: dict, images: int) -> dict:
@@ -434,6 +452,7 @@ def memory_check(s: BenchSettings, work: Path, *, log=print) -> dict:
         log(f"memory check: {limit} images, peak RSS {r['peak_rss_mb']} MB, peak anon {r['peak_anon_mb']} MB")
     out["rss_growth"] = round(out["large"]["peak_rss_mb"] / out["small"]["peak_rss_mb"] - 1, 3)
     out["anon_growth"] = round(out["large"]["peak_anon_mb"] / out["small"]["peak_anon_mb"] - 1, 3)
+    out["process_growth"] = round(out["large"]["peak_process_mb"] / out["small"]["peak_process_mb"] - 1, 3)
     return out
 
 
@@ -453,15 +472,16 @@ def machine() -> dict:
 
 def format_table(r: dict) -> str:
     a = r["baseline"]
-    lines = [f"{'measurement':<34}{'images/s':>9}{'b/a':>7}{'b/c':>7}{'peak RSS MB':>13}{'agree fp32':>12}{'max |dP|':>10}",
-             f"{'(a) plain PyTorch, fp32':<34}{a['images_per_s']:>9.2f}{'':>14}{a['peak_rss_mb']:>13}"
+    lines = [f"{'measurement':<34}{'images/s':>9}{'b/a':>7}{'b/c':>7}{'steady':>8}{'b/c':>6}{'peak RSS MB':>13}"
+             f"{'agree fp32':>12}{'max |dP|':>10}",
+             f"{'(a) plain PyTorch, fp32':<34}{a['images_per_s']:>9.2f}{'':>28}{a['peak_rss_mb']:>13}"
              f"{_pct(a.get('label_agreement')):>12}{_num(a.get('max_prob_diff')):>10}"]
     for mode, c in r["forward"].items():
         lines.append(f"{'(c) bare forward, ' + mode:<34}{c['images_per_s']:>9.2f}")
     for mode, b in r["score"].items():
         lines.append(f"{'(b) cxr-batch score, ' + mode:<34}{b['images_per_s']:>9.2f}{b['b_over_a']:>7.2f}"
-                     f"{b['b_over_c']:>7.2f}{b['peak_rss_mb']:>13}{_pct(b['label_agreement']):>12}"
-                     f"{_num(b['max_prob_diff']):>10}")
+                     f"{b['b_over_c']:>7.2f}{_num(b['steady_images_per_s'], 2):>8}{_num(b['b_over_c_steady'], 2):>6}"
+                     f"{b['peak_rss_mb']:>13}{_pct(b['label_agreement']):>12}{_num(b['max_prob_diff']):>10}")
     lines.append(f"fastest mode agreeing with fp32 on >= 99% of labels: {r['fastest_agreeing_mode']}")
     m = r["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch {m['torch']}, ray {m['ray']};"
@@ -470,7 +490,8 @@ def format_table(r: dict) -> str:
         m = r["memory_check"]
         lines.append(f"memory check ({m['model']}, {m['side']} px): {m['small']['images']} images peak RSS "
                      f"{m['small']['peak_rss_mb']} MB, {m['large']['images']} images {m['large']['peak_rss_mb']} MB"
-                     f" ({m['rss_growth']:+.0%}; private anon {m['anon_growth']:+.0%})")
+                     f" ({m['rss_growth']:+.0%}; private anon {m['anon_growth']:+.0%}; largest process"
+                     f" {m['small']['peak_process_mb']} -> {m['large']['peak_process_mb']} MB, {m['process_growth']:+.0%})")
     return "\n".join(lines)
 
 
@@ -478,5 +499,5 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def _num(v, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"

@@ -66,10 +66,12 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
         assert key in result["baseline"], key
     for mode in ("fp32", "bf16"):
         row = result["score"][mode]
-        for key in ("images_per_s", "b_over_a", "b_over_c", "peak_rss_mb", "label_agreement", "max_prob_diff", "plan"):
+        for key in ("images_per_s", "b_over_a", "b_over_c", "first_rows_s", "peak_rss_mb", "label_agreement",
+                    "max_prob_diff", "plan"):
             assert row[key] is not None, (mode, key)
-        assert row["images"] == 8 and row["errors"] == 0
+        assert row["images"] == 8 and row["errors"] == 0 and "steady_images_per_s" in row and "b_over_c_steady" in row
         assert result["forward"][mode]["images_per_s"] > 0
     assert result["score"]["fp32"]["label_agreement"] == 1.0 and result["score"]["fp32"]["max_prob_diff"] == 0.0
     m = result["memory_check"]
-    assert m["small"]["images"] == 4 and m["large"]["images"] == 40 and "rss_growth" in m
+    assert m["small"]["images"] == 4 and m["large"]["images"] == 40
+    assert {"rss_growth", "anon_growth", "process_growth"} <= set(m)
