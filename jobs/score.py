@@ -17,6 +17,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from _common import add_cluster_args
 from cxr_batch.cli import format_summary
 from cxr_batch.decode import DEFAULT_MAX_PIXELS
 from cxr_batch.errors import CxrError
@@ -42,10 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="delete the output first (default: resume)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N files (sorted by path)")
     p.add_argument("--stall-timeout", type=float, default=900, help="fail after this many seconds without progress")
-    p.add_argument("--wait-for-gpus", type=int, default=0, metavar="N",
-                   help="first ask the autoscaler for N GPUs and wait for them (a cluster that scales from zero)")
-    p.add_argument("--wait-timeout", type=float, default=900, help="seconds to wait for those GPUs (default 900)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    add_cluster_args(p)
     return p.parse_args(argv)
 
 

@@ -18,6 +18,8 @@ import json
 import sys
 from dataclasses import asdict
 
+from _common import add_cluster_args
+from cxr_batch.cli import format_train_summary
 from cxr_batch.errors import CxrError
 from cxr_batch.raycluster import gpus_requested, ray_running
 from cxr_batch.train import PLACEMENTS, TrainSettings, run_train
@@ -46,10 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
     p.add_argument("--register", action="store_true",
                    help="make best.ckpt the default model of `cxr-batch score` on the node running this job")
-    p.add_argument("--wait-for-gpus", type=int, default=0, metavar="N",
-                   help="first ask the autoscaler for N GPUs and wait for them (a cluster that scales from zero)")
-    p.add_argument("--wait-timeout", type=float, default=900, help="seconds to wait for those GPUs (default 900)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    add_cluster_args(p)
     return p.parse_args(argv)
 
 
@@ -67,10 +66,7 @@ def main(argv=None) -> int:
     except CxrError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
-    auc = "n/a" if summary["val_auc"] is None else f"{summary['val_auc']:.3f}"
-    print(f"\ncxr-batch train: {summary['epochs']} epochs in {summary['seconds']:.0f} s; best epoch"
-          f" {summary['best_epoch']}: val AUC {auc}, threshold {summary['threshold']:.3f}\n"
-          f"  best checkpoint  {summary['best_checkpoint']}  (pass it to jobs/score.py --model)")
+    print(format_train_summary(summary))
     print(json.dumps({"summary": summary}))
     return 0
 
