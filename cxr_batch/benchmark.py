@@ -28,7 +28,7 @@ import os
 import platform
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,8 @@ from PIL import Image
 
 from . import CLASSES, POSITIVE
 
-MODES = ("fp32", "bf16", "fp32+compile", "bf16+compile")
+PRECISIONS = ("fp32", "bf16")
+MODE_FLAGS = ("compile", "nocams")  # "bf16+compile", "fp32+nocams", "bf16+compile+nocams", ...
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -51,6 +52,9 @@ class BenchSettings:
     calibrate: bool = True  # untrained head -> derived checkpoint with a spread of probabilities (see above)
     batch_size: int = 16
     modes: tuple[str, ...] = ("fp32", "bf16")
+    device: str = "auto"  # auto: the GPU when torch sees one (then (a), (b) and (c) all use it), else the CPU
+    baseline_images: int | None = None  # (a) on the first N images only (None: all): it is slow on big archives
+    decode_check: bool = False  # also time JPEG decoding: PIL draft on one core vs torchvision on the GPU
     forward_batches: int = 6  # timed batches for (c), after one warm-up batch
     memory_check: bool = False
     memory_images: int = 100  # N: the check scores N, then 10N images
@@ -60,18 +64,24 @@ class BenchSettings:
     seed: int = 0
 
     def __post_init__(self):
-        bad = [m for m in self.modes if m not in MODES]
+        bad = [m for m in self.modes if parse_mode(m) is None]
         if bad or "fp32" not in self.modes:
-            raise ValueError(f"Invalid modes {list(self.modes)}. Choose from {', '.join(MODES)}; fp32 is required"
+            raise ValueError(f"Invalid modes {bad or list(self.modes)}. A mode is fp32 or bf16, optionally followed"
+                             " by +compile and/or +nocams (no CAM PNGs), e.g. bf16+compile; fp32 is required"
                              " (every other mode is compared with it).")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"Invalid device {self.device!r}. Only auto, cpu and gpu are supported.")
         if self.images < 1 or self.batch_size < 1 or not 32 <= self.min_side <= self.max_side:
             raise ValueError("--images and --batch-size must be at least 1, and 32 <= --min-side <= --max-side.")
 
 
-def parse_mode(mode: str) -> tuple[str, bool]:
-    """"bf16+compile" -> ("bf16", True)."""
-    precision, _, extra = mode.partition("+")
-    return precision, extra == "compile"
+def parse_mode(mode: str) -> tuple[str, bool, bool] | None:
+    """"bf16+compile" -> ("bf16", compile=True, cams=True); "fp32+nocams" -> ("fp32", False, False);
+    None when ``mode`` is not of that form."""
+    precision, *flags = mode.split("+")
+    if precision not in PRECISIONS or len(set(flags)) != len(flags) or not set(flags) <= set(MODE_FLAGS):
+        return None
+    return precision, "compile" in flags, "nocams" not in flags
 
 
 # ---------------------------------------------------------------- inputs: archive and model
@@ -79,8 +89,6 @@ def parse_mode(mode: str) -> tuple[str, bool]:
 def make_bench_archive(root, n: int, min_side: int, max_side: int, *, seed: int = 0) -> Path:
     """``n`` phantom JPEGs (quality 90) of random square sides under root/{NORMAL,PNEUMONIA}/.
     Kept between runs: a second call with the same arguments only checks the marker file."""
-    from .synth import JPEG_QUALITY, phantom
-
     root = Path(root)
     params = {"n": n, "min_side": min_side, "max_side": max_side, "seed": seed}
     marker = root / "benchmark-archive.json"
@@ -90,13 +98,33 @@ def make_bench_archive(root, n: int, min_side: int, max_side: int, *, seed: int 
         raise ValueError(f"{root} holds something other than this benchmark's archive; pass an empty --workdir.")
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        side, positive = int(rng.integers(min_side, max_side + 1)), i % 2 == 1
-        pixels, _ = phantom(rng, side, opacity=positive)
-        Image.fromarray(pixels).save(root / CLASSES[int(positive)] / f"bench-{i:05d}.jpeg", quality=JPEG_QUALITY)
+    # Image i depends only on (seed, i), so any number of processes write the same archive. A
+    # 2000 px phantom takes ~1 s to draw: on a 16-CPU GPU host the pool turns minutes into seconds.
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    work = partial(_bench_image, root=str(root), min_side=min_side, max_side=max_side, seed=seed)
+    procs = min(n, os.cpu_count() or 1)
+    if procs > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(work, range(n), chunksize=max(1, n // (4 * procs))))
+    else:
+        for i in range(n):
+            work(i)
     marker.write_text(json.dumps(params) + "\n")
     return root
+
+
+def _bench_image(i: int, *, root: str, min_side: int, max_side: int, seed: int) -> None:
+    from .synth import JPEG_QUALITY, phantom
+
+    rng = np.random.default_rng([seed, i])
+    side, positive = int(rng.integers(min_side, max_side + 1)), i % 2 == 1
+    pixels, _ = phantom(rng, side, opacity=positive)
+    Image.fromarray(pixels).save(os.path.join(root, CLASSES[int(positive)], f"bench-{i:05d}.jpeg"),
+                                 quality=JPEG_QUALITY)
 
 
 def calibrated_checkpoint(spec: str, archive: str, paths: list[str], dst: Path, *, seed: int = 0) -> str:
@@ -159,7 +187,7 @@ class XrayFiles:
 
 
 def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str, out: Path, *,
-                     batch_size: int, num_workers: int = 2) -> None:
+                     batch_size: int, device: str = "cpu", cam_stride: int = 32, num_workers: int = 2) -> None:
     """The yardstick. Written plainly on purpose: no tuning a tutorial would not have."""
     import matplotlib
     import pandas as pd
@@ -175,10 +203,14 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
     context = "forkserver" if ray.is_initialized() else None
     loader = DataLoader(XrayFiles(archive, paths, transform), batch_size=batch_size, num_workers=num_workers,
                         multiprocessing_context=context)
-    net = getattr(torchvision.models, arch)()
+    # The same network as the checkpoint: trained cxr-batch models drop layer4's stride (cam_stride 16).
+    net = getattr(torchvision.models, arch)(
+        replace_stride_with_dilation=[False, False, cam_stride == 16] if arch != "resnet18" else None)
+    if cam_stride == 16 and arch == "resnet18":
+        net.layer4[0].conv1.stride = net.layer4[0].downsample[0].stride = (1, 1)
     net.fc = torch.nn.Linear(net.fc.in_features, len(CLASSES))
     net.load_state_dict(_torchvision_names(state_dict))
-    net.eval()
+    net.eval().to(device)
     features = {}
     net.layer4.register_forward_hook(lambda module, inputs, output: features.update(layer4=output))
     jet = matplotlib.colormaps["jet"]
@@ -187,9 +219,9 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
     rows = []
     with torch.no_grad():
         for images, names in loader:
-            probs = torch.softmax(net(images), dim=1)[:, POSITIVE]
+            probs = torch.softmax(net(images.to(device)), dim=1)[:, POSITIVE].cpu()
             cams = torch.einsum("bchw,c->bhw", features["layer4"], net.fc.weight[POSITIVE])
-            cams = torch.nn.functional.interpolate(cams[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
+            cams = torch.nn.functional.interpolate(cams[:, None], size=images.shape[-2:], mode="bilinear")[:, 0].cpu()
             for image, name, prob, cam in zip(images, names, probs, cams):
                 cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-8)
                 heat = jet(cam.numpy())[..., :3]
@@ -217,7 +249,8 @@ def _torchvision_names(state: dict) -> dict:
 
 # ---------------------------------------------------------------- (c) the model alone
 
-def bare_forward(spec: str, *, precision: str, compile: bool, batch_size: int, batches: int) -> float:
+def bare_forward(spec: str, *, precision: str, compile: bool, batch_size: int, batches: int,
+                 device: str = "cpu") -> float:
     """Images/s of the Scorer's own model preparation and forward on in-memory tensors (warm)."""
     import torch
 
@@ -226,16 +259,69 @@ def bare_forward(spec: str, *, precision: str, compile: bool, batch_size: int, b
     from .transforms import normalize
 
     info = describe(spec)
-    model = prepare_model(load(info), torch.device("cpu"), channels_last=True, compile=compile)
+    dev = torch.device(device)
+    model = prepare_model(load(info), dev, channels_last=True, compile=compile)
     g = torch.Generator().manual_seed(0)
     x = normalize(torch.randint(0, 256, (batch_size, info.image_size, info.image_size), dtype=torch.uint8,
-                                generator=g), channels_last=True)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        model(x)  # warm-up: oneDNN picks its kernels (and torch.compile compiles) on the first call
-        t0 = time.perf_counter()
-        for _ in range(batches):
+                                generator=g).to(dev), channels_last=True)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        model(x)  # warm-up: oneDNN/cuDNN pick their kernels (and torch.compile compiles) on the first call
+        model(x)
+        sync()
+        t0, done = time.perf_counter(), 0
+        # At least ``batches`` batches and 2 s: a GPU runs 6 batches in well under a second.
+        while done < batches or time.perf_counter() - t0 < 2.0:
             model(x)
-        return batches * batch_size / (time.perf_counter() - t0)
+            done += 1
+            if done % batches == 0:
+                sync()
+        sync()
+        return done * batch_size / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- JPEG decoding, CPU against GPU
+
+def decode_check(archive: str, paths: list[str], *, image_size: int, device: str, limit: int = 256) -> dict:
+    """Images/s of the decode stage's own work (PIL reduced-scale decode + resize, one core) and, on a
+    GPU, of torchvision's nvJPEG decode + antialiased resize on the GPU, on the same files in memory."""
+    from .decode import decode_image
+    from .transforms import to_model_pixels
+
+    blobs = []
+    for p in paths[:limit]:
+        with open(os.path.join(archive, p), "rb") as f:
+            blobs.append(f.read())
+    t0 = time.perf_counter()
+    for data in blobs:
+        to_model_pixels(decode_image(data, draft=image_size).gray, image_size)
+    out = {"images": len(blobs), "pil_draft_per_core_images_per_s": round(len(blobs) / (time.perf_counter() - t0), 1)}
+    if device == "cuda":
+        try:
+            out["gpu_nvjpeg_images_per_s"] = _gpu_decode_rate(blobs, image_size)
+        except Exception as e:  # report, don't lose the rest of the benchmark
+            out["gpu_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return out
+
+
+def _gpu_decode_rate(blobs: list[bytes], image_size: int) -> float:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+
+    def gpu_decode(chunk):
+        imgs = decode_jpeg(chunk, mode=ImageReadMode.GRAY, device="cuda")
+        return torch.cat([torch.nn.functional.interpolate(im[None].float(), size=(image_size, image_size),
+                                                          mode="bilinear", antialias=True) for im in imgs])
+
+    gpu_decode(tensors[:8])  # warm-up: nvJPEG handles
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(0, len(tensors), 64):
+        gpu_decode(tensors[i: i + 64])
+    torch.cuda.synchronize()
+    return round(len(blobs) / (time.perf_counter() - t0), 1)
 
 
 # ---------------------------------------------------------------- memory
@@ -346,6 +432,8 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     sizes = [os.path.getsize(os.path.join(archive, p)) for p in paths]
     result["archive"] = {"path": archive, "images": len(paths), "mean_kb": round(sum(sizes) / len(sizes) / 1024),
                          "prepared_s": round(time.perf_counter() - t0, 1)}
+    device = _device(s.device)
+    result["device"] = device if device == "cpu" else f"cuda: {torch.cuda.get_device_name()}"
     info = describe(s.model)
     model = s.model
     if s.calibrate and not info.trained:
@@ -355,23 +443,30 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     result["model"] = {"spec": s.model, "scored_as": model, "calibrated_head": model != s.model, "arch": info.arch}
     log(f"archive {archive}: {len(paths)} images, mean {result['archive']['mean_kb']} KB; model {model}")
 
-    state = _state_of(model)
-    r = _timed(baseline_pytorch, archive, paths, state, info.arch, work / "baseline.parquet", batch_size=s.batch_size)
-    result["baseline"] = _rate(r, len(paths))
+    state, cam_stride = _state_of(model)
+    base_paths = paths[: s.baseline_images] if s.baseline_images else paths
+    r = _timed(baseline_pytorch, archive, base_paths, state, info.arch, work / "baseline.parquet",
+               batch_size=s.batch_size, device=device, cam_stride=cam_stride)
+    result["baseline"] = _rate(r, len(base_paths))
     log(f"(a) plain PyTorch fp32: {result['baseline']['images_per_s']:.2f} images/s")
     del state
     gc.collect()
 
     result["forward"] = {}
     for mode in s.modes:
-        precision, compiled = parse_mode(mode)
-        ips = bare_forward(model, precision=precision, compile=compiled, batch_size=s.batch_size,
-                           batches=s.forward_batches)
-        result["forward"][mode] = {"images_per_s": round(ips, 2)}
-        log(f"(c) bare forward {mode}: {ips:.2f} images/s")
+        precision, compiled, _ = parse_mode(mode)
+        key = _forward_key(mode)
+        if key not in result["forward"]:  # CAMs or not, the forward is the same
+            ips = bare_forward(model, precision=precision, compile=compiled, batch_size=s.batch_size,
+                               batches=s.forward_batches, device=device)
+            result["forward"][key] = {"images_per_s": round(ips, 2)}
+            log(f"(c) bare forward {key}: {ips:.2f} images/s")
         if compiled:
             torch._dynamo.reset()
     gc.collect()
+    if s.decode_check:
+        result["decode_check"] = decode_check(archive, paths, image_size=info.image_size, device=device)
+        log(f"decode check: {result['decode_check']}")
 
     started = ensure_ray(None, num_cpus=s.num_cpus)
     try:
@@ -380,10 +475,11 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
         result["ray_cpus"] = ray.cluster_resources().get("CPU", 0)
         result["score"] = {}
         for mode in s.modes:
-            precision, compiled = parse_mode(mode)
+            precision, compiled, cams = parse_mode(mode)
             out = work / f"score-{mode.replace('+', '-')}"
             settings = ScoreSettings(archive=archive, out=str(out), model=model, batch_size=s.batch_size,
-                                     precision=precision, compile=compiled, overwrite=True, limit=len(paths))
+                                     precision=precision, compile=compiled, cams=cams, overwrite=True,
+                                     limit=len(paths), device="gpu" if device == "cuda" else "cpu")
             marks = []  # (time, rows done) each time rows reach the driver (at most every 2 s)
             started_at = time.perf_counter()
             r = _timed(run_score, settings, progress=lambda sm, total: marks.append(
@@ -404,7 +500,7 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     result["baseline"].update(compare(ref, pd.read_parquet(work / "baseline.parquet")))
     a = result["baseline"]["images_per_s"]
     for mode, row in result["score"].items():
-        c = result["forward"][mode]["images_per_s"]
+        c = result["forward"][_forward_key(mode)]["images_per_s"]
         row.update(compare(ref, read_table(str(work / f"score-{mode.replace('+', '-')}")).to_pandas()))
         row.update(b_over_a=round(row["images_per_s"] / a, 2), b_over_c=round(row["images_per_s"] / c, 2),
                    b_over_c_steady=round(row["steady_images_per_s"] / c, 2) if row["steady_images_per_s"] else None)
@@ -415,10 +511,25 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     return result
 
 
-def _state_of(spec: str) -> dict:
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "gpu" and not torch.cuda.is_available():
+        raise ValueError("--device gpu, but torch sees no GPU here; use --device cpu or auto.")
+    return "cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def _forward_key(mode: str) -> str:
+    return mode.replace("+nocams", "")
+
+
+def _state_of(spec: str) -> tuple[dict, int]:
+    """The model's weights and its CAM stride (32, or 16 when layer4 runs without its stride)."""
     from .registry import describe, load
 
-    return load(describe(spec)).state_dict()
+    model = load(describe(spec))
+    layer4_strided = any(getattr(m, "stride", None) == (2, 2) for m in model.trunk[7].modules())
+    return model.state_dict(), 32 if layer4_strided else 16
 
 
 def _steady(marks: list, t0: float) -> dict:
@@ -485,7 +596,16 @@ def format_table(r: dict) -> str:
     lines.append(f"fastest mode agreeing with fp32 on >= 99% of labels: {r['fastest_agreeing_mode']}")
     m = r["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch {m['torch']}, ray {m['ray']};"
-                 f" load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end")
+                 f" load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end;"
+                 f" device {r.get('device', 'cpu')}")
+    if a["images"] != r["archive"]["images"]:
+        lines.append(f"(a) ran on the first {a['images']} of the {r['archive']['images']} images")
+    if "decode_check" in r:
+        d = r["decode_check"]
+        gpu = d.get("gpu_nvjpeg_images_per_s")
+        lines.append(f"decode check ({d['images']} files in memory): PIL draft decode + resize"
+                     f" {d['pil_draft_per_core_images_per_s']:.1f} images/s per CPU core"
+                     + (f"; nvJPEG on the GPU + resize {gpu:.1f} images/s" if gpu else ""))
     if "memory_check" in r:
         m = r["memory_check"]
         lines.append(f"memory check ({m['model']}, {m['side']} px): {m['small']['images']} images peak RSS "

@@ -274,14 +274,20 @@ def demo(out, epochs, n_train, address):
                    " agreement with fp32 means something (same compute per image).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--modes", default="fp32,bf16", show_default=True,
-              help="Comma-separated precision modes: fp32, bf16, fp32+compile, bf16+compile (fp32 is required).")
+              help="Comma-separated modes: fp32 or bf16, optionally +compile and/or +nocams (no CAM PNGs),"
+                   " e.g. fp32,bf16,bf16+compile,bf16+nocams. fp32 is required.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Where (a), (b) and (c) run. auto: the GPU when there is one.")
+@click.option("--baseline-images", type=click.IntRange(min=1), default=None,
+              help="Run (a) on the first N images only (it is the slow one). Default: all.")
+@click.option("--decode-check", is_flag=True, help="Also time JPEG decoding: PIL on one CPU core vs nvJPEG on the GPU.")
 @click.option("--memory-check", is_flag=True, help="Also score N and 10N small images and compare peak memory.")
 @click.option("--memory-images", type=click.IntRange(min=1), default=100, show_default=True, help="N for --memory-check.")
 @click.option("--num-cpus", type=click.IntRange(min=2), default=None, help="CPUs of the local Ray it starts. Default: all.")
 @click.option("--out-json", default=None, help="Write every number to this JSON file.")
 @_friendly
-def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, batch_size, modes, memory_check,
-              memory_images, num_cpus, out_json):
+def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, batch_size, modes, device,
+              baseline_images, decode_check, memory_check, memory_images, num_cpus, out_json):
     """Measure `cxr-batch score` against plain PyTorch and the bare model, in one run on one archive.
 
     Prints images/s of (a) a tutorial-style PyTorch loop, (b) `cxr-batch score` per precision mode and
@@ -296,7 +302,8 @@ def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, ba
     try:
         s = BenchSettings(workdir=workdir, archive=archive, images=images, min_side=min_side, max_side=max_side,
                           model=model, calibrate=calibrate, batch_size=batch_size,
-                          modes=tuple(m.strip() for m in modes.split(",") if m.strip()), memory_check=memory_check,
+                          modes=tuple(m.strip() for m in modes.split(",") if m.strip()), device=device,
+                          baseline_images=baseline_images, decode_check=decode_check, memory_check=memory_check,
                           memory_images=memory_images, num_cpus=num_cpus)
     except ValueError as e:
         raise click.ClickException(str(e)) from None

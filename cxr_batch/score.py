@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -25,8 +23,7 @@ from . import CLASSES, POSITIVE, storage
 from .decode import DEFAULT_MAX_PIXELS, decode_image
 from .discover import discover, label_from_path, local_path
 from .errors import DecodeError, InputError
-from .output import PartWriter, cam_uri, done_paths, read_metadata
-from .registry import ModelInfo, describe
+from .output import PartWriter, cam_uri, done_paths
 from .transforms import to_model_pixels, to_u8
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -194,7 +191,7 @@ class Scorer:
     def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool):
         import torch
 
-        from .registry import fc_weight, load
+        from .registry import ModelInfo, fc_weight, load
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -307,6 +304,8 @@ def run_score(s: ScoreSettings, *, progress=None) -> ScoreSummary:
     """Score ``s.archive`` into ``s.out``. Ray must be initialised (see ``raycluster.ensure_ray``)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
+
+    from .registry import describe  # imports torch: kept out of the decode and finish workers
 
     t0 = time.perf_counter()
     info = describe(s.model)

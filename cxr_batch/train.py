@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import CLASSES, POSITIVE, storage
+from . import storage
 from .decode import DEFAULT_MAX_PIXELS
 from .errors import InputError
 from .model import check_arch

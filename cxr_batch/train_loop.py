@@ -106,10 +106,11 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, on_gpu,
     order = torch.randperm(len(y), generator=gen)
     # Every rank must run the same number of steps (DDP all-reduces each one): pad short shards.
     steps = _global_max(math.ceil(len(y) / s.batch_size) if len(y) else 0, device)
-    total_loss, correct, n = 0.0, 0, 0
+    # Sums stay on the device: a float() per step would wait for the GPU every step.
+    total_loss, correct, n = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64), 0
     for step in range(steps):
         idx = order[(torch.arange(s.batch_size) + step * s.batch_size) % max(1, len(y))]
-        xb = normalize(augment(torch.from_numpy(x[idx.numpy()]), gen), channels_last=on_gpu).to(device)
+        xb = normalize(augment(torch.from_numpy(x[idx.numpy()]).to(device), gen), channels_last=on_gpu)
         yb = torch.from_numpy(y[idx.numpy()]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits, _ = ddp(xb)
@@ -117,10 +118,10 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, on_gpu,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total_loss += float(loss.detach()) * len(yb)
-        correct += int((logits.argmax(1) == yb).sum())
+        total_loss += loss.detach() * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
         n += len(yb)
-    t = _all_reduce([total_loss, correct, n], device)
+    t = _all_reduce([float(total_loss), int(correct), n], device)
     return {"loss": t[0] / max(1, t[2]), "acc": t[1] / max(1, t[2])}
 
 
@@ -130,7 +131,7 @@ def _evaluate(model, x, y, s, device, on_gpu, loss_fn):
     model.eval()
     probs, losses = [], 0.0
     for i in range(0, len(y), s.batch_size):
-        xb = normalize(torch.from_numpy(x[i:i + s.batch_size]), channels_last=on_gpu).to(device)
+        xb = normalize(torch.from_numpy(x[i:i + s.batch_size]).to(device), channels_last=on_gpu)
         yb = torch.from_numpy(y[i:i + s.batch_size]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits, _ = model(xb)

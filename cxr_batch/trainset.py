@@ -93,10 +93,12 @@ def load_pixels(items: list, image_size: int, max_pixels: int) -> tuple[np.ndarr
 def augment(batch: torch.Tensor, gen: torch.Generator, *, scale=(0.7, 1.0), max_rotate=7.0) -> torch.Tensor:
     """uint8 (B, S, S) -> float [0, 1] (B, S, S), each image with its own random parameters:
     resized crop (70-100% of the area, aspect 0.85-1.18, so a lesion near the border survives),
-    rotation, horizontal flip, brightness/contrast. One affine grid_sample per batch."""
+    rotation, horizontal flip, brightness/contrast. One affine grid_sample per batch, on the
+    batch's device (the GPU in GPU training: the worker's one CPU would otherwise feed it); the
+    random parameters come from the CPU generator ``gen`` either way, so runs are reproducible."""
     b, s, _ = batch.shape
     x = batch.float().unsqueeze(1) / 255.0
-    u = torch.rand(b, 6, generator=gen)
+    u = torch.rand(b, 6, generator=gen).to(x.device)
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     aspect = torch.exp((u[:, 1] - 0.5) * 2 * 0.17)
     sx, sy = torch.sqrt(area * aspect).clamp(max=1), torch.sqrt(area / aspect).clamp(max=1)
@@ -108,7 +110,7 @@ def augment(batch: torch.Tensor, gen: torch.Generator, *, scale=(0.7, 1.0), max_
                          torch.stack([sx * sin * flip, sy * cos, ty], 1)], 1)
     grid = torch.nn.functional.affine_grid(theta, x.shape, align_corners=False)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    v = torch.rand(b, 2, generator=gen)
+    v = torch.rand(b, 2, generator=gen).to(x.device)
     contrast = (0.8 + 0.4 * v[:, 0]).view(b, 1, 1, 1)
     brightness = ((v[:, 1] - 0.5) * 0.2).view(b, 1, 1, 1)
     mean = x.mean(dim=(2, 3), keepdim=True)

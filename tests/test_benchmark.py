@@ -6,7 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cxr_batch.benchmark import PeakMemory, compare
+from cxr_batch.benchmark import BenchSettings, PeakMemory, _state_of, compare, make_bench_archive, parse_mode
+from cxr_batch.checkpoint import make_checkpoint, save_checkpoint
 from cxr_batch.cli import main
 from cxr_batch.model import build_model
 from cxr_batch.score import ScoreSettings, plan_resources, prepare_model
@@ -21,6 +22,39 @@ def test_prepared_model_gives_the_same_outputs():
         logits2, features2 = fused(x)
     assert torch.allclose(logits, logits2, rtol=1e-4, atol=1e-4)
     assert torch.allclose(features, features2, rtol=1e-4, atol=1e-3 * features.abs().max().item())
+
+
+def test_modes_parse_and_bad_ones_are_refused():
+    assert parse_mode("fp32") == ("fp32", False, True)
+    assert parse_mode("bf16+compile") == ("bf16", True, True)
+    assert parse_mode("bf16+nocams+compile") == ("bf16", True, False)
+    for bad in ("fp16", "bf16+fast", "fp32+compile+compile", ""):
+        assert parse_mode(bad) is None, bad
+    with pytest.raises(ValueError, match="fp32 is required"):
+        BenchSettings(workdir=".", modes=("bf16",))
+    with pytest.raises(ValueError, match="Invalid modes"):
+        BenchSettings(workdir=".", modes=("fp32", "int8"))
+    with pytest.raises(ValueError, match="Invalid device"):
+        BenchSettings(workdir=".", device="tpu")
+
+
+def test_bench_archive_is_the_same_whoever_draws_it(tmp_path, monkeypatch):
+    parallel = make_bench_archive(tmp_path / "a", 6, 64, 96, seed=3)  # a process pool on a multi-CPU machine
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    serial = make_bench_archive(tmp_path / "b", 6, 64, 96, seed=3)
+    files = sorted(p.relative_to(parallel) for p in parallel.rglob("*.jpeg"))
+    assert len(files) == 6 and {f.parts[0] for f in files} == {"NORMAL", "PNEUMONIA"}
+    assert all((parallel / f).read_bytes() == (serial / f).read_bytes() for f in files)
+
+
+def test_baseline_builds_the_checkpoint_s_own_network(tmp_path):
+    """A trained checkpoint runs layer4 without its stride (cam_stride 16); the plain-PyTorch
+    baseline must compute the same network, or its speed and agreement compare different models."""
+    assert _state_of("resnet18:none")[1] == 32
+    path = str(tmp_path / "s16.ckpt")
+    save_checkpoint(make_checkpoint(build_model("resnet18", "none", cam_stride=16), arch="resnet18", image_size=64,
+                                    threshold=0.5, settings={}, cam_stride=16), path)
+    assert _state_of(path)[1] == 16
 
 
 def test_two_cpu_plan_gives_torch_both_cpus_and_still_fits():
@@ -54,6 +88,7 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(main, ["benchmark", str(tmp_path / "work"), "--images", "8", "--min-side", "256",
                                   "--max-side", "256", "--model", "resnet18:none", "--batch-size", "4",
+                                  "--modes", "fp32,bf16,bf16+nocams", "--baseline-images", "6", "--decode-check",
                                   "--memory-check", "--memory-images", "4", "--out-json", str(out)])
     assert r.exit_code == 0, r.output
     assert "b/a" in r.output and "(b) cxr-batch score, bf16" in r.output
@@ -61,7 +96,12 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
     assert {"machine", "settings", "archive", "model", "baseline", "forward", "score", "fastest_agreeing_mode",
             "memory_check"} <= set(result)
     assert result["model"]["calibrated_head"] is True
-    assert result["baseline"]["images"] == 8
+    assert result["baseline"]["images"] == 6 and result["archive"]["images"] == 8
+    assert result["device"] == "cpu" and result["decode_check"]["pil_draft_per_core_images_per_s"] > 0
+    assert set(result["forward"]) == {"fp32", "bf16"}  # +nocams runs the same forward
+    nocams = result["score"]["bf16+nocams"]
+    assert nocams["images"] == 8 and nocams["errors"] == 0 and nocams["b_over_c"] is not None
+    assert (tmp_path / "work" / "score-bf16-cams").is_dir() and not (tmp_path / "work" / "score-bf16-nocams-cams").exists()
     for key in ("images_per_s", "seconds", "peak_rss_mb", "peak_anon_mb", "label_agreement", "max_prob_diff"):
         assert key in result["baseline"], key
     for mode in ("fp32", "bf16"):
