@@ -81,6 +81,7 @@ def describe(spec: str | None) -> ModelInfo:
         return ModelInfo(spec, arch, spec, DEFAULT_IMAGE_SIZE, 0.5, False)
     loaded = load_checkpoint(spec)
     ck = loaded.ckpt
+    model_from_checkpoint(ck, spec)  # weights that do not fit fail here, in one line, not in every actor
     return ModelInfo(spec, ck["arch"], loaded.model_id, int(ck["image_size"]), float(ck["threshold"]), True)
 
 
@@ -93,7 +94,7 @@ def load(info: ModelInfo) -> CamResNet:
         loaded = load_checkpoint(info.spec)
         if loaded.model_id != info.model_id:
             raise InputError(f"{info.spec} changed while the job ran (hash {loaded.model_id} != {info.model_id}).")
-        model = model_from_checkpoint(loaded.ckpt)
+        model = model_from_checkpoint(loaded.ckpt, info.spec)
     return model.eval()
 
 

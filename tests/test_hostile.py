@@ -339,6 +339,49 @@ def test_checkpoint_that_runs_code_is_refused_without_running_it(tmp_path, spec)
     assert not (tmp_path / "o").exists()  # refused before any output was made
 
 
+def test_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path):
+    from cxr_batch.checkpoint import make_checkpoint, save_checkpoint
+    from cxr_batch.model import build_model
+
+    ckpt = make_checkpoint(build_model("resnet18", "none"), arch="resnet18", image_size=64, threshold=0.5, settings={})
+    ckpt["state_dict"].pop("trunk.0.weight")  # a truncated or hand-edited file
+    save_checkpoint(ckpt, str(tmp_path / "bad.ckpt"))
+    (tmp_path / "archive").mkdir()
+    r = CliRunner().invoke(main, ["score", str(tmp_path / "archive"), "--out", str(tmp_path / "o"),
+                                  "--model", str(tmp_path / "bad.ckpt")])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "do not fit a resnet18" in errors[0] and "trunk.0.weight" in errors[0], r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_model_is_whole_and_gives_the_saved_outputs(tmp_path):
+    """Built on the meta device, then the weights assigned: nothing may be left on meta."""
+    import torch
+
+    from cxr_batch.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+    from cxr_batch.model import build_model
+
+    net = build_model("resnet18", "none", seed=5, cam_stride=16).eval()
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16),
+                    str(tmp_path / "m.ckpt"))
+    loaded = model_from_checkpoint(load_checkpoint(str(tmp_path / "m.ckpt")).ckpt).eval()
+    assert all(t.device.type == "cpu" for t in [*loaded.parameters(), *loaded.buffers()])
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x)[0], loaded(x)[0]) and torch.equal(net(x)[1], loaded(x)[1])
+
+
+def test_decode_and_finish_workers_do_not_import_torch():
+    """Every Ray worker that runs a decode or finish task imports cxr_batch.score: with torch that
+    cost ~3 s and ~400 MB per worker."""
+    import subprocess
+    import sys
+
+    code = "import sys, cxr_batch.score, cxr_batch.cam; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 def test_a_block_of_good_images_is_not_read_as_errors(tmp_path):
     """Ray Data hands the next stage an all-None column as float NaN; NaN must not count as an error."""
     from cxr_batch.score import finish_batch
