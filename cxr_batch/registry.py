@@ -75,10 +75,13 @@ def describe(spec: str | None) -> ModelInfo:
     if parsed:
         arch, weights = parsed
         if weights not in WEIGHTS:
+            weights = storage.absolute(weights)  # the scoring actors' working directory is not ours
+            spec = f"{arch}:{weights}"
             if not storage.exists(weights):
                 raise InputError(f"Invalid --model {spec}: weights must be imagenet, none or an existing file.")
             build_model(arch, weights)  # refuse an unsafe or foreign file here, not in every scoring actor
         return ModelInfo(spec, arch, spec, DEFAULT_IMAGE_SIZE, 0.5, False)
+    spec = storage.absolute(spec)
     loaded = load_checkpoint(spec)
     ck = loaded.ckpt
     model_from_checkpoint(ck, spec)  # weights that do not fit fail here, in one line, not in every actor

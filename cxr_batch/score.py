@@ -309,7 +309,8 @@ def run_score(s: ScoreSettings, *, progress=None) -> ScoreSummary:
 
     t0 = time.perf_counter()
     info = describe(s.model)
-    s = replace(s, model=info.spec)
+    s = replace(s, model=info.spec, archive=storage.absolute(s.archive), out=storage.absolute(s.out),
+                cam_dir=storage.absolute(s.cam_dir) if s.cam_dir else None)
     cam_dir = s.resolved_cam_dir() if s.cams else None
     if s.overwrite:
         storage.delete_dir(s.out)

@@ -42,6 +42,13 @@ def _s3(endpoint: str) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (``~`` expanded); a URI unchanged. Paths go to Ray workers whose
+    working directory is not the user's (Ray Train moves its workers into the run's folder), so
+    every job makes its paths absolute on the driver before they travel."""
+    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
 def join(base: str, *parts: str) -> str:
     if is_uri(base):
         return posixpath.join(str(base).rstrip("/"), *parts)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -106,6 +106,8 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
     from .train_loop import train_loop
     from .trainset import make_split
 
+    s = replace(s, data=storage.absolute(s.data), out=storage.absolute(s.out),
+                weights=s.weights if s.weights in ("imagenet", "none") else storage.absolute(s.weights))
     split = make_split(s.data, val_fraction=s.val_fraction, seed=s.seed)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = bool(gpus >= 1) if s.gpu is None else s.gpu
@@ -137,6 +139,9 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
         ),
     )
     trainer.fit()
+    if not storage.exists(storage.join(s.out, "history.json")):  # no epoch finished, yet Ray saw no error
+        raise InputError(f"Training ended without finishing an epoch; nothing was written to {s.out}. See the"
+                         " workers' messages above (unreadable images?).")
     history = json.loads(storage.read_bytes(storage.join(s.out, "history.json")))
     best = max(history, key=lambda h: (h["val_auc"] if h["val_auc"] is not None else -1, -h["val_loss"]))
     summary = {"out": s.out, "best_checkpoint": storage.join(s.out, "best.ckpt"), "best_epoch": best["epoch"],

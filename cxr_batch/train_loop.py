@@ -37,6 +37,9 @@ def train_loop(config: dict) -> None:
     val_x, val_y, vskipped = load_pixels(shard(config["val"], rank, world, s.seed), s.image_size, s.max_pixels)
     if skipped or vskipped:
         print(f"[rank {rank}] skipped {len(skipped) + len(vskipped)} unreadable images, e.g. {(skipped + vskipped)[0]}")
+    if skipped and not len(train_y):  # training on nothing would "finish" with empty metrics
+        raise RuntimeError(f"[rank {rank}] none of this worker's {len(skipped)} training images could be read,"
+                           f" e.g. {skipped[0][0]}: {skipped[0][1]}")
 
     model = build_model(s.arch, s.weights, seed=s.seed, cam_stride=s.cam_stride).to(device)
     if on_gpu:

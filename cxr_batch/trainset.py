@@ -80,6 +80,9 @@ def load_pixels(items: list, image_size: int, max_pixels: int) -> tuple[np.ndarr
     for uri, y in items:
         try:
             d = decode_image(storage.read_bytes(uri), max_pixels=max_pixels, draft=image_size)
+        except FileNotFoundError:
+            skipped.append((uri, "file not found"))
+            continue
         except (DecodeError, OSError) as e:
             skipped.append((uri, str(e)))
             continue

@@ -81,3 +81,18 @@ def test_rerun_resumes_without_duplicates(scored):
     assert "already in the output" in result.output
     paths = pq.read_table(out).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == before
+
+
+def test_relative_paths_mean_the_user_s_directory(ray_session, phantoms, tmp_path, monkeypatch):
+    """`cxr-batch score archive --out out.parquet` from any directory: Ray's workers do not share
+    the user's working directory, so relative paths must be resolved before they travel."""
+    shutil.copytree(phantoms / "test" / "NORMAL", tmp_path / "archive")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["score", "archive", "--out", "out.parquet", "--model", "resnet18:none", "--limit", "6"])
+    assert r.exit_code == 0, r.output
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert len(rows) == 6 and all(row["error"] is None for row in rows), rows[0]
+    for row in rows:
+        assert row["cam_path"].startswith(str(tmp_path / "out-cams") + "/")
+        with Image.open(row["cam_path"]) as im:
+            im.verify()

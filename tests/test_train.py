@@ -30,16 +30,24 @@ def trained(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     data = root / "data"
     make_archive(data, n_train=400, n_val=80, n_test=120, size=160, seed=11)
-    s = TrainSettings(data=str(data), out=str(root / "run"), arch="resnet18", weights="none", epochs=8,
-                      image_size=128, batch_size=16, workers=2, lr=5e-4)
-    summary = run_train(s, register=True, echo=lambda *a: None)
-    report = run_evaluate(EvaluateSettings(checkpoint=summary["best_checkpoint"], folder=str(data / "test"),
-                                           out=str(root / "report"), n_boot=300))
+    # Relative paths, as the README's `cxr-batch demo --out demo` gives them: Ray Train runs its
+    # workers in another directory, so paths must be made absolute before they travel.
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        s = TrainSettings(data="data", out="run", arch="resnet18", weights="none", epochs=8,
+                          image_size=128, batch_size=16, workers=2, lr=5e-4)
+        summary = run_train(s, register=True, echo=lambda *a: None)
+        report = run_evaluate(EvaluateSettings(checkpoint=os.path.relpath(summary["best_checkpoint"]),
+                                               folder="data/test", out="report", n_boot=300))
+    finally:
+        os.chdir(cwd)
     return root, s, summary, report
 
 
 def test_every_epoch_is_recorded_with_metrics_over_all_workers(trained):
     root, s, summary, _ = trained
+    assert summary["best_checkpoint"] == str(root / "run" / "best.ckpt")  # made absolute, in the given folder
     history = json.loads((root / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, s.epochs + 1))
     assert all(h["val_n"] == 80 for h in history)  # both workers' val shards, not rank 0's half
