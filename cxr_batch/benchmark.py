@@ -193,7 +193,6 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
     import matplotlib
     import pandas as pd
     import torch
-    import torchvision
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
@@ -204,11 +203,11 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
     context = "forkserver" if ray.is_initialized() else None
     loader = DataLoader(XrayFiles(archive, paths, transform), batch_size=batch_size, num_workers=num_workers,
                         multiprocessing_context=context)
-    # The same network as the checkpoint: trained cxr-batch models drop layer4's stride (cam_stride 16).
-    net = getattr(torchvision.models, arch)(
-        replace_stride_with_dilation=[False, False, cam_stride == 16] if arch != "resnet18" else None)
-    if cam_stride == 16 and arch == "resnet18":
-        net.layer4[0].conv1.stride = net.layer4[0].downsample[0].stride = (1, 1)
+    from .model import torchvision_resnet
+
+    # torchvision's own ResNet, as a tutorial builds it, with the checkpoint's layer4 (trained
+    # cxr-batch models drop its stride: cam_stride 16), or it would be another network.
+    net = torchvision_resnet(arch, cam_stride)
     net.fc = torch.nn.Linear(net.fc.in_features, len(CLASSES))
     net.load_state_dict(_torchvision_names(state_dict))
     net.eval().to(device)
@@ -421,7 +420,7 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     from .discover import discover
     from .output import read_table
     from .raycluster import ensure_ray
-    from .registry import describe
+    from .registry import describe, load
     from .score import ScoreSettings, run_score
 
     work = Path(s.workdir)
@@ -445,10 +444,11 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     result["model"] = {"spec": s.model, "scored_as": model, "calibrated_head": model != s.model, "arch": info.arch}
     log(f"archive {archive}: {len(paths)} images, mean {result['archive']['mean_kb']} KB; model {model}")
 
-    state, cam_stride = _state_of(model)
+    scored = describe(model)  # the model (a), (b) and (c) all run
+    state = load(scored).state_dict()
     base_paths = paths[: s.baseline_images] if s.baseline_images else paths
-    r = _timed(baseline_pytorch, archive, base_paths, state, info.arch, work / "baseline.parquet",
-               batch_size=s.batch_size, device=device, cam_stride=cam_stride, threshold=describe(model).threshold)
+    r = _timed(baseline_pytorch, archive, base_paths, state, scored.arch, work / "baseline.parquet",
+               batch_size=s.batch_size, device=device, cam_stride=scored.cam_stride, threshold=scored.threshold)
     result["baseline"] = _rate(r, len(base_paths))
     log(f"(a) plain PyTorch fp32: {result['baseline']['images_per_s']:.2f} images/s")
     del state
@@ -529,15 +529,6 @@ def _device(choice: str) -> str:
 
 def _forward_key(mode: str) -> str:
     return mode.replace("+nocams", "")
-
-
-def _state_of(spec: str) -> tuple[dict, int]:
-    """The model's weights and its CAM stride (32, or 16 when layer4 runs without its stride)."""
-    from .registry import describe, load
-
-    model = load(describe(spec))
-    layer4_strided = any(getattr(m, "stride", None) == (2, 2) for m in model.trunk[7].modules())
-    return model.state_dict(), 32 if layer4_strided else 16
 
 
 def _steady(marks: list, t0: float) -> dict:

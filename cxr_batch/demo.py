@@ -7,7 +7,6 @@ ResNet-101 at 224 px on real data.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from . import storage
@@ -51,4 +50,4 @@ def run_demo(d: DemoSettings, *, echo=print, progress=None) -> dict:
     m = run_evaluate(EvaluateSettings(checkpoint=t["best_checkpoint"], folder=storage.join(archive, "test"), out=report),
                      progress=progress)
     return {"train": t, "metrics": m, "report": storage.join(report, "report.md"),
-            "checkpoint": t["best_checkpoint"], "out": os.path.abspath(d.out) if not storage.is_uri(d.out) else d.out}
+            "checkpoint": t["best_checkpoint"], "out": storage.absolute(d.out)}

@@ -60,15 +60,9 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     which part of a lung is involved. Bottleneck nets (50/101) dilate layer4 instead, which keeps
     the receptive fields pretrained weights expect. The weights are the same either way.
     """
-    ctor, tv_weights = _TORCHVISION[check_arch(arch)]
-    if cam_stride not in CAM_STRIDES:
-        raise InputError(f"Invalid cam stride {cam_stride}. Only {', '.join(map(str, CAM_STRIDES))} are supported.")
+    _, tv_weights = _TORCHVISION[check_arch(arch)]
     torch.manual_seed(seed)
-    dilate = cam_stride == 16 and arch != "resnet18"
-    net = ctor(weights=None, replace_stride_with_dilation=[False, False, dilate])
-    if cam_stride == 16 and arch == "resnet18":  # BasicBlock has no dilation: drop the stride alone
-        net.layer4[0].conv1.stride = (1, 1)
-        net.layer4[0].downsample[0].stride = (1, 1)
+    net = torchvision_resnet(arch, cam_stride)
     if weights == "imagenet":
         net.load_state_dict(_imagenet_state(arch, tv_weights))
     elif weights != "none":
@@ -89,6 +83,19 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     nn.init.normal_(model.fc.weight, std=0.01)
     nn.init.zeros_(model.fc.bias)
     return model
+
+
+def torchvision_resnet(arch: str, cam_stride: int = 32) -> nn.Module:
+    """torchvision's ResNet (random weights, 1000-class fc) with layer4 as ``cam_stride`` asks."""
+    ctor, _ = _TORCHVISION[check_arch(arch)]
+    if cam_stride not in CAM_STRIDES:
+        raise InputError(f"Invalid cam stride {cam_stride}. Only {', '.join(map(str, CAM_STRIDES))} are supported.")
+    dilate = cam_stride == 16 and arch != "resnet18"
+    net = ctor(weights=None, replace_stride_with_dilation=[False, False, dilate])
+    if cam_stride == 16 and arch == "resnet18":  # BasicBlock has no dilation: drop the stride alone
+        net.layer4[0].conv1.stride = (1, 1)
+        net.layer4[0].downsample[0].stride = (1, 1)
+    return net
 
 
 def _imagenet_state(arch: str, tv_weights) -> dict:

@@ -27,6 +27,7 @@ class ModelInfo:
     image_size: int
     threshold: float  # P(PNEUMONIA) at or above which the prediction is PNEUMONIA
     trained: bool  # False for ARCH:WEIGHTS: the 2-class head is random
+    cam_stride: int = 32  # 16 when layer4 runs without its stride (every trained model; see model.build_model)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,8 +42,7 @@ def home() -> Path:
 def register_default(checkpoint_uri: str) -> Path:
     path = home() / "default-model.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    uri = checkpoint_uri if storage.is_uri(checkpoint_uri) else os.path.abspath(checkpoint_uri)
-    path.write_text(json.dumps({"model": uri, "registered": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    path.write_text(json.dumps({"model": storage.absolute(checkpoint_uri), "registered": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     return path
 
 
@@ -85,7 +85,8 @@ def describe(spec: str | None) -> ModelInfo:
     loaded = load_checkpoint(spec)
     ck = loaded.ckpt
     model_from_checkpoint(ck, spec)  # weights that do not fit fail here, in one line, not in every actor
-    return ModelInfo(spec, ck["arch"], loaded.model_id, int(ck["image_size"]), float(ck["threshold"]), True)
+    return ModelInfo(spec, ck["arch"], loaded.model_id, int(ck["image_size"]), float(ck["threshold"]), True,
+                     int(ck.get("cam_stride", 32)))
 
 
 def load(info: ModelInfo) -> CamResNet:

@@ -27,7 +27,7 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path):
         fs, inner = pafs.FileSystem.from_uri(path)
         return fs, inner
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    return pafs.LocalFileSystem(), absolute(path)
 
 
 @lru_cache(maxsize=4)

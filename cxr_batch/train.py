@@ -21,7 +21,7 @@ import numpy as np
 from . import storage
 from .decode import DEFAULT_MAX_PIXELS
 from .errors import InputError
-from .model import check_arch
+from .model import WEIGHTS, check_arch
 
 THRESHOLD_RULES = ("youden", "sensitivity")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
@@ -107,7 +107,7 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
     from .trainset import make_split
 
     s = replace(s, data=storage.absolute(s.data), out=storage.absolute(s.out),
-                weights=s.weights if s.weights in ("imagenet", "none") else storage.absolute(s.weights))
+                weights=s.weights if s.weights in WEIGHTS else storage.absolute(s.weights))
     split = make_split(s.data, val_fraction=s.val_fraction, seed=s.seed)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = bool(gpus >= 1) if s.gpu is None else s.gpu

@@ -6,10 +6,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cxr_batch.benchmark import BenchSettings, PeakMemory, _state_of, compare, make_bench_archive, parse_mode
+from cxr_batch.benchmark import BenchSettings, PeakMemory, _torchvision_names, compare, make_bench_archive, parse_mode
 from cxr_batch.checkpoint import make_checkpoint, save_checkpoint
 from cxr_batch.cli import main
-from cxr_batch.model import build_model
+from cxr_batch.model import build_model, torchvision_resnet
+from cxr_batch.registry import describe
 from cxr_batch.score import ScoreSettings, plan_resources, prepare_model
 from cxr_batch.transforms import normalize
 
@@ -50,11 +51,18 @@ def test_bench_archive_is_the_same_whoever_draws_it(tmp_path, monkeypatch):
 def test_baseline_builds_the_checkpoint_s_own_network(tmp_path):
     """A trained checkpoint runs layer4 without its stride (cam_stride 16); the plain-PyTorch
     baseline must compute the same network, or its speed and agreement compare different models."""
-    assert _state_of("resnet18:none")[1] == 32
+    assert describe("resnet18:none").cam_stride == 32
     path = str(tmp_path / "s16.ckpt")
-    save_checkpoint(make_checkpoint(build_model("resnet18", "none", cam_stride=16), arch="resnet18", image_size=64,
-                                    threshold=0.5, settings={}, cam_stride=16), path)
-    assert _state_of(path)[1] == 16
+    net = build_model("resnet18", "none", cam_stride=16).eval()
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16), path)
+    info = describe(path)
+    assert info.cam_stride == 16
+    plain = torchvision_resnet(info.arch, info.cam_stride)  # what the baseline builds
+    plain.fc = torch.nn.Linear(plain.fc.in_features, 2)
+    plain.load_state_dict(_torchvision_names(net.state_dict()))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x), net(x)[0], atol=1e-5)
 
 
 def test_two_cpu_plan_gives_torch_both_cpus_and_still_fits():
