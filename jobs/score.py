@@ -19,10 +19,10 @@ from dataclasses import asdict
 
 from _common import add_cluster_args
 from cxr_batch.cli import format_summary
-from cxr_batch.decode import DEFAULT_MAX_PIXELS
+from cxr_batch.pixels.decode import DEFAULT_MAX_PIXELS
 from cxr_batch.errors import CxrError
-from cxr_batch.raycluster import gpus_requested, ray_running
-from cxr_batch.score import ScoreSettings, run_score
+from cxr_batch.jobs.ray_env import gpus_requested, ray_running
+from cxr_batch.jobs.score import ScoreSettings, run_score
 
 
 def parse_args(argv=None) -> argparse.Namespace:

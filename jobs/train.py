@@ -21,8 +21,8 @@ from dataclasses import asdict
 from _common import add_cluster_args
 from cxr_batch.cli import format_train_summary
 from cxr_batch.errors import CxrError
-from cxr_batch.raycluster import gpus_requested, ray_running
-from cxr_batch.train import PLACEMENTS, TrainSettings, run_train
+from cxr_batch.jobs.ray_env import gpus_requested, ray_running
+from cxr_batch.jobs.train import PLACEMENTS, TrainSettings, run_train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

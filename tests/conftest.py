@@ -27,7 +27,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):
     """A small labelled phantom archive shared by the tests that only read it."""
-    from cxr_batch.synth import make_archive
+    from cxr_batch.synth.phantom import make_archive
 
     root = tmp_path_factory.mktemp("phantoms") / "archive"
     make_archive(root, n_train=24, n_val=8, n_test=16, size=192, seed=3)

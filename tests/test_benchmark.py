@@ -6,13 +6,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cxr_batch.benchmark import BenchSettings, PeakMemory, _torchvision_names, compare, make_bench_archive, parse_mode
-from cxr_batch.checkpoint import make_checkpoint, save_checkpoint
+from cxr_batch.bench.run import BenchSettings, PeakMemory, _torchvision_names, compare, make_bench_archive, parse_mode
+from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
 from cxr_batch.cli import main
-from cxr_batch.model import build_model, torchvision_resnet
-from cxr_batch.registry import describe
-from cxr_batch.score import ScoreSettings, plan_resources, prepare_model
-from cxr_batch.transforms import normalize
+from cxr_batch.model.network import build_model, torchvision_resnet
+from cxr_batch.model.registry import describe
+from cxr_batch.jobs.score import ScoreSettings, plan_resources, prepare_model
+from cxr_batch.pixels.transforms import normalize
 
 
 def test_prepared_model_gives_the_same_outputs():

@@ -2,8 +2,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxr_batch.cam import class_activation_maps, encode_png, overlay, peak, upsample
-from cxr_batch.model import build_model
+from cxr_batch.model.cam import class_activation_maps, encode_png, overlay, peak, upsample
+from cxr_batch.model.network import build_model
 
 
 def test_cam_matches_a_hand_computation():
@@ -59,7 +59,7 @@ def test_cam_stride_16_doubles_the_map_resolution_with_the_same_weights():
 
 
 def test_checkpoint_round_trip_keeps_predictions(tmp_path):
-    from cxr_batch.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+    from cxr_batch.model.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 
     model = build_model("resnet18", "none", seed=3, cam_stride=16).eval()
     ck = make_checkpoint(model, arch="resnet18", image_size=96, threshold=0.3, settings={"a": 1}, cam_stride=16)

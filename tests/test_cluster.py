@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr_batch.discover import discover
+from cxr_batch.archive.discover import discover
 
 import s3server
 from localcluster import LocalCluster

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_batch.decode import decode_image
+from cxr_batch.pixels.decode import decode_image
 from cxr_batch.errors import DecodeError
-from cxr_batch.transforms import normalize, to_model_pixels
+from cxr_batch.pixels.transforms import normalize, to_model_pixels
 
 from images import all_modes, broken, encode, gradient
 

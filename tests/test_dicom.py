@@ -23,8 +23,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cxr_batch import dicom
-from cxr_batch.dicom import decode_dicom, is_dicom
+from cxr_batch.pixels import dicom
+from cxr_batch.pixels.dicom import decode_dicom, is_dicom
 from cxr_batch.errors import DecodeError
 
 LIMIT = 10_000_000
@@ -285,7 +285,7 @@ def test_meta_carries_no_patient_identity():
 
 
 def test_decode_image_routes_dicom_here():
-    from cxr_batch.decode import decode_image
+    from cxr_batch.pixels.decode import decode_image
 
     out = decode_image(to_bytes(make_ds(ramp())))
     assert out.format == "DICOM" and out.meta["view_position"] == "PA"

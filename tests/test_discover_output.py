@@ -3,9 +3,9 @@ import os
 import pyarrow as pa
 import pytest
 
-from cxr_batch.discover import discover, label_from_path
+from cxr_batch.archive.discover import discover, label_from_path
 from cxr_batch.errors import InputError
-from cxr_batch.output import SCHEMA, PartWriter, cam_uri, done_paths, read_table, safe_relpath
+from cxr_batch.archive.results import SCHEMA, PartWriter, cam_uri, done_paths, read_table, safe_relpath
 
 
 def touch(p, data=b"x"):

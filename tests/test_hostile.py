@@ -340,8 +340,8 @@ def test_checkpoint_that_runs_code_is_refused_without_running_it(tmp_path, spec)
 
 
 def test_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path):
-    from cxr_batch.checkpoint import make_checkpoint, save_checkpoint
-    from cxr_batch.model import build_model
+    from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
+    from cxr_batch.model.network import build_model
 
     ckpt = make_checkpoint(build_model("resnet18", "none"), arch="resnet18", image_size=64, threshold=0.5, settings={})
     ckpt["state_dict"].pop("trunk.0.weight")  # a truncated or hand-edited file
@@ -359,8 +359,8 @@ def test_a_checkpoint_model_is_whole_and_gives_the_saved_outputs(tmp_path):
     """Built on the meta device, then the weights assigned: nothing may be left on meta."""
     import torch
 
-    from cxr_batch.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-    from cxr_batch.model import build_model
+    from cxr_batch.model.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+    from cxr_batch.model.network import build_model
 
     net = build_model("resnet18", "none", seed=5, cam_stride=16).eval()
     save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16),
@@ -373,18 +373,18 @@ def test_a_checkpoint_model_is_whole_and_gives_the_saved_outputs(tmp_path):
 
 
 def test_decode_and_finish_workers_do_not_import_torch():
-    """Every Ray worker that runs a decode or finish task imports cxr_batch.score: with torch that
+    """Every Ray worker that runs a decode or finish task imports cxr_batch.jobs.score: with torch that
     cost ~3 s and ~400 MB per worker."""
     import subprocess
     import sys
 
-    code = "import sys, cxr_batch.score, cxr_batch.cam; print('torch' in sys.modules)"
+    code = "import sys, cxr_batch.jobs.score, cxr_batch.model.cam; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_a_block_of_good_images_is_not_read_as_errors(tmp_path):
     """Ray Data hands the next stage an all-None column as float NaN; NaN must not count as an error."""
-    from cxr_batch.score import finish_batch
+    from cxr_batch.jobs.score import finish_batch
 
     n = 3
     nan = np.full(n, np.nan, np.float32)

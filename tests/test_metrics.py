@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
 
-from cxr_batch import metrics as m
+from cxr_batch.reports import metrics as m
 
 
 def _noisy(n, seed=0, sep=1.0):

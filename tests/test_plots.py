@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_batch import metrics, plots
+from cxr_batch.reports import metrics
+from cxr_batch.reports import plots
 
 
 def _png(path, min_w=300, min_h=250):

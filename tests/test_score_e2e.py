@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cxr_batch.cli import main
-from cxr_batch.discover import discover
+from cxr_batch.archive.discover import discover
 
 from images import broken
 

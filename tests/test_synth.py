@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cxr_batch import CLASSES
-from cxr_batch.synth import _anatomy, _canonical_grid, make_archive, phantom
+from cxr_batch.synth.phantom import _anatomy, _canonical_grid, make_archive, phantom
 
 
 def _pair(seed, size=128):

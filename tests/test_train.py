@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 
 from cxr_batch import CLASSES
-from cxr_batch.checkpoint import load_checkpoint
+from cxr_batch.model.checkpoint import load_checkpoint
 from cxr_batch.cli import main
-from cxr_batch.evaluate import EvaluateSettings, run_evaluate
-from cxr_batch.metrics import binary_metrics
-from cxr_batch.synth import make_archive
-from cxr_batch.train import TrainSettings, run_train
+from cxr_batch.jobs.evaluate import EvaluateSettings, run_evaluate
+from cxr_batch.reports.metrics import binary_metrics
+from cxr_batch.synth.phantom import make_archive
+from cxr_batch.jobs.train import TrainSettings, run_train
 
 pytestmark = pytest.mark.slow
 

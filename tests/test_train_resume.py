@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from cxr_batch.checkpoint import load_checkpoint
-from cxr_batch.synth import make_archive
+from cxr_batch.model.checkpoint import load_checkpoint
+from cxr_batch.synth.phantom import make_archive
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import storage
+from ..archive import storage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +30,7 @@ class DemoSettings:
 
 def run_demo(d: DemoSettings, *, echo=print, progress=None) -> dict:
     from .evaluate import EvaluateSettings, run_evaluate
-    from .synth import make_archive
+    from ..synth.phantom import make_archive
     from .train import TrainSettings, run_train
 
     archive = storage.join(d.out, "archive")

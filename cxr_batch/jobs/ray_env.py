@@ -56,7 +56,7 @@ def gpus_requested(n: int, *, timeout_s: float = 900, echo=print):
     import ray
     from ray.autoscaler.sdk import request_resources
 
-    from .errors import InputError
+    from ..errors import InputError
 
     have = ray.cluster_resources().get("GPU", 0)
     asked = n > 0 and have < n

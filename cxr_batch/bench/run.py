@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import CLASSES, POSITIVE
+from .. import CLASSES, POSITIVE
 
 PRECISIONS = ("fp32", "bf16")
 MODE_FLAGS = ("compile", "nocams")  # "bf16+compile", "fp32+nocams", "bf16+compile+nocams", ...
@@ -118,7 +118,7 @@ def make_bench_archive(root, n: int, min_side: int, max_side: int, *, seed: int 
 
 
 def _bench_image(i: int, *, root: str, min_side: int, max_side: int, seed: int) -> None:
-    from .synth import JPEG_QUALITY, phantom
+    from ..synth.phantom import JPEG_QUALITY, phantom
 
     rng = np.random.default_rng([seed, i])
     side, positive = int(rng.integers(min_side, max_side + 1)), i % 2 == 1
@@ -132,10 +132,10 @@ def calibrated_checkpoint(spec: str, archive: str, paths: list[str], dst: Path, 
     seeded random head standardised on them (see the module docstring); saved as a checkpoint."""
     import torch
 
-    from .checkpoint import make_checkpoint, save_checkpoint
-    from .registry import describe, load
-    from .score import decode_batch
-    from .transforms import normalize
+    from ..model.checkpoint import make_checkpoint, save_checkpoint
+    from ..model.registry import describe, load
+    from ..jobs.score import decode_batch
+    from ..pixels.transforms import normalize
 
     if dst.exists():
         return str(dst)
@@ -203,7 +203,7 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
     context = "forkserver" if ray.is_initialized() else None
     loader = DataLoader(XrayFiles(archive, paths, transform), batch_size=batch_size, num_workers=num_workers,
                         multiprocessing_context=context)
-    from .model import torchvision_resnet
+    from ..model.network import torchvision_resnet
 
     # torchvision's own ResNet, as a tutorial builds it, with the checkpoint's layer4 (trained
     # cxr-batch models drop its stride: cam_stride 16), or it would be another network.
@@ -255,9 +255,9 @@ def bare_forward(spec: str, *, precision: str, compile: bool, batch_size: int, b
     """Images/s of the Scorer's own model preparation and forward on in-memory tensors (warm)."""
     import torch
 
-    from .registry import describe, load
-    from .score import prepare_model
-    from .transforms import normalize
+    from ..model.registry import describe, load
+    from ..jobs.score import prepare_model
+    from ..pixels.transforms import normalize
 
     info = describe(spec)
     dev = torch.device(device)
@@ -286,8 +286,8 @@ def bare_forward(spec: str, *, precision: str, compile: bool, batch_size: int, b
 def decode_check(archive: str, paths: list[str], *, image_size: int, device: str, limit: int = 256) -> dict:
     """Images/s of the decode stage's own work (PIL reduced-scale decode + resize, one core) and, on a
     GPU, of torchvision's nvJPEG decode + antialiased resize on the GPU, on the same files in memory."""
-    from .decode import decode_image
-    from .transforms import to_model_pixels
+    from ..pixels.decode import decode_image
+    from ..pixels.transforms import to_model_pixels
 
     blobs = []
     for p in paths[:limit]:
@@ -417,11 +417,11 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     import pandas as pd
     import torch
 
-    from .discover import discover
-    from .output import read_table
-    from .raycluster import ensure_ray
-    from .registry import describe, load
-    from .score import ScoreSettings, run_score
+    from ..archive.discover import discover
+    from ..archive.results import read_table
+    from ..jobs.ray_env import ensure_ray
+    from ..model.registry import describe, load
+    from ..jobs.score import ScoreSettings, run_score
 
     work = Path(s.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -547,7 +547,7 @@ def _rate(r: dict, images: int) -> dict:
 
 def memory_check(s: BenchSettings, work: Path, *, log=print) -> dict:
     """Score N, then 10N small phantoms with the same settings: peak memory must not grow with N."""
-    from .score import ScoreSettings, run_score
+    from ..jobs.score import ScoreSettings, run_score
 
     n = s.memory_images
     archive = make_bench_archive(work / f"memory-archive-{s.memory_side}", 10 * n, s.memory_side, s.memory_side,

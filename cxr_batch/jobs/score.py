@@ -19,12 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from . import CLASSES, POSITIVE, storage
-from .decode import DEFAULT_MAX_PIXELS, decode_image
-from .discover import discover, label_from_path, local_path
-from .errors import DecodeError, InputError
-from .output import PartWriter, cam_uri, done_paths
-from .transforms import to_model_pixels, to_u8
+from .. import CLASSES, POSITIVE
+from ..archive import storage
+from ..pixels.decode import DEFAULT_MAX_PIXELS, decode_image
+from ..archive.discover import discover, label_from_path, local_path
+from ..errors import DecodeError, InputError
+from ..archive.results import PartWriter, cam_uri, done_paths
+from ..pixels.transforms import to_model_pixels, to_u8
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
@@ -191,7 +192,7 @@ class Scorer:
     def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool):
         import torch
 
-        from .registry import ModelInfo, fc_weight, load
+        from ..model.registry import ModelInfo, fc_weight, load
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -206,8 +207,8 @@ class Scorer:
         self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
 
     def __call__(self, batch: dict) -> dict:
-        from .cam import class_activation_maps
-        from .transforms import normalize
+        from ..model.cam import class_activation_maps
+        from ..pixels.transforms import normalize
 
         torch = self.torch
         ok = np.array([e is None for e in _strings(batch["error"])], dtype=bool)
@@ -241,7 +242,7 @@ class Scorer:
 
 def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int | None, archive: str,
                  max_pixels: int) -> dict:
-    from .cam import encode_png, overlay, peak
+    from ..model.cam import encode_png, overlay, peak
 
     n = len(batch["path"])
     prob = batch["prob_pneumonia"]
@@ -305,7 +306,7 @@ def run_score(s: ScoreSettings, *, progress=None) -> ScoreSummary:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from .registry import describe  # imports torch: kept out of the decode and finish workers
+    from ..model.registry import describe  # imports torch: kept out of the decode and finish workers
 
     t0 = time.perf_counter()
     info = describe(s.model)

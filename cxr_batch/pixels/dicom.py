@@ -21,7 +21,7 @@ from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .decode import _one_line, window_minmax
-from .errors import DecodeError
+from ..errors import DecodeError
 
 # What to install per compressed family, matched on the syntax's name in this order ("JPEG 2000"
 # before "JPEG"); pydicom's own list names gdcm by its import name, not what to pip install.

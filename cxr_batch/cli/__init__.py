@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import CxrError
+from ..errors import CxrError
 
 
 def _friendly(fn):
@@ -81,15 +81,15 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
 
     Example: cxr-batch score /data/chest_xray/test --out results.parquet
     """
-    from .decode import DEFAULT_MAX_PIXELS
-    from .raycluster import ray_running
-    from .score import ScoreSettings, run_score
+    from ..pixels.decode import DEFAULT_MAX_PIXELS
+    from ..jobs.ray_env import ray_running
+    from ..jobs.score import ScoreSettings, run_score
 
     s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
                       batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
                       precision=precision, compile=compile_, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                       overwrite=overwrite, limit=limit, rows_per_part=rows_per_part)
-    from .registry import describe
+    from ..model.registry import describe
 
     info = describe(model)  # fail on a bad model before starting Ray
     if not info.trained:
@@ -136,7 +136,7 @@ def synth(out, n_train, n_val, n_test, size, seed):
 
     Example: cxr-batch synth example-archive --train 200 --test 100
     """
-    from .synth import make_archive
+    from ..synth.phantom import make_archive
 
     try:
         truth = make_archive(out, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed)
@@ -179,8 +179,8 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
 
     Example: cxr-batch train /data/chest_xray --out runs/r101 --epochs 10
     """
-    from .raycluster import ray_running
-    from .train import TrainSettings, run_train
+    from ..jobs.ray_env import ray_running
+    from ..jobs.train import TrainSettings, run_train
 
     s = TrainSettings(data=data, out=out, arch=arch, weights=weights, epochs=epochs, warmup_epochs=warmup_epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, workers=workers, gpu=gpu,
@@ -217,8 +217,8 @@ def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, address):
 
     Example: cxr-batch evaluate runs/r101/best.ckpt /data/chest_xray/test --out runs/r101/test-report
     """
-    from .evaluate import EvaluateSettings, run_evaluate
-    from .raycluster import ray_running
+    from ..jobs.evaluate import EvaluateSettings, run_evaluate
+    from ..jobs.ray_env import ray_running
 
     s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot)
     with ray_running(address):
@@ -253,8 +253,8 @@ def demo(out, epochs, n_train, address):
 
     Example: cxr-batch demo --out demo
     """
-    from .demo import DemoSettings, run_demo
-    from .raycluster import ray_running
+    from ..jobs.demo import DemoSettings, run_demo
+    from ..jobs.ray_env import ray_running
 
     with ray_running(address):
         r = run_demo(DemoSettings(out=out, epochs=epochs, n_train=n_train), echo=click.echo, progress=_progress)
@@ -297,7 +297,7 @@ def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, ba
     """
     import json
 
-    from .benchmark import BenchSettings, format_table, run_benchmark
+    from ..bench.run import BenchSettings, format_table, run_benchmark
 
     try:
         s = BenchSettings(workdir=workdir, archive=archive, images=images, min_side=min_side, max_side=max_side,

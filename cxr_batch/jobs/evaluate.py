@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import CLASSES, POSITIVE, storage
-from .checkpoint import load_checkpoint
-from .errors import InputError
+from .. import CLASSES, POSITIVE
+from ..archive import storage
+from ..model.checkpoint import load_checkpoint
+from ..errors import InputError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,8 +37,8 @@ class EvaluateSettings:
 
 
 def run_evaluate(s: EvaluateSettings, *, progress=None) -> dict:
-    from .metrics import binary_metrics, bootstrap_ci
-    from .output import read_table
+    from ..reports.metrics import binary_metrics, bootstrap_ci
+    from ..archive.results import read_table
     from .score import ScoreSettings, run_score
 
     ck = load_checkpoint(s.checkpoint)
@@ -77,7 +78,7 @@ def run_evaluate(s: EvaluateSettings, *, progress=None) -> dict:
 
 
 def _plots(tmp, y, p, threshold, metrics, history, scored, montage_size):
-    from .plots import plot_confusion, plot_montage, plot_roc, plot_training_curves
+    from ..reports.plots import plot_confusion, plot_montage, plot_roc, plot_training_curves
 
     plot_roc(y, p, threshold, os.path.join(tmp, "roc.png"), title=f"ROC ({metrics['n_scored']} images)")
     plot_confusion(metrics["metrics"]["confusion"], os.path.join(tmp, "confusion.png"))
@@ -131,7 +132,7 @@ def _relative_prefix(folder: str, truth_dir: str) -> str:
 
 
 def _pointing(scored, truth, tolerance):
-    from .metrics import pointing_game
+    from ..reports.metrics import pointing_game
 
     def game(rows):
         rows = [r for r in rows if r["path"] in truth and r["cam_peak_x"] is not None]

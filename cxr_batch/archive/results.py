@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .errors import InputError
+from ..errors import InputError
 
 SCHEMA = pa.schema([
     ("path", pa.string()),  # relative to the archive root, POSIX

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DecodeError
+from ..errors import DecodeError
 
 # 100 M pixels is ~10x the largest plain chest radiograph (4,300 x 3,500 detector) and well below
 # the ~1 GB of memory a decoded bomb of PIL's own limit (179 M) would take per decode task.

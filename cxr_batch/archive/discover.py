@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from . import CLASSES, storage
-from .errors import InputError
+from .. import CLASSES
+from . import storage
+from ..errors import InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
 
@@ -62,7 +63,7 @@ def _wanted(name: str) -> str:
 
 
 def _sniff_dicom(read_head) -> bool:
-    from .dicom import is_dicom
+    from ..pixels.dicom import is_dicom
 
     try:
         return is_dicom(read_head())

@@ -3,7 +3,7 @@
 import pytest
 
 from cxr_batch.errors import InputError
-from cxr_batch.raycluster import gpus_requested
+from cxr_batch.jobs.ray_env import gpus_requested
 
 
 def test_no_gpus_wanted_means_no_request_and_no_wait(ray_session):

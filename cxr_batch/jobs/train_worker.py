@@ -12,13 +12,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import POSITIVE, storage
-from .checkpoint import load_state_file, make_checkpoint, save_checkpoint
-from .metrics import roc_auc
-from .model import build_model
+from .. import POSITIVE
+from ..archive import storage
+from ..model.checkpoint import load_state_file, make_checkpoint, save_checkpoint
+from ..reports.metrics import roc_auc
+from ..model.network import build_model
 from .train import TrainSettings, choose_threshold, lr_at
 from .trainset import augment, load_pixels, shard
-from .transforms import normalize
+from ..pixels.transforms import normalize
 
 
 def train_loop(config: dict) -> None:

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from . import CLASSES
+from .. import CLASSES
 from .metrics import binary_metrics, roc_curve
 
 DPI = 120

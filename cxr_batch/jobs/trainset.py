@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import CLASSES, storage
-from .decode import decode_image
-from .discover import discover, label_from_path
-from .errors import DecodeError, InputError
-from .transforms import to_model_pixels
+from .. import CLASSES
+from ..archive import storage
+from ..pixels.decode import decode_image
+from ..archive.discover import discover, label_from_path
+from ..errors import DecodeError, InputError
+from ..pixels.transforms import to_model_pixels
 
 MIN_VAL_IMAGES = 50  # below this (the public set's val/ has 16) AUC and a threshold are noise
 MIN_VAL_PER_CLASS = 10

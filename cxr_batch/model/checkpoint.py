@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import CLASSES
-from .errors import CheckpointError
-from .model import ARCHS, CamResNet, build_model
-from . import storage
+from .. import CLASSES
+from ..errors import CheckpointError
+from .network import ARCHS, CamResNet, build_model
+from ..archive import storage
 
 FORMAT = "cxr-batch-checkpoint"
 VERSION = 1

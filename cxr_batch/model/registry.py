@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from . import storage
+from ..archive import storage
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .errors import InputError
-from .model import ARCHS, WEIGHTS, CamResNet, build_model
+from ..errors import InputError
+from .network import ARCHS, WEIGHTS, CamResNet, build_model
 
 DEFAULT_IMAGE_SIZE = 224
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from . import CLASSES
+from .. import CLASSES
 
 # Anatomy is drawn at most at this side and upsampled: it is smooth, so nothing is lost, and
 # a 2000 px phantom then costs ~0.1 s instead of ~2 s. Only the film grain is full resolution.

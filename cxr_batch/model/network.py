@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torchvision import models
 
-from . import CLASSES
-from .errors import InputError
+from .. import CLASSES
+from ..errors import InputError
 
 ARCHS = ("resnet18", "resnet50", "resnet101")
 WEIGHTS = ("imagenet", "none")  # or a path to a local file

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from . import storage
-from .decode import DEFAULT_MAX_PIXELS
-from .errors import InputError
-from .model import WEIGHTS, check_arch
+from ..archive import storage
+from ..pixels.decode import DEFAULT_MAX_PIXELS
+from ..errors import InputError
+from ..model.network import WEIGHTS, check_arch
 
 THRESHOLD_RULES = ("youden", "sensitivity")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
@@ -88,7 +88,7 @@ def lr_at(s: TrainSettings, epoch: int) -> tuple[str, float]:
 
 
 def choose_threshold(y, p, target_sensitivity: float | None) -> tuple[float, str]:
-    from .metrics import threshold_for_sensitivity, youden_threshold
+    from ..reports.metrics import threshold_for_sensitivity, youden_threshold
 
     if len(set(np.asarray(y).tolist())) < 2:
         return 0.5, "default 0.5 (val has one class)"
@@ -103,7 +103,7 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .train_loop import train_loop
+    from .train_worker import train_loop
     from .trainset import make_split
 
     s = replace(s, data=storage.absolute(s.data), out=storage.absolute(s.out),
@@ -149,7 +149,7 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
                "threshold": best["threshold"], "seconds": time.perf_counter() - t0, "validation": split.val_note,
                "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history]))}
     if register and len(history) == s.epochs:
-        from .registry import register_default
+        from ..model.registry import register_default
 
         summary["registered_as_default"] = str(register_default(summary["best_checkpoint"]))
     return summary

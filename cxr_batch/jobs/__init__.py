@@ -1,0 +1,1 @@
+"""The Ray edge: one driver module per job, worker code in modules of its own."""

@@ -1,0 +1,1 @@
+"""Numbers and pictures from predictions: metrics, plots, the report."""

@@ -1,0 +1,1 @@
+"""The built-in example archive: procedural chest phantoms with planted opacities."""
