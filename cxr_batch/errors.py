@@ -1,13 +1,23 @@
-"""Domain exceptions. The CLI turns each into a one-line message; batch jobs turn per-file
-failures into an ``error`` value on that file's row instead of raising."""
+"""Domain exceptions, the one-line error text, and the exit codes of every command.
+
+Everything a user can fix raises a ``CxrError`` subclass with a message that says what was wrong
+and what to do; the CLI prints it as one line ("Error: ...") and exits with ``EXIT_ERROR``. Batch
+jobs turn per-file failures into an ``error`` value on that file's row instead of raising.
+"""
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # a CxrError: one line "Error: ..." on stderr
+EXIT_USAGE = 2  # click's own: an unknown option, a value out of range, a missing argument
+EXIT_INCOMPLETE = 3  # reserved: a run that finished with retryable failures left to retry
 
 
 class CxrError(Exception):
     """Base class: something the user can fix, with a message that says how."""
 
 
-class InputError(CxrError):
-    """A bad argument or input path (the archive, an option value)."""
+class InputError(CxrError, ValueError):
+    """A bad argument or input path (the archive, an option value). Also a ValueError, which is
+    what a library caller passing a bad value would expect to catch."""
 
 
 class CheckpointError(CxrError):
@@ -15,4 +25,17 @@ class CheckpointError(CxrError):
 
 
 class DecodeError(CxrError):
-    """One image that cannot be turned into pixels. Its message becomes the row's ``error``."""
+    """One image that cannot be read or turned into pixels. Its message becomes the row's ``error``."""
+
+
+class TrainingError(CxrError):
+    """Training stopped in its workers (after Ray Train's restarts); the message is the cause."""
+
+
+def one_line(exc: BaseException | str, limit: int = 200) -> str:
+    """An exception (or text) as one line of at most ``limit`` characters: whitespace runs,
+    newlines included, become one space; an empty message becomes the exception's type name."""
+    text = " ".join(str(exc).split())
+    if not text and isinstance(exc, BaseException):
+        text = type(exc).__name__
+    return text[:limit]

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from cxr_batch.bench.run import BenchSettings, PeakMemory, _torchvision_names, compare, make_bench_archive, parse_mode
+from cxr_batch.errors import InputError
 from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
 from cxr_batch.cli import main
 from cxr_batch.model.network import build_model, torchvision_resnet
@@ -31,11 +32,11 @@ def test_modes_parse_and_bad_ones_are_refused():
     assert parse_mode("bf16+nocams+compile") == ("bf16", True, False)
     for bad in ("fp16", "bf16+fast", "fp32+compile+compile", ""):
         assert parse_mode(bad) is None, bad
-    with pytest.raises(ValueError, match="fp32 is required"):
+    with pytest.raises(InputError, match="fp32 is required"):
         BenchSettings(workdir=".", modes=("bf16",))
-    with pytest.raises(ValueError, match="Invalid modes"):
+    with pytest.raises(InputError, match="Invalid modes"):
         BenchSettings(workdir=".", modes=("fp32", "int8"))
-    with pytest.raises(ValueError, match="Invalid device"):
+    with pytest.raises(InputError, match="Invalid device"):
         BenchSettings(workdir=".", device="tpu")
 
 

@@ -85,7 +85,7 @@ def test_train_writes_checkpoints_history_and_ray_state_to_s3(s3, trained):
     assert any(k.startswith("runs/r1/ray/") for k in run_keys), run_keys
     history = json.loads(s3server.get(s3, "runs/r1/history.json"))
     assert [h["epoch"] for h in history] == [1, 2] and summary["epochs"] == 2
-    from cxr_batch.model.checkpoint import load_state_file_bytes
+    from cxr_batch.model.weights import load_state_file_bytes
 
     ck = load_state_file_bytes(s3server.get(s3, "runs/r1/best.ckpt"), "best.ckpt")
     assert ck["arch"] == "resnet18" and ck["image_size"] == 64 and ck["settings"]["out"] == out

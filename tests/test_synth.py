@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from cxr_batch import CLASSES
+from cxr_batch.errors import InputError
 from cxr_batch.synth.phantom import _anatomy, _canonical_grid, make_archive, phantom
 
 
@@ -87,7 +88,7 @@ def test_both_lungs_get_lesions():
 
 
 def test_refuses_too_small_size():
-    with pytest.raises(ValueError, match="at least 32"):
+    with pytest.raises(InputError, match="at least 32"):
         phantom(np.random.default_rng(0), 16, opacity=False)
 
 
@@ -135,16 +136,16 @@ def test_make_archive_pos_fraction_and_empty_dir(tmp_path):
 
 def test_make_archive_refuses_non_empty_dir(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(InputError, match="not empty"):
         make_archive(tmp_path, n_train=2, n_val=0, n_test=0, size=48)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
 def test_make_archive_rejects_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="pos_fraction"):
+    with pytest.raises(InputError, match="pos_fraction"):
         make_archive(tmp_path / "x", n_train=2, pos_fraction=1.5)
-    with pytest.raises(ValueError, match="counts"):
+    with pytest.raises(InputError, match="counts"):
         make_archive(tmp_path / "y", n_train=-1)
-    with pytest.raises(ValueError, match="at least 32"):
+    with pytest.raises(InputError, match="at least 32"):
         make_archive(tmp_path / "z", size=8)
     assert not any(tmp_path.iterdir())  # nothing written before the arguments were checked

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .. import CLASSES, POSITIVE
+from ..errors import InputError, one_line
 
 PRECISIONS = ("fp32", "bf16")
 MODE_FLAGS = ("compile", "nocams")  # "bf16+compile", "fp32+nocams", "bf16+compile+nocams", ...
@@ -66,13 +67,13 @@ class BenchSettings:
     def __post_init__(self):
         bad = [m for m in self.modes if parse_mode(m) is None]
         if bad or "fp32" not in self.modes:
-            raise ValueError(f"Invalid modes {bad or list(self.modes)}. A mode is fp32 or bf16, optionally followed"
+            raise InputError(f"Invalid modes {bad or list(self.modes)}. A mode is fp32 or bf16, optionally followed"
                              " by +compile and/or +nocams (no CAM PNGs), e.g. bf16+compile; fp32 is required"
                              " (every other mode is compared with it).")
         if self.device not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"Invalid device {self.device!r}. Only auto, cpu and gpu are supported.")
+            raise InputError(f"Invalid device {self.device!r}. Only auto, cpu and gpu are supported.")
         if self.images < 1 or self.batch_size < 1 or not 32 <= self.min_side <= self.max_side:
-            raise ValueError("--images and --batch-size must be at least 1, and 32 <= --min-side <= --max-side.")
+            raise InputError("--images and --batch-size must be at least 1, and 32 <= --min-side <= --max-side.")
 
 
 def parse_mode(mode: str) -> tuple[str, bool, bool] | None:
@@ -95,7 +96,7 @@ def make_bench_archive(root, n: int, min_side: int, max_side: int, *, seed: int 
     if marker.exists() and json.loads(marker.read_text()) == params:
         return root
     if root.exists() and any(root.iterdir()):
-        raise ValueError(f"{root} holds something other than this benchmark's archive; pass an empty --workdir.")
+        raise InputError(f"{root} holds something other than this benchmark's archive; pass an empty --workdir.")
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)
     # Image i depends only on (seed, i), so any number of processes write the same archive. A
@@ -301,7 +302,7 @@ def decode_check(archive: str, paths: list[str], *, image_size: int, device: str
         try:
             out["gpu_nvjpeg_images_per_s"] = _gpu_decode_rate(blobs, image_size)
         except Exception as e:  # report, don't lose the rest of the benchmark
-            out["gpu_error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            out["gpu_error"] = f"{type(e).__name__}: {one_line(e, 300)}"
     return out
 
 
@@ -523,7 +524,7 @@ def _device(choice: str) -> str:
     import torch
 
     if choice == "gpu" and not torch.cuda.is_available():
-        raise ValueError("--device gpu, but torch sees no GPU here; use --device cpu or auto.")
+        raise InputError("--device gpu, but torch sees no GPU here; use --device cpu or auto.")
     return "cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu"
 
 

@@ -138,10 +138,7 @@ def synth(out, n_train, n_val, n_test, size, seed):
     """
     from ..synth.phantom import make_archive
 
-    try:
-        truth = make_archive(out, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    truth = make_archive(out, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed)
     click.echo(f"Wrote {n_train + n_val + n_test} phantoms to {out} (truth: {truth}).")
 
 
@@ -299,14 +296,11 @@ def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, ba
 
     from ..bench.run import BenchSettings, format_table, run_benchmark
 
-    try:
-        s = BenchSettings(workdir=workdir, archive=archive, images=images, min_side=min_side, max_side=max_side,
+    s = BenchSettings(workdir=workdir, archive=archive, images=images, min_side=min_side, max_side=max_side,
                           model=model, calibrate=calibrate, batch_size=batch_size,
                           modes=tuple(m.strip() for m in modes.split(",") if m.strip()), device=device,
                           baseline_images=baseline_images, decode_check=decode_check, memory_check=memory_check,
-                          memory_images=memory_images, num_cpus=num_cpus)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+                      memory_images=memory_images, num_cpus=num_cpus)
     result = run_benchmark(s, log=lambda m: click.echo(m, err=True))
     click.echo(format_table(result))
     if out_json:

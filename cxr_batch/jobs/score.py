@@ -23,7 +23,7 @@ from .. import CLASSES, POSITIVE
 from ..archive import storage
 from ..pixels.decode import DEFAULT_MAX_PIXELS, decode_image
 from ..archive.discover import discover, label_from_path, local_path
-from ..errors import DecodeError, InputError
+from ..errors import DecodeError, InputError, one_line
 from ..archive.results import PartWriter, cam_uri, done_paths
 from ..pixels.transforms import to_model_pixels, to_u8
 
@@ -135,7 +135,7 @@ def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int)
         except DecodeError as e:
             out["error"][i] = str(e)
         except Exception as e:  # never let one file take down a batch of good ones
-            out["error"][i] = f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            out["error"][i] = f"unexpected {type(e).__name__}: {one_line(e)}"
     return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
 
 
@@ -159,7 +159,7 @@ def _read(archive: str, rel: str) -> bytes:
     except FileNotFoundError:
         raise DecodeError("file vanished after it was listed") from None
     except OSError as e:
-        raise DecodeError(f"unreadable file: {' '.join(str(e).split())[:160]}") from None
+        raise DecodeError(f"unreadable file: {one_line(e, 160)}") from None
 
 
 # ---------------------------------------------------------------- stage 2: model (actor pool)
@@ -262,7 +262,7 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
             storage.write_bytes_atomic(uri, encode_png(overlay(base, batch["cam"][i])))
             cam_path[i] = uri
         except Exception as e:  # a failed PNG must not lose the row's prediction
-            error[i] = f"CAM PNG not written: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+            error[i] = f"CAM PNG not written: {type(e).__name__}: {one_line(e, 160)}"
     out = {k: batch[k] for k in ("width", "height", "bytes")}
     out.update({k: np.asarray(_strings(batch[k]), dtype=object)
                 for k in ("path", "label", "format", "sha256", "modality", "view_position", "sop_instance_uid")})

@@ -23,7 +23,6 @@ from ..pixels.decode import DEFAULT_MAX_PIXELS
 from ..errors import InputError
 from ..model.network import WEIGHTS, check_arch
 
-THRESHOLD_RULES = ("youden", "sensitivity")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from .. import POSITIVE
 from ..archive import storage
-from ..model.checkpoint import load_state_file, make_checkpoint, save_checkpoint
+from ..model.checkpoint import make_checkpoint, save_checkpoint
+from ..model.weights import load_state_file
 from ..reports.metrics import roc_auc
 from ..model.network import build_model
 from .train import TrainSettings, choose_threshold, lr_at

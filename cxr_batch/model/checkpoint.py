@@ -1,4 +1,4 @@
-"""The checkpoint format shared by training and scoring, and safe loading of untrusted files.
+"""The checkpoint format shared by training and scoring (safe loading of the file: weights.py).
 
 A checkpoint is one ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts), so it
 loads with ``torch.load(weights_only=True)``: a file that would need to unpickle a Python object
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import pickle
 from dataclasses import dataclass
 
 import torch
 
 from .. import CLASSES
-from ..errors import CheckpointError
-from .network import ARCHS, CamResNet, build_model
 from ..archive import storage
+from ..errors import CheckpointError, one_line
+from .network import ARCHS, CamResNet, build_model
+from .weights import load_state_file_bytes, read_file
 
 FORMAT = "cxr-batch-checkpoint"
 VERSION = 1
@@ -42,11 +42,6 @@ def save_checkpoint(ckpt: dict, uri: str) -> None:
     storage.write_bytes_atomic(uri, buf.getvalue())
 
 
-def load_state_file(uri: str) -> dict:
-    """A torch file that may come from anywhere -> its plain dict, refusing pickled code."""
-    return load_state_file_bytes(_read(uri), uri)
-
-
 @dataclass(frozen=True)
 class LoadedCheckpoint:
     ckpt: dict
@@ -54,7 +49,7 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(uri: str) -> LoadedCheckpoint:
-    data = _read(uri)
+    data = read_file(uri)
     ckpt = load_state_file_bytes(data, uri)
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(
@@ -64,24 +59,6 @@ def load_checkpoint(uri: str) -> LoadedCheckpoint:
     if ckpt.get("arch") not in ARCHS or list(ckpt.get("classes", [])) != list(CLASSES):
         raise CheckpointError(f"{uri}: unsupported arch {ckpt.get('arch')!r} or classes {ckpt.get('classes')!r}.")
     return LoadedCheckpoint(ckpt, hashlib.sha256(data).hexdigest()[:16])
-
-
-def load_state_file_bytes(data: bytes, uri: str) -> dict:
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message is paragraphs of advice; the line naming the refused global is the news.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line), lines[-1] if lines else "")
-        raise CheckpointError(
-            f"Refusing to load {uri}: it holds pickled Python objects that could run code when loaded"
-            f" (torch.load weights_only=True said: {detail[:160]}). Only plain tensor files (cxr-batch checkpoints, state dicts) are accepted."
-        ) from None
-    except Exception as e:
-        raise CheckpointError(f"{uri} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]}).") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{uri} holds a {type(obj).__name__}, not a dict of tensors.")
-    return obj
 
 
 def model_from_checkpoint(ckpt: dict, uri: str = "the checkpoint") -> CamResNet:
@@ -98,19 +75,9 @@ def model_from_checkpoint(ckpt: dict, uri: str = "the checkpoint") -> CamResNet:
     try:
         model.load_state_dict(state, assign=True)  # strict: every key present, every shape right
     except (RuntimeError, TypeError, ValueError) as e:
-        detail = " ".join(str(e).split())
-        raise CheckpointError(f"{uri}: its weights do not fit a {arch} ({detail[:200]}). Was it written by"
+        raise CheckpointError(f"{uri}: its weights do not fit a {arch} ({one_line(e)}). Was it written by"
                               " `cxr-batch train`, unmodified?") from None
     return model
-
-
-def _read(uri: str) -> bytes:
-    try:
-        return storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise CheckpointError(f"Checkpoint not found: {uri}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{uri} is a folder; pass the checkpoint file in it (e.g. best.ckpt).") from None
 
 
 def _unwrap(model):

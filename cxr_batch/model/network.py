@@ -9,6 +9,7 @@ from torchvision import models
 
 from .. import CLASSES
 from ..errors import InputError
+from .weights import load_state_file
 
 ARCHS = ("resnet18", "resnet50", "resnet101")
 WEIGHTS = ("imagenet", "none")  # or a path to a local file
@@ -37,9 +38,6 @@ class CamResNet(nn.Module):
         logits = self.fc(features.mean(dim=(2, 3)))
         return logits, features
 
-    def backbone_parameters(self):
-        return self.trunk.parameters()
-
 
 def check_arch(arch: str) -> str:
     if arch not in ARCHS:
@@ -66,8 +64,6 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     if weights == "imagenet":
         net.load_state_dict(_imagenet_state(arch, tv_weights))
     elif weights != "none":
-        from .checkpoint import load_state_file
-
         state = load_state_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the 1000-class head is replaced
         missing, unexpected = net.load_state_dict(state, strict=False)

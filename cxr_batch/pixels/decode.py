@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DecodeError
+from ..errors import DecodeError, one_line
+from .gray import window_minmax
 
 # 100 M pixels is ~10x the largest plain chest radiograph (4,300 x 3,500 detector) and well below
 # the ~1 GB of memory a decoded bomb of PIL's own limit (179 M) would take per decode task.
@@ -53,13 +54,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise DecodeError(f"too many pixels: {_one_line(e)}") from None
+        raise DecodeError(f"too many pixels: {one_line(e)}") from None
     except UnidentifiedImageError:
         if data[:2] in (b"\x02\x00", b"\x08\x00"):  # a DICOM dataset without the preamble (ACR-NEMA era exports)
             return _decode_dicom(data, max_pixels)
         raise DecodeError("not an image: the bytes are no format Pillow or pydicom can read") from None
     except Exception as e:  # PIL raises many types for mangled headers
-        raise DecodeError(f"unreadable image header: {_one_line(e)}") from None
+        raise DecodeError(f"unreadable image header: {one_line(e)}") from None
     width, height = im.size
     if width * height > max_pixels:
         raise DecodeError(
@@ -75,7 +76,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     except DecodeError:
         raise
     except Exception as e:  # truncated streams, bad Huffman tables, unsupported modes
-        raise DecodeError(f"truncated or corrupt image data ({fmt}): {_one_line(e)}") from None
+        raise DecodeError(f"truncated or corrupt image data ({fmt}): {one_line(e)}") from None
     if gray.shape[0] < 1 or gray.shape[1] < 1:
         raise DecodeError(f"image has no pixels ({width}x{height})")
     return Decoded(gray, width, height, fmt)
@@ -107,19 +108,3 @@ def _to_gray(im: Image.Image) -> np.ndarray:
     if im.mode != "L":
         im = im.convert("L")
     return np.asarray(im, dtype=np.float32) * np.float32(1 / 255)
-
-
-def window_minmax(a: np.ndarray) -> np.ndarray:
-    """Linear map of the data's own range onto [0, 1]: no clipping of 12/16-bit data."""
-    a = a.astype(np.float32, copy=False)
-    lo, hi = float(np.min(a)), float(np.max(a))
-    if not np.isfinite(lo) or not np.isfinite(hi):
-        raise DecodeError("image holds NaN or infinite pixel values")
-    if hi <= lo:
-        return np.zeros_like(a)
-    return (a - lo) * np.float32(1.0 / (hi - lo))
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:200]

@@ -20,8 +20,8 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .decode import _one_line, window_minmax
-from ..errors import DecodeError
+from ..errors import DecodeError, one_line
+from .gray import window_minmax
 
 # What to install per compressed family, matched on the syntax's name in this order ("JPEG 2000"
 # before "JPEG"); pydicom's own list names gdcm by its import name, not what to pip install.
@@ -55,13 +55,13 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> tuple[np.ndarray, dict]:
         # index=0 decodes the first frame only: a multi-frame file costs one frame of memory.
         arr = pixel_array(ds, index=0)
     except Exception as e:  # plugins raise RuntimeError, ValueError, ... on bad codestreams
-        raise DecodeError(f"corrupt or truncated pixel data ({ts.name}): {_one_line(e)}") from None
+        raise DecodeError(f"corrupt or truncated pixel data ({ts.name}): {one_line(e)}") from None
     try:
         gray = _to_gray(arr, ds)
     except DecodeError:
         raise
     except Exception as e:  # a malformed LUT or palette in the header
-        raise DecodeError(f"cannot map DICOM pixels to gray: {_one_line(e)}") from None
+        raise DecodeError(f"cannot map DICOM pixels to gray: {one_line(e)}") from None
     return gray, _meta(ds, rows, cols)
 
 
@@ -77,7 +77,7 @@ def _read(data: bytes) -> Dataset:
         ds = dcmread(io.BytesIO(data), force=not has_preamble)
         ds.get("Rows")  # elements are parsed lazily: surface a mangled header here
     except Exception as e:
-        raise DecodeError(f"unreadable DICOM header: {_one_line(e)}") from None
+        raise DecodeError(f"unreadable DICOM header: {one_line(e)}") from None
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise DecodeError(_no_pixels_message(ds))
     return ds
@@ -100,7 +100,7 @@ def _check_size(ds: Dataset, max_pixels: int) -> tuple[int, int]:
         rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError) as e:
-        raise DecodeError(f"DICOM header has an invalid image size: {_one_line(e)}") from None
+        raise DecodeError(f"DICOM header has an invalid image size: {one_line(e)}") from None
     if rows < 1 or cols < 1 or frames < 1:
         raise DecodeError(
             f"DICOM header has an invalid image size: Rows={rows}, Columns={cols}, NumberOfFrames={frames}"

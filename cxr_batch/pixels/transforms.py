@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from .gray import to_u8
+
 if TYPE_CHECKING:
     import torch
 
@@ -26,10 +28,6 @@ if TYPE_CHECKING:
 # ImageNet's per-channel mean/std, averaged: the image is gray, so one value serves all three.
 GRAY_MEAN = 0.449
 GRAY_STD = 0.226
-
-
-def to_u8(gray: np.ndarray) -> np.ndarray:
-    return np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def to_model_pixels(gray: np.ndarray, size: int) -> np.ndarray:

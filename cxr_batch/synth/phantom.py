@@ -24,6 +24,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .. import CLASSES
+from ..errors import InputError
 
 # Anatomy is drawn at most at this side and upsampled: it is smooth, so nothing is lost, and
 # a 2000 px phantom then costs ~0.1 s instead of ~2 s. Only the film grain is full resolution.
@@ -66,7 +67,7 @@ def phantom(rng: np.random.Generator, size: int = 256, *, opacity: bool) -> tupl
 
 def _check_size(size: int) -> None:
     if not MIN_SIDE <= size:
-        raise ValueError(f"Invalid size {size}: a phantom needs at least {MIN_SIDE} px to hold its anatomy.")
+        raise InputError(f"Invalid size {size}: a phantom needs at least {MIN_SIDE} px to hold its anatomy.")
 
 
 def _canonical_grid(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -281,13 +282,13 @@ def make_archive(out_dir, *, n_train=160, n_val=40, n_test=80, size=256, seed=0,
     _check_size(size)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"Refusing to write the example archive into {out}: it exists and is not empty. "
+        raise InputError(f"Refusing to write the example archive into {out}: it exists and is not empty. "
                          "Pass a new or empty directory.")
     if not 0.0 <= pos_fraction <= 1.0:
-        raise ValueError(f"Invalid pos_fraction {pos_fraction}: it must lie in [0, 1].")
+        raise InputError(f"Invalid pos_fraction {pos_fraction}: it must lie in [0, 1].")
     counts = {"train": n_train, "val": n_val, "test": n_test}
     if any(int(c) < 0 for c in counts.values()):
-        raise ValueError(f"Invalid image counts {counts}: each must be 0 or more.")
+        raise InputError(f"Invalid image counts {counts}: each must be 0 or more.")
     rows = []
     for s, split in enumerate(SPLITS):
         rows += _write_split(out, split, s, int(counts[split]), size, seed, pos_fraction)
