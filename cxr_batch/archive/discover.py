@@ -5,14 +5,13 @@ Rules: extensions are matched case-insensitively; hidden files and folders (a na
 symlinked folders are followed once (a loop is visited once, not forever). Paths come back
 relative to the archive root, POSIX style, sorted, so two runs list the same files the same way.
 A local name that is not UTF-8 (a Latin-1 zip unpacked on Linux) comes back with its odd bytes
-as ``\\xNN`` escapes, since Parquet strings must be UTF-8; ``local_path`` finds the file again.
+as ``\\xNN`` escapes, since Parquet strings must be UTF-8; ``storage.local_path`` finds the file again.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
-import re
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -86,7 +85,7 @@ def _walk_local(root: str):
         except OSError:
             continue  # an unreadable folder has no files we could score; its siblings still are
         for e in items:
-            name = _text(e.name)
+            name = storage.text_name(e.name)
             child = f"{rel}/{name}" if rel else name
             try:
                 if e.is_dir(follow_symlinks=True):
@@ -105,24 +104,6 @@ def _walk_local(root: str):
             except OSError:
                 size = -1
             yield FileEntry(child, size)
-
-
-def _text(name: str) -> str:
-    """os.scandir gives undecodable bytes as lone surrogates, which no UTF-8 writer accepts."""
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def local_path(root: str, rel: str) -> str:
-    """The file behind a path ``discover`` returned for a local archive (undoes ``_text``)."""
-    path = os.path.join(root, rel)
-    if "\\x" in rel and not os.path.lexists(path):
-        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), rel.encode("utf-8"))
-        path = os.path.join(root, os.fsdecode(raw))
-    return path
 
 
 def _head_local(path: str) -> bytes:

@@ -3,16 +3,21 @@
 S3-compatible servers (MinIO, Ceph, a test server on loopback) are reached by setting
 ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), as for the AWS CLI; credentials come from the
 usual ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` variables or the instance profile.
+
+Every input file of an archive is read by ``read_file(root, rel)``, whichever job reads it.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from functools import lru_cache
 
 import pyarrow.fs as pafs
+
+from ..errors import DecodeError, one_line
 
 
 def is_uri(path: str) -> bool:
@@ -64,6 +69,44 @@ def read_bytes(uri: str) -> bytes:
         raise IsADirectoryError(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def read_file(root: str, rel: str) -> bytes:
+    """The bytes of archive file ``rel`` (a path as ``discover`` returns it) under ``root``: the one
+    way scoring, training and the benchmark read an input. A failure is a ``DecodeError`` whose
+    one-line message goes into that file's row (or the list of skipped training images)."""
+    fs, base = resolve(root)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):  # Python's open takes the non-UTF-8 names that pyarrow refuses
+            with open(local_path(base, rel), "rb") as f:
+                return f.read()
+        with fs.open_input_stream(f"{base}/{rel}") as f:
+            return f.read()
+    except PermissionError:
+        raise DecodeError("unreadable file: permission denied") from None
+    except FileNotFoundError:
+        raise DecodeError("file vanished after it was listed") from None
+    except OSError as e:
+        raise DecodeError(f"unreadable file: {one_line(e, 160)}") from None
+
+
+def text_name(name: str) -> str:
+    """A local file name as text that any UTF-8 writer takes: os.scandir gives undecodable bytes as
+    lone surrogates, and those become ``\\xNN`` escapes here (``local_path`` undoes it)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def local_path(root: str, rel: str) -> str:
+    """The file behind a path ``discover`` returned for a local archive (undoes ``text_name``)."""
+    path = os.path.join(root, rel)
+    if "\\x" in rel and not os.path.lexists(path):
+        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), rel.encode("utf-8"))
+        path = os.path.join(root, os.fsdecode(raw))
+    return path
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .. import CLASSES, POSITIVE
+from ..archive import storage
 from ..errors import InputError, one_line
 
 PRECISIONS = ("fp32", "bf16")
@@ -290,10 +291,7 @@ def decode_check(archive: str, paths: list[str], *, image_size: int, device: str
     from ..pixels.decode import decode_image
     from ..pixels.transforms import to_model_pixels
 
-    blobs = []
-    for p in paths[:limit]:
-        with open(os.path.join(archive, p), "rb") as f:
-            blobs.append(f.read())
+    blobs = [storage.read_file(archive, p) for p in paths[:limit]]
     t0 = time.perf_counter()
     for data in blobs:
         to_model_pixels(decode_image(data, draft=image_size).gray, image_size)
@@ -430,8 +428,8 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     log(f"benchmark settings: {json.dumps(asdict(s))}")
     t0 = time.perf_counter()
     archive = s.archive or str(make_bench_archive(work / "archive", s.images, s.min_side, s.max_side, seed=s.seed))
-    paths = [e.path for e in discover(archive)][: s.images]
-    sizes = [os.path.getsize(os.path.join(archive, p)) for p in paths]
+    entries = discover(archive)[: s.images]
+    paths, sizes = [e.path for e in entries], [e.size for e in entries]
     result["archive"] = {"path": archive, "images": len(paths), "mean_kb": round(sum(sizes) / len(sizes) / 1024),
                          "prepared_s": round(time.perf_counter() - t0, 1)}
     device = _device(s.device)

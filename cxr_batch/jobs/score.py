@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from .. import CLASSES, POSITIVE
 from ..archive import storage
 from ..pixels.decode import DEFAULT_MAX_PIXELS, decode_image
-from ..archive.discover import discover, label_from_path, local_path
+from ..archive.discover import discover, label_from_path
 from ..errors import DecodeError, InputError, one_line
 from ..archive.results import PartWriter, cam_uri, done_paths
 from ..pixels.transforms import to_model_pixels, to_u8
@@ -124,7 +123,7 @@ def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int)
     for i, rel in enumerate(out["path"]):
         out["label"][i] = label_from_path(rel)
         try:
-            data = _read(archive, rel)
+            data = storage.read_file(archive, rel)
             out["bytes"][i] = len(data)
             out["sha256"][i] = hashlib.sha256(data).hexdigest()
             d = decode_image(data, max_pixels=max_pixels, draft=image_size)
@@ -143,23 +142,6 @@ def _strings(column) -> list:
     """An object column as str/None. Ray Data hands a column that is None in every row of a block
     to the next stage as float NaN: without this, a block of all-good images reads as all errors."""
     return [None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else v for v in column]
-
-
-def _read(archive: str, rel: str) -> bytes:
-    fs, root = storage.resolve(archive)
-    path = f"{root}/{rel}"
-    try:
-        if isinstance(fs, pafs.LocalFileSystem):  # Python's open takes the non-UTF-8 names that pyarrow refuses
-            with open(local_path(root, rel), "rb") as f:
-                return f.read()
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except PermissionError:
-        raise DecodeError("unreadable file: permission denied") from None
-    except FileNotFoundError:
-        raise DecodeError("file vanished after it was listed") from None
-    except OSError as e:
-        raise DecodeError(f"unreadable file: {one_line(e, 160)}") from None
 
 
 # ---------------------------------------------------------------- stage 2: model (actor pool)
@@ -278,7 +260,7 @@ def _cam_base(batch: dict, i: int, cam_size: int | None, archive: str, max_pixel
     pixels = batch["pixels"][i]
     if cam_size is None or cam_size == pixels.shape[0]:
         return pixels
-    d = decode_image(_read(archive, batch["path"][i]), max_pixels=max_pixels, draft=cam_size or None)
+    d = decode_image(storage.read_file(archive, batch["path"][i]), max_pixels=max_pixels, draft=cam_size or None)
     return to_u8(d.gray) if cam_size == 0 else to_model_pixels(d.gray, cam_size)
 
 

@@ -35,8 +35,8 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(s.cpus_per_worker)))
     torch.manual_seed(s.seed + rank)
 
-    train_x, train_y, skipped = load_pixels(shard(config["train"], rank, world, s.seed), s.image_size, s.max_pixels)
-    val_x, val_y, vskipped = load_pixels(shard(config["val"], rank, world, s.seed), s.image_size, s.max_pixels)
+    train_x, train_y, skipped = load_pixels(s.data, shard(config["train"], rank, world, s.seed), s.image_size, s.max_pixels)
+    val_x, val_y, vskipped = load_pixels(s.data, shard(config["val"], rank, world, s.seed), s.image_size, s.max_pixels)
     if skipped or vskipped:
         print(f"[rank {rank}] skipped {len(skipped) + len(vskipped)} unreadable images, e.g. {(skipped + vskipped)[0]}")
     if skipped and not len(train_y):  # training on nothing would "finish" with empty metrics

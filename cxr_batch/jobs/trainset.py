@@ -27,24 +27,26 @@ MIN_VAL_PER_CLASS = 10
 
 @dataclass(frozen=True)
 class Split:
-    train: list  # [(uri, label index)]
+    train: list  # [(path relative to the data folder, label index)]
     val: list
     val_note: str  # how val was chosen, for the summary
 
 
-def labelled_files(folder: str) -> list[tuple[str, int]]:
+def labelled_files(data: str, split: str) -> list[tuple[str, int]]:
+    """[(path relative to ``data``, label index)] of the labelled images under ``data``/``split``."""
+    folder = storage.join(data, split)
     if not storage.is_dir(folder):
         return []
     out = []
     for e in discover(folder):
         label = label_from_path(e.path)
         if label is not None:
-            out.append((storage.join(folder, *e.path.split("/")), CLASSES.index(label)))
+            out.append((f"{split}/{e.path}", CLASSES.index(label)))
     return out
 
 
 def make_split(data: str, *, val_fraction: float, seed: int) -> Split:
-    train = labelled_files(storage.join(data, "train"))
+    train = labelled_files(data, "train")
     if not train:
         raise InputError(
             f"No labelled images under {storage.join(data, 'train')}: expected train/NORMAL/*.jpeg and"
@@ -52,7 +54,7 @@ def make_split(data: str, *, val_fraction: float, seed: int) -> Split:
     counts = np.bincount([y for _, y in train], minlength=2)
     if counts.min() == 0:
         raise InputError(f"train/ needs both classes; found NORMAL={counts[0]}, PNEUMONIA={counts[1]}.")
-    val = labelled_files(storage.join(data, "val"))
+    val = labelled_files(data, "val")
     vcounts = np.bincount([y for _, y in val], minlength=2)
     if len(val) >= MIN_VAL_IMAGES and vcounts.min() >= MIN_VAL_PER_CLASS:
         return Split(train, val, f"val/ ({len(val)} images)")
@@ -75,17 +77,14 @@ def shard(items: list, rank: int, world: int, seed: int) -> list:
     return items[rank::world]
 
 
-def load_pixels(items: list, image_size: int, max_pixels: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Decode a shard -> (uint8 (N, S, S), labels (N,), skipped [(uri, error)])."""
+def load_pixels(data: str, items: list, image_size: int, max_pixels: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Decode a shard of ``data`` -> (uint8 (N, S, S), labels (N,), skipped [(path, error)])."""
     pixels, labels, skipped = [], [], []
-    for uri, y in items:
+    for rel, y in items:
         try:
-            d = decode_image(storage.read_bytes(uri), max_pixels=max_pixels, draft=image_size)
-        except FileNotFoundError:
-            skipped.append((uri, "file not found"))
-            continue
-        except (DecodeError, OSError) as e:
-            skipped.append((uri, str(e)))
+            d = decode_image(storage.read_file(data, rel), max_pixels=max_pixels, draft=image_size)
+        except DecodeError as e:  # the same one-line reasons as a scoring row's error
+            skipped.append((rel, str(e)))
             continue
         pixels.append(to_model_pixels(d.gray, image_size))
         labels.append(y)
