@@ -12,7 +12,8 @@ from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
 from cxr_batch.cli import main
 from cxr_batch.model.network import build_model, torchvision_resnet
 from cxr_batch.model.registry import describe
-from cxr_batch.jobs.score import ScoreSettings, plan_resources, prepare_model
+from cxr_batch.jobs.score import ScoreSettings, plan_resources
+from cxr_batch.jobs.score_stages import prepare_model
 from cxr_batch.pixels.transforms import normalize
 
 

@@ -373,18 +373,18 @@ def test_a_checkpoint_model_is_whole_and_gives_the_saved_outputs(tmp_path):
 
 
 def test_decode_and_finish_workers_do_not_import_torch():
-    """Every Ray worker that runs a decode or finish task imports cxr_batch.jobs.score: with torch that
+    """Every Ray worker that runs a decode or finish task imports cxr_batch.jobs.score_stages: with torch that
     cost ~3 s and ~400 MB per worker."""
     import subprocess
     import sys
 
-    code = "import sys, cxr_batch.jobs.score, cxr_batch.model.cam; print('torch' in sys.modules)"
+    code = "import sys, cxr_batch.jobs.score_stages, cxr_batch.model.cam; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_a_block_of_good_images_is_not_read_as_errors(tmp_path):
     """Ray Data hands the next stage an all-None column as float NaN; NaN must not count as an error."""
-    from cxr_batch.jobs.score import finish_batch
+    from cxr_batch.jobs.score_stages import finish_batch
 
     n = 3
     nan = np.full(n, np.nan, np.float32)

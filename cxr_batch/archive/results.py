@@ -42,6 +42,9 @@ SCHEMA = pa.schema([
     ("error", pa.string()),  # null when scored; else one line saying what is wrong
 ])
 
+# The string columns, as the scoring stages carry them (None, never NaN; see score_stages._strings).
+TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_string(f.type))
+
 _PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")
 
 

@@ -136,7 +136,7 @@ def calibrated_checkpoint(spec: str, archive: str, paths: list[str], dst: Path, 
 
     from ..model.checkpoint import make_checkpoint, save_checkpoint
     from ..model.registry import describe, load
-    from ..jobs.score import decode_batch
+    from ..jobs.score_stages import decode_batch
     from ..pixels.transforms import normalize
 
     if dst.exists():
@@ -258,7 +258,7 @@ def bare_forward(spec: str, *, precision: str, compile: bool, batch_size: int, b
     import torch
 
     from ..model.registry import describe, load
-    from ..jobs.score import prepare_model
+    from ..jobs.score_stages import prepare_model
     from ..pixels.transforms import normalize
 
     info = describe(spec)

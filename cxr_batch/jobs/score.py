@@ -1,30 +1,29 @@
-"""The scoring job: archive -> Ray Data stream -> Parquet rows + CAM overlay PNGs.
+"""The scoring job's driver: archive -> Ray Data stream -> Parquet rows + CAM overlay PNGs.
 
 Stages (one Ray Data operator each, none relying on row order; every row carries ``path``):
-  1. decode   CPU tasks: read bytes, hash, decode, resize to the model's input  (decode.py)
-  2. model    an actor pool: forward pass -> P(PNEUMONIA) and the CAM          (Scorer)
-  3. finish   CPU tasks: CAM peak, overlay PNG written off the model's path    (finish_batch)
-  4. the driver publishes Parquet parts as rows stream in                      (output.py)
-Pure work lives in decode/transforms/cam; this module is the Ray edge.
+  1. decode   CPU tasks: read bytes, hash, decode, resize to the model's input  (score_stages.decode_batch)
+  2. model    an actor pool: forward pass -> P(PNEUMONIA) and the CAM          (score_stages.Scorer)
+  3. finish   CPU tasks: CAM peak, overlay PNG written off the model's path    (score_stages.finish_batch)
+  4. the driver publishes Parquet parts as rows stream in                      (archive/results.py)
+Pure work lives in pixels/ and model/cam.py; score_stages.py holds what the workers run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import pyarrow as pa
 
-from .. import CLASSES, POSITIVE
+from .. import CLASSES
 from ..archive import storage
-from ..pixels.decode import DEFAULT_MAX_PIXELS, decode_image
-from ..archive.discover import discover, label_from_path
-from ..errors import DecodeError, InputError, one_line
-from ..archive.results import PartWriter, cam_uri, done_paths
-from ..pixels.transforms import to_model_pixels, to_u8
+from ..archive.discover import discover
+from ..archive.results import PartWriter, done_paths
+from ..errors import InputError
+from ..model.registry import ModelInfo, describe
+from ..pixels.decode import DEFAULT_MAX_PIXELS
+from .score_stages import Scorer, decode_batch, finish_batch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
@@ -111,159 +110,6 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, s: ScoreSettings) -
     return ResourcePlan(actors, cpus, 0.0, threads, task_cpus)
 
 
-# ---------------------------------------------------------------- stage 1: decode (CPU tasks)
-
-def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int) -> dict:
-    n = len(batch["path"])
-    out = {k: [None] * n for k in ("label", "error", "sha256", "format", "modality", "view_position",
-                                   "sop_instance_uid")}
-    out.update(path=list(batch["path"]), bytes=np.full(n, -1, np.int64),
-               width=np.zeros(n, np.int32), height=np.zeros(n, np.int32),
-               pixels=np.zeros((n, image_size, image_size), np.uint8))
-    for i, rel in enumerate(out["path"]):
-        out["label"][i] = label_from_path(rel)
-        try:
-            data = storage.read_file(archive, rel)
-            out["bytes"][i] = len(data)
-            out["sha256"][i] = hashlib.sha256(data).hexdigest()
-            d = decode_image(data, max_pixels=max_pixels, draft=image_size)
-            out["pixels"][i] = to_model_pixels(d.gray, image_size)
-            out["width"][i], out["height"][i], out["format"][i] = d.width, d.height, d.format
-            for k in ("modality", "view_position", "sop_instance_uid"):
-                out[k][i] = d.meta.get(k)
-        except DecodeError as e:
-            out["error"][i] = str(e)
-        except Exception as e:  # never let one file take down a batch of good ones
-            out["error"][i] = f"unexpected {type(e).__name__}: {one_line(e)}"
-    return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
-
-
-def _strings(column) -> list:
-    """An object column as str/None. Ray Data hands a column that is None in every row of a block
-    to the next stage as float NaN: without this, a block of all-good images reads as all errors."""
-    return [None if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) else v for v in column]
-
-
-# ---------------------------------------------------------------- stage 2: model (actor pool)
-
-def prepare_model(model, device, *, channels_last: bool, compile: bool):
-    """Inference-only rewrites of an eval-mode CamResNet; same outputs, less work per image.
-
-    Batch norm is folded into the preceding convolutions (5-7% less CPU time per image on
-    ResNet-101, fp32 and bf16). channels_last is oneDNN's native layout. torch.compile with
-    freezing takes ~1 min per actor on CPU and then saves another ~15%: worth it only for archives
-    of many thousands of images per actor.
-    """
-    import torch
-    from torch.fx.experimental.optimization import fuse
-
-    model = fuse(model.eval().to(device), inplace=True)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        import torch._inductor.config
-
-        torch._inductor.config.freezing = True  # constant-fold the weights: this process only infers
-        model = torch.compile(model)
-    return model
-
-
-class Scorer:
-    """Loads the model once per actor; ``__call__`` adds ``prob_pneumonia`` and ``cam`` to a batch."""
-
-    def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool):
-        import torch
-
-        from ..model.registry import ModelInfo, fc_weight, load
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.autocast = precision == "bf16"
-        self.channels_last = channels_last
-        model = load(ModelInfo(**info)).to(self.device)
-        self.weight = fc_weight(model).float()
-        self.model = prepare_model(model, self.device, channels_last=channels_last, compile=compile)
-        self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
-
-    def __call__(self, batch: dict) -> dict:
-        from ..model.cam import class_activation_maps
-        from ..pixels.transforms import normalize
-
-        torch = self.torch
-        ok = np.array([e is None for e in _strings(batch["error"])], dtype=bool)
-        n = len(ok)
-        prob = np.full(n, np.nan, np.float32)
-        cams = None
-        if ok.any():
-            pixels = np.ascontiguousarray(batch["pixels"][ok])
-            m = len(pixels)
-            if self.pad_to is not None:  # a new batch shape would recompile: about a minute on a CPU
-                self.pad_to = max(self.pad_to, m)
-                pixels = np.concatenate([pixels, np.zeros((self.pad_to - m,) + pixels.shape[1:], pixels.dtype)])
-            x = normalize(torch.from_numpy(pixels).to(self.device, non_blocking=True), channels_last=self.channels_last)
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits, features = self.model(x)
-            logits, features = logits[:m], features[:m]
-            prob[ok] = torch.softmax(logits.float(), dim=1)[:, POSITIVE].cpu().numpy()
-            good_cams = class_activation_maps(features.float(), self.weight, POSITIVE).cpu().numpy()
-            cams = np.zeros((n,) + good_cams.shape[1:], np.float32)
-            cams[ok] = good_cams
-        batch["prob_pneumonia"] = prob
-        batch["cam"] = cams if cams is not None else np.zeros((n, 1, 1), np.float32)
-        # Text columns come in as float NaN where a whole block was None: hand them on as None, or the
-        # next stage cannot concatenate this block with one holding strings ("string vs float").
-        for k in ("path", "label", "error", "sha256", "format", "modality", "view_position", "sop_instance_uid"):
-            batch[k] = np.asarray(_strings(batch[k]), dtype=object)
-        return batch
-
-
-# ---------------------------------------------------------------- stage 3: finish (CPU tasks)
-
-def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int | None, archive: str,
-                 max_pixels: int) -> dict:
-    from ..model.cam import encode_png, overlay, peak
-
-    n = len(batch["path"])
-    prob = batch["prob_pneumonia"]
-    error = _strings(batch["error"])
-    pred, cam_path = [None] * n, [None] * n
-    peak_x, peak_y = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
-    for i in range(n):
-        if error[i] is not None:
-            continue
-        pred[i] = CLASSES[POSITIVE] if prob[i] >= info["threshold"] else CLASSES[1 - POSITIVE]
-        peak_x[i], peak_y[i] = peak(batch["cam"][i])
-        if cam_dir is None:
-            continue
-        try:
-            base = _cam_base(batch, i, cam_size, archive, max_pixels)
-            uri = cam_uri(cam_dir, batch["path"][i])
-            storage.write_bytes_atomic(uri, encode_png(overlay(base, batch["cam"][i])))
-            cam_path[i] = uri
-        except Exception as e:  # a failed PNG must not lose the row's prediction
-            error[i] = f"CAM PNG not written: {type(e).__name__}: {one_line(e, 160)}"
-    out = {k: batch[k] for k in ("width", "height", "bytes")}
-    out.update({k: np.asarray(_strings(batch[k]), dtype=object)
-                for k in ("path", "label", "format", "sha256", "modality", "view_position", "sop_instance_uid")})
-    out.update(error=np.asarray(error, dtype=object), pred=np.asarray(pred, dtype=object), prob_pneumonia=prob,
-               cam_path=np.asarray(cam_path, dtype=object), cam_peak_x=peak_x, cam_peak_y=peak_y,
-               threshold=np.full(n, info["threshold"], np.float32),
-               model=np.asarray([info["model_id"]] * n, dtype=object))
-    return out
-
-
-def _cam_base(batch: dict, i: int, cam_size: int | None, archive: str, max_pixels: int) -> np.ndarray:
-    """The X-ray under the overlay: the model's input when sizes match (no second decode)."""
-    pixels = batch["pixels"][i]
-    if cam_size is None or cam_size == pixels.shape[0]:
-        return pixels
-    d = decode_image(storage.read_file(archive, batch["path"][i]), max_pixels=max_pixels, draft=cam_size or None)
-    return to_u8(d.gray) if cam_size == 0 else to_model_pixels(d.gray, cam_size)
-
-
 # ---------------------------------------------------------------- the job
 
 @dataclass
@@ -283,12 +129,12 @@ class ScoreSummary:
         return (self.scored + self.errors) / self.seconds if self.seconds > 0 else 0.0
 
 
-def run_score(s: ScoreSettings, *, progress=None) -> ScoreSummary:
-    """Score ``s.archive`` into ``s.out``. Ray must be initialised (see ``raycluster.ensure_ray``)."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+def run_score(s: ScoreSettings, *, progress=None, echo=None) -> ScoreSummary:
+    """Score ``s.archive`` into ``s.out``. Ray must be initialised (see ``ray_env.ray_running``).
 
-    from ..model.registry import describe  # imports torch: kept out of the decode and finish workers
+    ``progress(summary, total)`` is called as rows arrive (at most every 2 s, and at the end);
+    ``echo(line)`` gets one line per stage of the job."""
+    import ray
 
     t0 = time.perf_counter()
     info = describe(s.model)
@@ -299,11 +145,9 @@ def run_score(s: ScoreSettings, *, progress=None) -> ScoreSummary:
         storage.delete_dir(s.out)
         if cam_dir:
             storage.delete_dir(cam_dir)
-    files = discover(s.archive)
-    if s.limit is not None:
-        files = files[: s.limit]
+    files = discover(s.archive)[: s.limit]
     done = done_paths(s.out, info.model_id)
-    todo = [f for f in files if f.path not in done]
+    todo = [f.path for f in files if f.path not in done]
     res = ray.cluster_resources()
     plan = plan_resources(res.get("CPU", 0), res.get("GPU", 0), s)
     summary = ScoreSummary(seen=len(files), already_done=len(files) - len(todo), out=s.out, cam_dir=cam_dir,
@@ -311,42 +155,56 @@ def run_score(s: ScoreSettings, *, progress=None) -> ScoreSummary:
     metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
                 "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     writer = PartWriter(s.out, metadata, s.rows_per_part)
+    if echo:
+        echo(f"score: {len(files):,} files, {len(todo):,} to score ({summary.already_done:,} already in the output);"
+             f" {plan.actors} model actor(s) x {plan.cpus_per_actor:g} CPU"
+             + (f" + {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else ""))
     if todo:
-        ctx = DataContext.get_current()
-        ctx.execution_no_progress_timeout_s = s.stall_timeout_s
-        ctx.enable_progress_bars = False  # our own one-line progress below reads better in logs
-        ctx.print_on_execution_start = False
-        info_d = info.to_dict()
-        # A map task batches only the rows of the blocks it is given: blocks of 33 rows reached the
-        # model as 16 + 16 + 1 (a third of all forward passes held 1-2 images, and each new size
-        # recompiles under torch.compile). So blocks and decode batches are multiples of the batch.
-        decode_rows = s.batch_size * max(1, 32 // s.batch_size)
-        block_rows = decode_rows * max(1, math.ceil(len(todo) / 4096 / decode_rows))  # <= ~4096 blocks
-        paths = [f.path for f in todo]
-        ds = ray.data.from_arrow([pa.table({"path": paths[i: i + block_rows]})
-                                  for i in range(0, len(paths), block_rows)])
-        ds = ds.map_batches(decode_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
-                            fn_kwargs=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels))
-        ds = ds.map_batches(
-            Scorer, batch_size=s.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.actors),
-            num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
-            fn_constructor_kwargs=dict(info=info_d, threads=plan.torch_threads, precision=s.precision,
-                                       compile=s.compile, channels_last=s.channels_last))
-        ds = ds.map_batches(finish_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
-                            fn_kwargs=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive,
-                                           max_pixels=s.max_pixels))
-        last = 0.0
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(table)
-            ok = table.column("error").null_count  # error is null exactly for scored rows
-            summary.scored += ok
-            summary.errors += table.num_rows - ok
-            summary.seconds = time.perf_counter() - t0
-            if progress and time.perf_counter() - last > 2:
-                last = time.perf_counter()
-                progress(summary, len(todo))
+        _stream(_pipeline(todo, s, info, plan, cam_dir), writer, summary, len(todo), t0, progress)
     writer.flush()
     summary.seconds = time.perf_counter() - t0
     if progress:
         progress(summary, len(todo))
     return summary
+
+
+def _pipeline(paths: list[str], s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir: str | None):
+    """The Ray Data stream of the three stages over ``paths``, sized by ``plan``."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = s.stall_timeout_s
+    ctx.enable_progress_bars = False  # our own one-line progress reads better in logs
+    ctx.print_on_execution_start = False
+    info_d = info.to_dict()
+    # A map task batches only the rows of the blocks it is given: blocks of 33 rows reached the
+    # model as 16 + 16 + 1 (a third of all forward passes held 1-2 images, and each new size
+    # recompiles under torch.compile). So blocks and decode batches are multiples of the batch.
+    decode_rows = s.batch_size * max(1, 32 // s.batch_size)
+    block_rows = decode_rows * max(1, math.ceil(len(paths) / 4096 / decode_rows))  # <= ~4096 blocks
+    ds = ray.data.from_arrow([pa.table({"path": paths[i: i + block_rows]}) for i in range(0, len(paths), block_rows)])
+    ds = ds.map_batches(decode_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
+                        fn_kwargs=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels))
+    ds = ds.map_batches(
+        Scorer, batch_size=s.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+        fn_constructor_kwargs=dict(info=info_d, threads=plan.torch_threads, precision=s.precision,
+                                   compile=s.compile, channels_last=s.channels_last))
+    return ds.map_batches(finish_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
+                          fn_kwargs=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive,
+                                         max_pixels=s.max_pixels))
+
+
+def _stream(ds, writer: PartWriter, summary: ScoreSummary, total: int, t0: float, progress) -> None:
+    """Publish rows as they arrive and count them; report progress at most every 2 s."""
+    last = 0.0
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        writer.add(table)
+        ok = table.column("error").null_count  # error is null exactly for scored rows
+        summary.scored += ok
+        summary.errors += table.num_rows - ok
+        summary.seconds = time.perf_counter() - t0
+        if progress and time.perf_counter() - last > 2:
+            last = time.perf_counter()
+            progress(summary, total)
