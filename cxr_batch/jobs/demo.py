@@ -31,7 +31,8 @@ class DemoSettings:
 def run_demo(d: DemoSettings, *, echo=print, progress=None) -> dict:
     from .evaluate import EvaluateSettings, run_evaluate
     from ..synth.phantom import make_archive
-    from .train import TrainSettings, run_train
+    from .train import run_train
+    from .train_config import TrainSettings
 
     archive = storage.join(d.out, "archive")
     if storage.exists(storage.join(archive, "truth.csv")):

@@ -1,109 +1,42 @@
-"""The training job: Ray Train data-parallel fine-tuning of a CamResNet.
+"""The training job's driver: Ray Train data-parallel fine-tuning of a CamResNet.
 
 Transfer learning as it should be done: ImageNet weights when available, a new 2-class head, a
 warm-up with the backbone frozen (so the random head's large gradients do not wreck pretrained
 filters), then all layers at a lower learning rate with cosine decay. Classes are weighted by
 inverse frequency (the public set is 74% PNEUMONIA). Every epoch all ranks all-reduce their
-counts, rank 0 writes ``last.ckpt`` (and ``best.ckpt`` when val AUC improves), and a re-run of
-the same ``--out`` resumes from ``last.ckpt``.
+counts, rank 0 writes ``last.ckpt`` (and ``best.ckpt`` when the epoch is the best so far, by
+train_config.best_epoch), and a re-run of the same ``--out`` resumes from ``last.ckpt``.
+
+What the workers run is train_worker.py. Each epoch's metrics come back to this process through
+a Ray Train callback (``_EpochRelay``, run in Ray Train's controller) and a queue, so the driver
+prints one line per epoch itself, and the workers' notes (unreadable images, a resume) with it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
+from queue import Empty
 
 import numpy as np
+from ray.train import UserCallback
 
 from ..archive import storage
-from ..pixels.decode import DEFAULT_MAX_PIXELS
-from ..errors import InputError
-from ..model.network import WEIGHTS, check_arch
-
-PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainSettings:
-    data: str  # folder (or s3:// prefix) with train/, val/, test/ each holding NORMAL/ and PNEUMONIA/
-    out: str  # run folder: last.ckpt, best.ckpt, history.json; re-running it resumes
-    arch: str = "resnet101"
-    weights: str = "imagenet"  # imagenet | none | path to a torchvision state dict
-    epochs: int = 10  # total, warm-up included
-    warmup_epochs: int = 1  # head only, backbone frozen; skipped when weights=none (nothing to protect)
-    batch_size: int = 32  # per worker
-    lr: float | None = None  # fine-tuning lr (AdamW); None = 1e-4 pretrained, 5e-4 from scratch (2e-3 stalled for 6 epochs on phantoms)
-    warmup_lr: float = 1e-3
-    weight_decay: float = 1e-4
-    image_size: int = 224
-    cam_stride: int = 16  # 16: a 14x14 CAM at 224 px instead of 7x7 (see model.build_model)
-    workers: int = 2
-    gpu: bool | None = None  # None = use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
-    # Ray placement group strategy for the workers: PACK fills one node first (fast all-reduce);
-    # SPREAD prefers one worker per node, STRICT_SPREAD refuses to start without it.
-    placement: str = "PACK"
-    val_fraction: float = 0.1  # of train/, stratified, when val/ is missing or tiny
-    target_sensitivity: float | None = None  # None: threshold by Youden's J on val
-    seed: int = 0
-    max_failures: int = 1  # worker-group restarts (from the last checkpoint) before giving up
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    stop_after_epoch: int | None = None  # testing hook: end the run (not the count) after this epoch
-
-    def __post_init__(self):
-        check_arch(self.arch)
-        if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
-            raise InputError("--epochs, --workers and --batch-size must be at least 1.")
-        if self.target_sensitivity is not None and not 0 < self.target_sensitivity < 1:
-            raise InputError("--target-sensitivity must be between 0 and 1, e.g. 0.95.")
-        if self.image_size < 64:
-            raise InputError("--image-size must be at least 64 px.")
-        if self.placement not in PLACEMENTS:
-            raise InputError(f"Invalid --placement {self.placement}. Only {', '.join(PLACEMENTS)} are supported.")
-
-    @property
-    def pretrained(self) -> bool:
-        return self.weights != "none"
-
-    @property
-    def finetune_lr(self) -> float:
-        return self.lr if self.lr is not None else (1e-4 if self.pretrained else 5e-4)
-
-    @property
-    def n_warmup(self) -> int:
-        return min(self.warmup_epochs, self.epochs - 1) if self.pretrained else 0
+from ..errors import InputError, TrainingError, one_line
+from ..model.network import WEIGHTS
+from .train_config import TrainSettings, best_epoch
+from .trainset import Split, make_split
 
 
-def lr_at(s: TrainSettings, epoch: int) -> tuple[str, float]:
-    """(phase, lr) of 1-based ``epoch``: warm-up at warmup_lr, then cosine from finetune_lr to 5% of it."""
-    if epoch <= s.n_warmup:
-        return "warmup", s.warmup_lr
-    n = s.epochs - s.n_warmup
-    k = epoch - s.n_warmup - 1
-    return "finetune", s.finetune_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * k / max(1, n))))
+def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = True) -> dict:
+    """Run (or resume) training; returns the final summary dict. Ray must be initialised.
 
-
-def choose_threshold(y, p, target_sensitivity: float | None) -> tuple[float, str]:
-    from ..reports.metrics import threshold_for_sensitivity, youden_threshold
-
-    if len(set(np.asarray(y).tolist())) < 2:
-        return 0.5, "default 0.5 (val has one class)"
-    if target_sensitivity is not None:
-        return float(threshold_for_sensitivity(y, p, target_sensitivity)), f"sensitivity >= {target_sensitivity:g} on val"
-    return float(youden_threshold(y, p)), "Youden's J on val"
-
-
-def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
-    """Run (or resume) training; returns the final summary dict. Ray must be initialised."""
+    ``echo(line)`` gets the job's own lines (data, model, the workers' notes); ``progress(metrics,
+    epochs)`` gets rank 0's metrics of each finished epoch."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from .train_worker import train_loop
-    from .trainset import make_split
 
     s = replace(s, data=storage.absolute(s.data), out=storage.absolute(s.out),
                 weights=s.weights if s.weights in WEIGHTS else storage.absolute(s.weights))
@@ -121,6 +54,34 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
     echo(f"model: {s.arch}, weights {s.weights}; {s.epochs} epochs ({s.n_warmup} warm-up), {s.workers} "
          f"{'GPU' if use_gpu else 'CPU'} workers x batch {s.batch_size}")
     t0 = time.perf_counter()
+    _fit(s, split, counts, use_gpu, lambda ranks: _on_epoch(ranks, s.epochs, echo, progress))
+    if not storage.exists(storage.join(s.out, "history.json")):  # no epoch finished, yet Ray saw no error
+        raise TrainingError(f"Training ended without finishing an epoch; nothing was written to {s.out}. See the"
+                            " workers' notes above (unreadable images?).")
+    history = json.loads(storage.read_bytes(storage.join(s.out, "history.json")))
+    best = best_epoch(history)  # the rule the workers used for best.ckpt
+    summary = {"out": s.out, "best_checkpoint": storage.join(s.out, "best.ckpt"), "best_epoch": best["epoch"],
+               "epochs": len(history), "val_auc": best["val_auc"], "val_acc": best["val_acc"],
+               "threshold": best["threshold"], "seconds": time.perf_counter() - t0, "validation": split.val_note,
+               "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history]))}
+    if register and len(history) == s.epochs:
+        from ..model.registry import register_default
+
+        summary["registered_as_default"] = str(register_default(summary["best_checkpoint"]))
+    return summary
+
+
+def _fit(s: TrainSettings, split: Split, counts, use_gpu: bool, on_epoch) -> None:
+    """TorchTrainer.fit() over the workers of train_worker.py; ``on_epoch(per-rank metrics)`` runs
+    in this process, from a thread, as each epoch ends. A failure in the workers (after
+    ``max_failures`` restarts) becomes one TrainingError line."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from .train_worker import train_loop
+
+    queue = Queue(actor_options={"num_cpus": 0})  # zero CPUs: it must never wait for the workers' CPUs
     ray_path, ray_fs = _ray_storage(s.out)
     trainer = TorchTrainer(
         train_loop,
@@ -131,27 +92,62 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
             # A fresh name each call: resuming is ours (from last.ckpt), so a finished earlier run
             # in the same storage cannot make Ray skip this one.
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=ray_path,
-            storage_filesystem=ray_fs,
+            storage_path=ray_path, storage_filesystem=ray_fs,
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[_EpochRelay(queue)],
         ),
     )
-    trainer.fit()
-    if not storage.exists(storage.join(s.out, "history.json")):  # no epoch finished, yet Ray saw no error
-        raise InputError(f"Training ended without finishing an epoch; nothing was written to {s.out}. See the"
-                         " workers' messages above (unreadable images?).")
-    history = json.loads(storage.read_bytes(storage.join(s.out, "history.json")))
-    best = max(history, key=lambda h: (h["val_auc"] if h["val_auc"] is not None else -1, -h["val_loss"]))
-    summary = {"out": s.out, "best_checkpoint": storage.join(s.out, "best.ckpt"), "best_epoch": best["epoch"],
-               "epochs": len(history), "val_auc": best["val_auc"], "val_acc": best["val_acc"],
-               "threshold": best["threshold"], "seconds": time.perf_counter() - t0, "validation": split.val_note,
-               "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history]))}
-    if register and len(history) == s.epochs:
-        from ..model.registry import register_default
+    done = threading.Event()
+    pump = threading.Thread(target=_pump, args=(queue, done, on_epoch), daemon=True)
+    pump.start()
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        raise TrainingError(f"Training failed in its workers: {_worker_cause(e)}") from None
+    finally:
+        done.set()
+        pump.join()
+        while not queue.empty():  # epochs that ended while the pump was stopping
+            on_epoch(queue.get_nowait())
+        queue.shutdown()
 
-        summary["registered_as_default"] = str(register_default(summary["best_checkpoint"]))
-    return summary
+
+class _EpochRelay(UserCallback):
+    """Runs in Ray Train's controller (an actor, whose output goes to Ray's logs): hands each
+    epoch's metrics, one dict per rank, to the driver through a Ray queue."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(metrics)
+
+
+def _pump(queue, done: threading.Event, on_epoch) -> None:
+    while not done.is_set():
+        try:
+            item = queue.get(timeout=0.5)
+        except Empty:
+            continue
+        on_epoch(item)
+
+
+def _on_epoch(ranks: list[dict], epochs: int, echo, progress) -> None:
+    for m in ranks:
+        for note in m.get("notes") or ():
+            echo(note)
+    if progress:
+        progress(ranks[0], epochs)
+
+
+def _worker_cause(e: Exception) -> str:
+    """One line from a Ray Train failure: the first worker's own exception when Ray kept it."""
+    for rank, exc in sorted(getattr(e, "worker_failures", {}).items()):
+        base = getattr(exc, "_base_exc", exc)  # Ray wraps it together with its traceback text
+        return f"rank {rank}: {type(base).__name__}: {one_line(base, 300)}"
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return one_line(lines[-1] if lines else e, 300)
 
 
 def _check_fits(s: TrainSettings, use_gpu: bool) -> None:

@@ -1,11 +1,17 @@
-"""What each Ray Train worker runs. Rank 0 alone writes; every rank calls ``ray.train.report``."""
+"""What each Ray Train worker runs. Rank 0 alone writes; every rank calls ``ray.train.report``.
+
+Imports only downwards (train_config, trainset, model, pixels, reports), never its driver
+(train.py). What a user must see from a worker (unreadable images, a resume) travels in the
+reported metrics as ``notes``, and the driver prints it: workers' own output stays in Ray's logs.
+"""
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import tempfile
 import time
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -14,13 +20,14 @@ from torch import nn
 
 from .. import POSITIVE
 from ..archive import storage
+from ..errors import InputError
 from ..model.checkpoint import make_checkpoint, save_checkpoint
-from ..model.weights import load_state_file
-from ..reports.metrics import roc_auc
 from ..model.network import build_model
-from .train import TrainSettings, choose_threshold, lr_at
-from .trainset import augment, load_pixels, shard
+from ..model.weights import load_state_file
 from ..pixels.transforms import normalize
+from ..reports.metrics import roc_auc
+from .train_config import TrainSettings, best_epoch, choose_threshold, lr_at
+from .trainset import augment, load_pixels, shard
 
 
 def train_loop(config: dict) -> None:
@@ -31,34 +38,17 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = get_device()
-    on_gpu = device.type == "cuda"
     torch.set_num_threads(max(1, int(s.cpus_per_worker)))
     torch.manual_seed(s.seed + rank)
-
-    train_x, train_y, skipped = load_pixels(s.data, shard(config["train"], rank, world, s.seed), s.image_size, s.max_pixels)
-    val_x, val_y, vskipped = load_pixels(s.data, shard(config["val"], rank, world, s.seed), s.image_size, s.max_pixels)
-    if skipped or vskipped:
-        print(f"[rank {rank}] skipped {len(skipped) + len(vskipped)} unreadable images, e.g. {(skipped + vskipped)[0]}")
-    if skipped and not len(train_y):  # training on nothing would "finish" with empty metrics
-        raise RuntimeError(f"[rank {rank}] none of this worker's {len(skipped)} training images could be read,"
-                           f" e.g. {skipped[0][0]}: {skipped[0][1]}")
-
+    (train_x, train_y), (val_x, val_y), notes = _load_shards(config, s, rank, world)
     model = build_model(s.arch, s.weights, seed=s.seed, cam_stride=s.cam_stride).to(device)
-    if on_gpu:
+    if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     counts = np.asarray(config["class_counts"], np.float64)
     class_weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
-
-    ckpt_uri, best_uri = storage.join(s.out, "last.ckpt"), storage.join(s.out, "best.ckpt")
-    start, history, opt_state = 1, [], None
-    if storage.exists(ckpt_uri):  # a re-run, or Ray restarting the group after a worker died
-        ck = load_state_file(ckpt_uri)
-        model.load_state_dict(ck["state_dict"])
-        start, history, opt_state = ck["epoch"] + 1, ck["history"], ck.get("optimizer")
-        if rank == 0:
-            print(f"resuming from {ckpt_uri}: epoch {ck['epoch']} of {s.epochs} done")
-
+    ckpt_uri = storage.join(s.out, "last.ckpt")
+    start, history, opt_state = _resume(model, ckpt_uri, s, rank, notes)
     current = None
     for epoch in range(start, s.epochs + 1):
         phase, lr = lr_at(s, epoch)
@@ -70,22 +60,61 @@ def train_loop(config: dict) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        tr = _train_epoch(ddp, model, opt, loss_fn, train_x, train_y, s, epoch, rank, device, on_gpu, phase)
+        tr = _train_epoch(ddp, model, opt, loss_fn, train_x, train_y, s, epoch, rank, device, phase)
         train_seconds = time.perf_counter() - t0
-        va = _evaluate(model, val_x, val_y, s, device, on_gpu, loss_fn)
-        row = _epoch_row(epoch, phase, lr, tr, va, s, train_seconds, len(train_y))
+        va = _evaluate(model, val_x, val_y, s, device, loss_fn)
+        row = _epoch_row(epoch, phase, lr, tr, va, train_seconds, len(train_y))
         history = history + [row]
-        report = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
         if rank == 0:
-            _save(model, opt, s, row, history, ckpt_uri, best_uri, phase)
-            with tempfile.TemporaryDirectory() as d:
-                with open(f"{d}/epoch.json", "w") as f:
-                    json.dump(row, f)  # the weights live in last.ckpt; Ray tracks this marker
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(report)
+            _save(model, opt, s, row, history, phase)
+        _report(row, notes, rank)
+        notes = []  # said once per start of the worker group
         if s.stop_after_epoch is not None and epoch >= s.stop_after_epoch:
             break
+
+
+def _load_shards(config: dict, s: TrainSettings, rank: int, world: int):
+    """This rank's train and val shards, decoded; notes for the user about unreadable images."""
+    train_x, train_y, skipped = load_pixels(s.data, shard(config["train"], rank, world, s.seed), s.image_size,
+                                            s.max_pixels)
+    val_x, val_y, vskipped = load_pixels(s.data, shard(config["val"], rank, world, s.seed), s.image_size,
+                                         s.max_pixels)
+    notes = []
+    if skipped or vskipped:
+        path, reason = (skipped + vskipped)[0]
+        notes.append(f"rank {rank}: skipped {len(skipped) + len(vskipped)} unreadable images, e.g. {path}: {reason}")
+    if skipped and not len(train_y):  # training on nothing would "finish" with empty metrics
+        raise InputError(f"None of rank {rank}'s {len(skipped)} training images could be read, e.g."
+                         f" {skipped[0][0]}: {skipped[0][1]}")
+    return (train_x, train_y), (val_x, val_y), notes
+
+
+def _resume(model, ckpt_uri: str, s: TrainSettings, rank: int, notes: list) -> tuple[int, list, dict | None]:
+    """(first epoch to run, history so far, optimizer state) from last.ckpt when there is one: a
+    re-run, or Ray restarting the worker group after a worker died."""
+    if not storage.exists(ckpt_uri):
+        return 1, [], None
+    ck = load_state_file(ckpt_uri)
+    model.load_state_dict(ck["state_dict"])
+    if rank == 0:
+        notes.append(f"resuming from {ckpt_uri}: epoch {ck['epoch']} of {s.epochs} done")
+    return ck["epoch"] + 1, ck["history"], ck.get("optimizer")
+
+
+def _report(row: dict, notes: list, rank: int) -> None:
+    """Every rank reports (it is a barrier); rank 0 with a marker checkpoint, so that Ray Train keeps
+    the metrics. ``notes`` are lines the driver prints for the user."""
+    import ray.train
+
+    report = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
+    report["notes"] = notes
+    if rank != 0:
+        ray.train.report(report)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/epoch.json", "w") as f:
+            json.dump(row, f)  # the weights live in last.ckpt; Ray tracks this marker
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _phase_model(model, phase, lr, s, device, world):
@@ -103,7 +132,8 @@ def _phase_model(model, phase, lr, s, device, world):
     return ddp, opt
 
 
-def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, on_gpu, phase):
+def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, phase):
+    on_gpu = device.type == "cuda"
     model.train()
     if phase == "warmup":
         model.trunk.eval()
@@ -131,8 +161,9 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, on_gpu,
 
 
 @torch.no_grad()
-def _evaluate(model, x, y, s, device, on_gpu, loss_fn):
+def _evaluate(model, x, y, s, device, loss_fn):
     """Val metrics over ALL ranks' shards: gather every probability, then compute once."""
+    on_gpu = device.type == "cuda"
     model.eval()
     probs, losses = [], 0.0
     for i in range(0, len(y), s.batch_size):
@@ -155,25 +186,21 @@ def _evaluate(model, x, y, s, device, on_gpu, loss_fn):
             "n": int(len(y_all))}
 
 
-def _epoch_row(epoch, phase, lr, tr, va, s, seconds, n_local):
+def _epoch_row(epoch, phase, lr, tr, va, seconds, n_local):
     return {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
             "val_loss": va["loss"], "val_acc": va["acc"], "val_acc_at_0.5": va["acc_at_0.5"], "val_auc": va["auc"],
             "threshold": va["threshold"], "threshold_rule": va["threshold_rule"], "val_n": va["n"],
             "epoch_seconds": seconds, "images_per_s_per_worker": n_local / seconds if seconds > 0 else 0.0}
 
 
-def _save(model, opt, s, row, history, ckpt_uri, best_uri, phase):
-    from dataclasses import asdict
-
+def _save(model, opt, s, row, history, phase):
+    """last.ckpt every epoch; best.ckpt when this epoch is the best so far (train_config.best_epoch)."""
     ck = make_checkpoint(model, arch=s.arch, image_size=s.image_size, threshold=row["threshold"], settings=asdict(s),
-                         cam_stride=s.cam_stride,
-                         epoch=row["epoch"], metrics=row, history=history,
+                         cam_stride=s.cam_stride, epoch=row["epoch"], metrics=row, history=history,
                          optimizer={"phase": phase, "state": opt.state_dict()})
-    scored = [h for h in history if h["val_auc"] is not None]
-    best = max(scored, key=lambda h: (h["val_auc"], -h["val_loss"])) if scored else history[-1]
-    if best["epoch"] == row["epoch"]:
-        save_checkpoint({**ck, "optimizer": None}, best_uri)  # scoring needs no optimizer state
-    save_checkpoint(ck, ckpt_uri)
+    if best_epoch(history)["epoch"] == row["epoch"]:
+        save_checkpoint({**ck, "optimizer": None}, storage.join(s.out, "best.ckpt"))  # scoring needs no optimizer state
+    save_checkpoint(ck, storage.join(s.out, "last.ckpt"))
     storage.write_bytes_atomic(storage.join(s.out, "history.json"), json.dumps(history, indent=1).encode())
 
 
@@ -197,6 +224,3 @@ def _all_gather(obj):
         dist.all_gather_object(out, obj)
         return out
     return [obj]
-
-
-

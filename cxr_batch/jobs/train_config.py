@@ -1,0 +1,98 @@
+"""What the training driver (train.py) and its workers (train_worker.py) share: the settings, the
+learning-rate schedule, how the decision threshold is chosen, and which epoch is "best".
+
+One rule for the best epoch (``best_epoch``): the worker uses it to decide when to write
+``best.ckpt``, the driver to report that epoch, so the two can never name different epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from ..model.network import check_arch
+from ..pixels.decode import DEFAULT_MAX_PIXELS
+
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    data: str  # folder (or s3:// prefix) with train/, val/, test/ each holding NORMAL/ and PNEUMONIA/
+    out: str  # run folder: last.ckpt, best.ckpt, history.json; re-running it resumes
+    arch: str = "resnet101"
+    weights: str = "imagenet"  # imagenet | none | path to a torchvision state dict
+    epochs: int = 10  # total, warm-up included
+    warmup_epochs: int = 1  # head only, backbone frozen; skipped when weights=none (nothing to protect)
+    batch_size: int = 32  # per worker
+    lr: float | None = None  # fine-tuning lr (AdamW); None = 1e-4 pretrained, 5e-4 from scratch (2e-3 stalled for 6 epochs on phantoms)
+    warmup_lr: float = 1e-3
+    weight_decay: float = 1e-4
+    image_size: int = 224
+    cam_stride: int = 16  # 16: a 14x14 CAM at 224 px instead of 7x7 (see model.build_model)
+    workers: int = 2
+    gpu: bool | None = None  # None = use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    # Ray placement group strategy for the workers: PACK fills one node first (fast all-reduce);
+    # SPREAD prefers one worker per node, STRICT_SPREAD refuses to start without it.
+    placement: str = "PACK"
+    val_fraction: float = 0.1  # of train/, stratified, when val/ is missing or tiny
+    target_sensitivity: float | None = None  # None: threshold by Youden's J on val
+    seed: int = 0
+    max_failures: int = 1  # worker-group restarts (from the last checkpoint) before giving up
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    stop_after_epoch: int | None = None  # testing hook: end the run (not the count) after this epoch
+
+    def __post_init__(self):
+        check_arch(self.arch)
+        if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
+            raise InputError("--epochs, --workers and --batch-size must be at least 1.")
+        if self.target_sensitivity is not None and not 0 < self.target_sensitivity < 1:
+            raise InputError("--target-sensitivity must be between 0 and 1, e.g. 0.95.")
+        if self.image_size < 64:
+            raise InputError("--image-size must be at least 64 px.")
+        if self.placement not in PLACEMENTS:
+            raise InputError(f"Invalid --placement {self.placement}. Only {', '.join(PLACEMENTS)} are supported.")
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights != "none"
+
+    @property
+    def finetune_lr(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.pretrained else 5e-4)
+
+    @property
+    def n_warmup(self) -> int:
+        return min(self.warmup_epochs, self.epochs - 1) if self.pretrained else 0
+
+
+def lr_at(s: TrainSettings, epoch: int) -> tuple[str, float]:
+    """(phase, lr) of 1-based ``epoch``: warm-up at warmup_lr, then cosine from finetune_lr to 5% of it."""
+    if epoch <= s.n_warmup:
+        return "warmup", s.warmup_lr
+    n = s.epochs - s.n_warmup
+    k = epoch - s.n_warmup - 1
+    return "finetune", s.finetune_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * k / max(1, n))))
+
+
+def choose_threshold(y, p, target_sensitivity: float | None) -> tuple[float, str]:
+    from ..reports.metrics import threshold_for_sensitivity, youden_threshold
+
+    if len(set(np.asarray(y).tolist())) < 2:
+        return 0.5, "default 0.5 (val has one class)"
+    if target_sensitivity is not None:
+        return float(threshold_for_sensitivity(y, p, target_sensitivity)), f"sensitivity >= {target_sensitivity:g} on val"
+    return float(youden_threshold(y, p)), "Youden's J on val"
+
+
+def best_epoch(history: list[dict]) -> dict:
+    """The best epoch of ``history``: highest validation AUC, ties to the lower validation loss; when
+    no epoch has an AUC (val holds one class), the lowest validation loss. The first of equals wins,
+    so an epoch that was best when it finished stays best until a later one is strictly better."""
+    if not history:
+        raise InputError("No epoch has finished yet, so there is no best epoch.")
+    return max(history, key=lambda h: (h["val_auc"] is not None, h["val_auc"] or 0.0, -h["val_loss"]))

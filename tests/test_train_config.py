@@ -1,0 +1,68 @@
+"""What the training driver and its workers share: settings checks, the lr schedule, the threshold
+rule and the one rule for the best epoch."""
+
+import random
+
+import pytest
+
+from cxr_batch.errors import InputError
+from cxr_batch.jobs.train_config import TrainSettings, best_epoch, choose_threshold, lr_at
+
+
+def row(epoch, auc, loss):
+    return {"epoch": epoch, "val_auc": auc, "val_loss": loss}
+
+
+def test_best_epoch_is_the_highest_auc_ties_to_the_lower_loss():
+    history = [row(1, 0.8, 0.5), row(2, 0.9, 0.6), row(3, 0.9, 0.4), row(4, 0.85, 0.1)]
+    assert best_epoch(history)["epoch"] == 3
+
+
+def test_without_any_auc_the_best_epoch_is_the_lowest_val_loss_not_the_last():
+    history = [row(1, None, 0.7), row(2, None, 0.3), row(3, None, 0.5)]
+    assert best_epoch(history)["epoch"] == 2
+
+
+def saved_as_best(history):
+    """The epoch best.ckpt holds at the end: the worker writes it after every epoch that is, at that
+    moment, best_epoch of the history so far (train_worker._save)."""
+    saved = None
+    for i in range(len(history)):
+        if best_epoch(history[: i + 1])["epoch"] == history[i]["epoch"]:
+            saved = history[i]["epoch"]
+    return saved
+
+
+def test_best_ckpt_holds_the_epoch_the_summary_reports():
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 8)
+        one_class = rng.random() < 0.3  # val with one class: no AUC in any epoch
+        history = [row(e + 1, None if one_class else rng.choice([0.7, 0.8, 0.9, round(rng.random(), 2)]),
+                       rng.choice([0.2, 0.3, round(rng.random(), 2)])) for e in range(n)]
+        assert saved_as_best(history) == best_epoch(history)["epoch"], history
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    s = TrainSettings(data="d", out="o", epochs=5, warmup_epochs=1, lr=1e-3)
+    phases = [lr_at(s, e) for e in range(1, 6)]
+    assert phases[0] == ("warmup", s.warmup_lr)
+    finetune = [lr for phase, lr in phases[1:]]
+    assert finetune[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(finetune, finetune[1:]))
+    assert TrainSettings(data="d", out="o", weights="none", epochs=3).n_warmup == 0  # nothing to protect
+
+
+def test_threshold_rules():
+    y, p = [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]
+    assert choose_threshold(y, p, None) == (0.8, "Youden's J on val")  # ties go to the higher threshold
+    t, rule = choose_threshold(y, p, 1.0)
+    assert t == 0.35 and rule == "sensitivity >= 1 on val"
+    assert choose_threshold([1, 1], [0.2, 0.9], None) == (0.5, "default 0.5 (val has one class)")
+
+
+@pytest.mark.parametrize("kwargs,match", [({"arch": "resnet99"}, "Invalid arch"), ({"epochs": 0}, "at least 1"),
+                                          ({"placement": "EVERYWHERE"}, "Invalid --placement"),
+                                          ({"target_sensitivity": 1.5}, "between 0 and 1")])
+def test_bad_settings_are_input_errors(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        TrainSettings(data="d", out="o", **kwargs)
