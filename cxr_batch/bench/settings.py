@@ -1,0 +1,54 @@
+"""The benchmark's settings and its precision modes ("fp32", "bf16+compile", "bf16+nocams", ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+PRECISIONS = ("fp32", "bf16")
+MODE_FLAGS = ("compile", "nocams")  # "bf16+compile", "fp32+nocams", "bf16+compile+nocams", ...
+REFERENCE = "fp32"  # every other mode's labels are compared with this one's
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchSettings:
+    workdir: str  # archive (unless given), outputs and the derived checkpoint go here
+    archive: str | None = None  # None: generate phantoms into <workdir>/archive (kept for the next run)
+    images: int = 600
+    min_side: int = 1000  # generated phantoms are squares of a random side in [min_side, max_side]
+    max_side: int = 2000
+    model: str = "resnet101:none"
+    calibrate: bool = True  # untrained head -> derived checkpoint with a spread of probabilities (see above)
+    batch_size: int = 16
+    modes: tuple[str, ...] = ("fp32", "bf16")
+    device: str = "auto"  # auto: the GPU when torch sees one (then (a), (b) and (c) all use it), else the CPU
+    baseline_images: int | None = None  # (a) on the first N images only (None: all): it is slow on big archives
+    decode_check: bool = False  # also time JPEG decoding: PIL draft on one core vs torchvision on the GPU
+    forward_batches: int = 6  # timed batches for (c), after one warm-up batch
+    memory_check: bool = False
+    memory_images: int = 100  # N: the check scores N, then 10N images
+    memory_side: int = 128
+    memory_model: str = "resnet18:none"
+    num_cpus: int | None = None  # for a Ray the benchmark starts; None = all
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = [m for m in self.modes if parse_mode(m) is None]
+        if bad or REFERENCE not in self.modes:
+            raise InputError(f"Invalid modes {bad or list(self.modes)}. A mode is fp32 or bf16, optionally followed"
+                             " by +compile and/or +nocams (no CAM PNGs), e.g. bf16+compile; fp32 is required"
+                             " (every other mode is compared with it).")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise InputError(f"Invalid device {self.device!r}. Only auto, cpu and gpu are supported.")
+        if self.images < 1 or self.batch_size < 1 or not 32 <= self.min_side <= self.max_side:
+            raise InputError("--images and --batch-size must be at least 1, and 32 <= --min-side <= --max-side.")
+
+
+def parse_mode(mode: str) -> tuple[str, bool, bool] | None:
+    """"bf16+compile" -> ("bf16", compile=True, cams=True); "fp32+nocams" -> ("fp32", False, False);
+    None when ``mode`` is not of that form."""
+    precision, *flags = mode.split("+")
+    if precision not in PRECISIONS or len(set(flags)) != len(flags) or not set(flags) <= set(MODE_FLAGS):
+        return None
+    return precision, "compile" in flags, "nocams" not in flags
