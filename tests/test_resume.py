@@ -28,7 +28,7 @@ PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    from cxr_batch.synth.phantom import make_archive
+    from cxr_batch.synth.archive import make_archive
 
     root = tmp_path_factory.mktemp("resume") / "archive"
     make_archive(root, n_train=0, n_val=0, n_test=N, size=128, seed=7)

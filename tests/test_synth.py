@@ -9,7 +9,8 @@ from PIL import Image
 
 from cxr_batch import CLASSES
 from cxr_batch.errors import InputError
-from cxr_batch.synth.phantom import _anatomy, _canonical_grid, make_archive, phantom
+from cxr_batch.synth.archive import make_archive
+from cxr_batch.synth.phantom import _anatomy, _canonical_grid, phantom
 
 
 def _pair(seed, size=128):

@@ -13,7 +13,7 @@ from cxr_batch.model.checkpoint import load_checkpoint
 from cxr_batch.cli import main
 from cxr_batch.jobs.evaluate import EvaluateSettings, run_evaluate
 from cxr_batch.reports.metrics import binary_metrics
-from cxr_batch.synth.phantom import make_archive
+from cxr_batch.synth.archive import make_archive
 from cxr_batch.jobs.train import run_train
 from cxr_batch.jobs.train_config import TrainSettings
 

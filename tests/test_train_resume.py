@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cxr_batch.model.checkpoint import load_checkpoint
-from cxr_batch.synth.phantom import make_archive
+from cxr_batch.synth.archive import make_archive
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4
@@ -30,13 +30,17 @@ def _train_cmd(data, out, address):
 
 
 def _wait_for_checkpoint(out, proc, timeout=240):
-    ckpt = out / "last.ckpt"
+    """The first epoch's history. Rank 0 writes last.ckpt, then history.json (each atomically), so
+    waiting for history.json means both are there; waiting for last.ckpt and then reading
+    history.json raced with its writing."""
+    history = out / "history.json"
     t0 = time.time()
-    while not ckpt.exists():
+    while not history.exists():
         assert proc.poll() is None, f"training exited early with {proc.returncode}"
         assert time.time() - t0 < timeout, "no checkpoint in time"
         time.sleep(0.2)
-    return json.loads((out / "history.json").read_text())
+    assert (out / "last.ckpt").exists()
+    return json.loads(history.read_text())
 
 
 def _history(out):

@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 from cxr_batch.jobs.trainset import labelled_files, load_pixels, make_split
-from cxr_batch.synth.phantom import make_archive
+from cxr_batch.synth.archive import make_archive
 
 from images import broken
 

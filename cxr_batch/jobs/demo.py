@@ -28,9 +28,9 @@ class DemoSettings:
     seed: int = 0
 
 
-def run_demo(d: DemoSettings, *, echo=print, progress=None) -> dict:
+def run_demo(d: DemoSettings, *, echo=print, epoch_progress=None, score_progress=None) -> dict:
+    from ..synth.archive import make_archive
     from .evaluate import EvaluateSettings, run_evaluate
-    from ..synth.phantom import make_archive
     from .train import run_train
     from .train_config import TrainSettings
 
@@ -44,11 +44,12 @@ def run_demo(d: DemoSettings, *, echo=print, progress=None) -> dict:
     run = storage.join(d.out, "run")
     t = run_train(TrainSettings(data=archive, out=run, arch=d.arch, weights="none", epochs=d.epochs,
                                 batch_size=d.batch_size, lr=d.lr, image_size=d.image_size, workers=d.workers,
-                                seed=d.seed), echo=echo, register=False)
-    echo(f"      best epoch {t['best_epoch']}: val AUC {t['val_auc']:.3f}" if t["val_auc"] is not None else "")
+                                seed=d.seed), echo=echo, progress=epoch_progress, register=False)
+    auc = "n/a" if t["val_auc"] is None else f"{t['val_auc']:.3f}"
+    echo(f"      best epoch {t['best_epoch']}: val AUC {auc}")
     echo(f"[3/3] scoring {storage.join(archive, 'test')} and writing the report")
     report = storage.join(d.out, "report")
     m = run_evaluate(EvaluateSettings(checkpoint=t["best_checkpoint"], folder=storage.join(archive, "test"), out=report),
-                     progress=progress)
-    return {"train": t, "metrics": m, "report": storage.join(report, "report.md"),
+                     progress=score_progress)
+    return {"train": t, "metrics": m, "report": storage.join(report, "report.md"), "report_dir": storage.absolute(report),
             "checkpoint": t["best_checkpoint"], "out": storage.absolute(d.out)}

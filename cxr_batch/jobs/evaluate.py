@@ -22,6 +22,7 @@ from .. import CLASSES, POSITIVE
 from ..archive import storage
 from ..model.checkpoint import load_checkpoint
 from ..errors import InputError
+from ..reports.markdown import report_markdown
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +37,7 @@ class EvaluateSettings:
     montage_size: int = 8  # most confident errors shown
 
 
-def run_evaluate(s: EvaluateSettings, *, progress=None) -> dict:
+def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     from ..reports.metrics import binary_metrics, bootstrap_ci
     from ..archive.results import read_table
     from .score import ScoreSettings, run_score
@@ -44,7 +45,7 @@ def run_evaluate(s: EvaluateSettings, *, progress=None) -> dict:
     ck = load_checkpoint(s.checkpoint)
     pred_out = storage.join(s.out, "predictions.parquet")
     summary = run_score(ScoreSettings(archive=s.folder, out=pred_out, model=s.checkpoint, batch_size=s.batch_size,
-                                      cam_dir=storage.join(s.out, "cams")), progress=progress)
+                                      cam_dir=storage.join(s.out, "cams")), progress=progress, echo=echo)
     rows = read_table(pred_out).to_pylist()
     scored = [r for r in rows if r["error"] is None and r["label"] is not None]
     if not scored or len({r["label"] for r in scored}) < 1:
@@ -70,7 +71,7 @@ def run_evaluate(s: EvaluateSettings, *, progress=None) -> dict:
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2, default=float)
         with open(os.path.join(tmp, "report.md"), "w") as f:
-            f.write(_report_md(metrics, ck.ckpt, history))
+            f.write(report_markdown(metrics, ck.ckpt))
         for name in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, name), "rb") as f:
                 storage.write_bytes_atomic(storage.join(s.out, name), f.read())
@@ -145,36 +146,3 @@ def _pointing(scored, truth, tolerance):
     positives = [r for r in scored if r["label"] == CLASSES[POSITIVE]]
     return {"true_positives": game([r for r in positives if r["pred"] == CLASSES[POSITIVE]]),
             "all_positives": game(positives)}
-
-
-def _fmt(m: dict, ci: dict, key: str) -> str:
-    v = m.get(key)
-    if v is None:
-        return "n/a"
-    lo_hi = ci.get(key)
-    return f"{v:.3f} ({lo_hi[0]:.3f}-{lo_hi[1]:.3f})" if lo_hi else f"{v:.3f}"
-
-
-def _report_md(metrics: dict, ckpt: dict, history: list) -> str:
-    m, ci = metrics["metrics"], metrics["ci95"]
-    lines = [
-        f"# Evaluation of `{metrics['checkpoint']}`", "",
-        f"Model {ckpt['arch']} (id {metrics['model_id']}), {ckpt['image_size']} px, trained {ckpt.get('epoch')} epochs."
-        f" Folder `{metrics['folder']}`: {metrics['n_files']} files, {metrics['n_scored']} labelled and scored,"
-        f" {metrics['n_errors']} errors.", "",
-        f"Decision threshold {metrics['threshold']:.4f} ({metrics['threshold_rule']}), chosen on validation data, never on this folder.", "",
-        "| metric | value (95% bootstrap CI) |", "|---|---|",
-    ]
-    for key in ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc"):
-        lines.append(f"| {key} | {_fmt(m, ci, key)} |")
-    c = m["confusion"]
-    lines += ["", f"Confusion: TP {c['tp']}, FN {c['fn']}, FP {c['fp']}, TN {c['tn']}.", ""]
-    pt = metrics.get("pointing")
-    if pt and pt.get("true_positives"):
-        g = pt["true_positives"]
-        lines += [f"CAM pointing game (peak within {g['tolerance']} lesion radii of the planted lesion): "
-                  f"{g['hits']}/{g['n']} = {g['rate']:.1%} of correctly flagged PNEUMONIA images.", ""]
-    lines += ["![ROC](roc.png)", "", "![Confusion matrix](confusion.png)", "",
-              "![Training curves](training_curves.png)", "", "![Most confident errors](errors_montage.png)", "",
-              "Per-image predictions: `predictions.parquet/`; CAM overlays: `cams/`.", ""]
-    return "\n".join(lines)

@@ -6,9 +6,7 @@ clavicles, crossing posterior and anterior ribs, smooth exposure variation and f
 brightness, contrast and gamma. With ``opacity=True`` it adds one soft, patchy brighter region
 inside a lung and returns its centre and radius as fractions of the image side.
 
-``make_archive(out_dir, ...)`` writes the public pediatric pneumonia set's layout,
-``{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``, plus ``truth.csv`` (path,label,x,y,r) so that
-tests can check that a CAM peak falls on the planted lesion.
+``synth/archive.py`` writes archives of them.
 
 Geometry is drawn in "canonical" coordinates (u, v) in [-1, 1], u to the image right (the
 patient's left), v downwards, then mapped through the per-image pose.
@@ -16,14 +14,10 @@ patient's left), v downwards, then mapped through the per-image pose.
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .. import CLASSES
 from ..errors import InputError
 
 # Anatomy is drawn at most at this side and upsampled: it is smooth, so nothing is lost, and
@@ -37,8 +31,7 @@ MIN_SIDE = 32
 # its CAM peak on the lesion in 77% of positives.
 OPACITY_CONTRAST = (0.6, 0.9)
 OPACITY_RADIUS = (0.06, 0.12)  # fraction of the image width (half-maximum radius)
-JPEG_QUALITY = 90
-SPLITS = ("train", "val", "test")
+JPEG_QUALITY = 90  # what the archives written from these phantoms use
 
 
 def phantom(rng: np.random.Generator, size: int = 256, *, opacity: bool) -> tuple[np.ndarray, dict | None]:
@@ -48,7 +41,7 @@ def phantom(rng: np.random.Generator, size: int = 256, *, opacity: bool) -> tupl
     asked), so with the same generator state the two images differ only inside the opacity:
     no other statistic can tell the classes apart.
     """
-    _check_size(size)
+    check_size(size)
     work = min(size, WORK_SIDE)
     u, v = _canonical_grid(rng, work)
     chest, lung, lung_depth = _anatomy(rng, u, v)
@@ -65,7 +58,7 @@ def phantom(rng: np.random.Generator, size: int = 256, *, opacity: bool) -> tupl
     return pixels, (truth if opacity else None)
 
 
-def _check_size(size: int) -> None:
+def check_size(size: int) -> None:
     if not MIN_SIDE <= size:
         raise InputError(f"Invalid size {size}: a phantom needs at least {MIN_SIDE} px to hold its anatomy.")
 
@@ -270,48 +263,3 @@ def _smooth_noise(rng, n, *, coarse, sigma):
 
 def _resize(a: np.ndarray, n: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a.astype(np.float32)).resize((n, n), Image.BICUBIC))
-
-
-def make_archive(out_dir, *, n_train=160, n_val=40, n_test=80, size=256, seed=0, pos_fraction=0.5) -> Path:
-    """Write a phantom archive in the pediatric pneumonia set's layout; returns truth.csv's path.
-
-    ``n_*`` count images per split, both classes together; ``round(n * pos_fraction)`` of each
-    split are PNEUMONIA. Every image has its own generator seeded from (seed, split, index), so
-    an archive is reproducible and one split does not change when another's size does.
-    """
-    _check_size(size)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"Refusing to write the example archive into {out}: it exists and is not empty. "
-                         "Pass a new or empty directory.")
-    if not 0.0 <= pos_fraction <= 1.0:
-        raise InputError(f"Invalid pos_fraction {pos_fraction}: it must lie in [0, 1].")
-    counts = {"train": n_train, "val": n_val, "test": n_test}
-    if any(int(c) < 0 for c in counts.values()):
-        raise InputError(f"Invalid image counts {counts}: each must be 0 or more.")
-    rows = []
-    for s, split in enumerate(SPLITS):
-        rows += _write_split(out, split, s, int(counts[split]), size, seed, pos_fraction)
-    truth = out / "truth.csv"
-    with truth.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "x", "y", "r"])
-        w.writerows(sorted(rows))
-    return truth
-
-
-def _write_split(out: Path, split: str, s: int, n: int, size: int, seed: int, pos_fraction: float) -> list:
-    labels = np.zeros(n, dtype=int)
-    labels[: int(round(n * pos_fraction))] = 1
-    # Shuffle so that file index says nothing about the class.
-    np.random.default_rng([seed, s, 1_000_003]).shuffle(labels)
-    for name in CLASSES:
-        (out / split / name).mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, y in enumerate(labels):
-        pixels, truth = phantom(np.random.default_rng([seed, s, i]), size, opacity=bool(y))
-        rel = f"{split}/{CLASSES[y]}/{split}-{i:05d}.jpeg"
-        Image.fromarray(pixels).save(out / rel, quality=JPEG_QUALITY)
-        xyr = [f"{truth[k]:.5f}" for k in ("x", "y", "r")] if truth else ["", "", ""]
-        rows.append([rel, CLASSES[y], *xyr])
-    return rows
