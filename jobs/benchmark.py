@@ -8,11 +8,9 @@ The first run writes 600 phantom JPEGs of 1000-2000 px into WORKDIR/archive and 
 table goes to stdout, progress to stderr; docs/benchmark.md says how to read it.
 """
 
-from __future__ import annotations
-
 import sys
 
 from cxr_batch.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["benchmark", *sys.argv[1:]]))
+    sys.exit(main(["benchmark", *sys.argv[1:]], prog_name="cxr-batch"))

@@ -17,7 +17,9 @@ def ray_session():
     from ray.data import DataContext
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, logging_level="WARNING")
+    # "local": always a new Ray of this session, never one found in /tmp/ray (another developer's
+    # `ray start`, a test cluster) that a plain ray.init() would attach to.
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")
     # A test that cannot get its resources fails in minutes instead of hanging for 30.
     DataContext.get_current().execution_no_progress_timeout_s = 180
     yield ray
@@ -27,7 +29,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory):
     """A small labelled phantom archive shared by the tests that only read it."""
-    from cxr_batch.synth.phantom import make_archive
+    from cxr_batch.synth.archive import make_archive
 
     root = tmp_path_factory.mktemp("phantoms") / "archive"
     make_archive(root, n_train=24, n_val=8, n_test=16, size=192, seed=3)

@@ -76,6 +76,10 @@ def test_training_runs_one_worker_per_node_and_checkpoints_to_s3(cluster, traine
     out, p = trained
     summary = summary_of(p)
     assert summary["epochs"] == 1 and summary["best_checkpoint"] == f"{out}/best.ckpt"
+    assert "registered_as_default" not in summary  # a job joining a cluster does not register by default
+    job_lines = p.stdout.splitlines()
+    first = next(i for i, line in enumerate(job_lines) if line.startswith(("settings: {", '{"summary"')))
+    assert job_lines[first].startswith("settings: {")  # the job's settings come before its summary
     keys = s3server.keys(cluster[1], "runs/cluster/")
     for name in ("last.ckpt", "best.ckpt", "history.json"):
         assert f"runs/cluster/{name}" in keys, keys

@@ -90,6 +90,7 @@ def test_train_writes_checkpoints_history_and_ray_state_to_s3(s3, trained):
     ck = load_state_file_bytes(s3server.get(s3, "runs/r1/best.ckpt"), "best.ckpt")
     assert ck["arch"] == "resnet18" and ck["image_size"] == 64 and ck["settings"]["out"] == out
     assert summary["best_checkpoint"] == f"{out}/best.ckpt"
+    assert "registered_as_default" in summary  # a Ray of its own: --register is on by default
 
 
 @pytest.mark.slow

@@ -1,7 +1,15 @@
-"""Connecting to Ray: join a cluster (``--address`` / ``RAY_ADDRESS``) or start one in-process.
+"""Connecting to Ray: join a cluster (``--address`` / ``RAY_ADDRESS``) or start one in-process, and
+keep Ray's own output in its log files.
 
 Workers import ``cxr_batch``: on a cluster, install it on every node (cluster.yaml does) or submit
 the job with ``ray job submit --working-dir .``, which ships this folder to every worker.
+
+Quiet by default: the workers' and Ray Train's controller's output (per-epoch result dicts,
+checkpoint paths, core_worker warnings) stays in the session's log files (/tmp/ray/session_latest/
+logs) instead of being copied to this console, Ray's Python loggers print errors only, and Ray
+Data draws no progress bars. The jobs print their own progress and summary instead; what a user
+must see from a worker travels back as data (a row's ``error``, a training worker's ``notes``).
+``verbose=True`` (``--verbose``) leaves Ray as it is.
 """
 
 from __future__ import annotations
@@ -10,15 +18,24 @@ import logging
 import os
 from contextlib import contextmanager
 
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+
+def joining_a_cluster(address: str | None) -> bool:
+    """True when ``address`` (or RAY_ADDRESS) names a cluster to join; False when Ray would start here."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False) -> bool:
     """Make sure Ray is up; True when this call started it (the caller then shuts it down)."""
     import ray
 
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(logging_level=logging.WARNING)
+    if not verbose:
+        quiet()
+    kwargs = dict(logging_level=logging.INFO if verbose else logging.ERROR, log_to_driver=verbose)
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -26,13 +43,30 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
         # find in /tmp/ray/ray_current_cluster. The dashboard stays on: Ray Train V2 asks its state
         # API for worker status.
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    if not verbose:
+        quiet()  # ray.init configures its loggers again
     return True
 
 
+def quiet() -> None:
+    """Ray's console output of this process down to errors. Environment variables are read by the
+    processes Ray starts from here (a local Ray); on a joined cluster the workers log to files anyway."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from ray.data import DataContext
+    except ImportError:  # pragma: no cover - ray[data] is a dependency
+        return
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 @contextmanager
-def ray_running(address: str | None = None):
+def ray_running(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False):
     """``with ray_running(addr):`` Ray is up inside; shut down after only if this started it."""
-    started = ensure_ray(address)
+    started = ensure_ray(address, num_cpus=num_cpus, verbose=verbose)
     try:
         yield
     finally:
@@ -75,3 +109,11 @@ def gpus_requested(n: int, *, timeout_s: float = 900, echo=print):
     finally:
         if asked:
             request_resources(bundles=[])  # withdraw: idle GPU nodes leave after idle_timeout_minutes
+
+
+@contextmanager
+def ray_for_job(address: str | None = None, *, wait_for_gpus: int = 0, wait_timeout: float = 900,
+                verbose: bool = False, echo=print):
+    """Ray up (joined, or started in this process) and, when asked, the GPUs the job sizes itself by."""
+    with ray_running(address, verbose=verbose), gpus_requested(wait_for_gpus, timeout_s=wait_timeout, echo=echo):
+        yield

@@ -1,0 +1,61 @@
+"""`cxr-batch benchmark` (also `python jobs/benchmark.py`)."""
+
+from __future__ import annotations
+
+import click
+
+from .options import friendly
+
+
+@click.command()
+@click.argument("workdir")
+@click.option("--archive", default=None, help="Images to score. Default: generate phantoms into WORKDIR/archive (kept).")
+@click.option("--images", type=click.IntRange(min=1), default=600, show_default=True, help="Images to generate / use.")
+@click.option("--min-side", type=click.IntRange(min=32), default=1000, show_default=True, help="Smallest generated side, px.")
+@click.option("--max-side", type=click.IntRange(min=32), default=2000, show_default=True, help="Largest generated side, px.")
+@click.option("--model", "-m", default="resnet101:none", show_default=True, metavar="CKPT|ARCH:WEIGHTS")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="Untrained head: score a derived checkpoint whose P(PNEUMONIA) spreads around 0.5, so that"
+                   " agreement with fp32 means something (same compute per image).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--modes", default="fp32,bf16", show_default=True,
+              help="Comma-separated modes: fp32 or bf16, optionally +compile and/or +nocams (no CAM PNGs),"
+                   " e.g. fp32,bf16,bf16+compile,bf16+nocams. fp32 is required: it is the reference.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Where (a), (b) and (c) run. auto: the GPU when there is one.")
+@click.option("--baseline-images", type=click.IntRange(min=1), default=None,
+              help="Run (a) on the first N images only (it is the slow one). Default: all.")
+@click.option("--decode-check", is_flag=True, help="Also time JPEG decoding: PIL on one CPU core vs nvJPEG on the GPU.")
+@click.option("--memory-check", is_flag=True, help="Also score N and 10N small images and compare peak memory.")
+@click.option("--memory-images", type=click.IntRange(min=1), default=100, show_default=True, help="N for --memory-check.")
+@click.option("--num-cpus", type=click.IntRange(min=2), default=None, help="CPUs of the local Ray it starts. Default: all.")
+@click.option("--out-json", default=None, help="Write every number to this JSON file.")
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output too. Default: it goes to Ray's log files.")
+@friendly
+def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, batch_size, modes, device,
+              baseline_images, decode_check, memory_check, memory_images, num_cpus, out_json, verbose):
+    """Measure `cxr-batch score` against plain PyTorch and the bare model, in one run on one archive.
+
+    Prints images/s of (a) a tutorial-style PyTorch loop, (b) `cxr-batch score` per precision mode and
+    (c) the model's forward alone, the ratios b/a and b/c, peak memory, and each mode's agreement with
+    the fp32 run (the reference).
+
+    Example: cxr-batch benchmark /tmp/bench --out-json benchmark.json
+    """
+    import json
+
+    from ..bench.run import run_benchmark
+    from ..bench.settings import BenchSettings
+    from ..bench.table import format_table
+
+    s = BenchSettings(workdir=workdir, archive=archive, images=images, min_side=min_side, max_side=max_side,
+                      model=model, calibrate=calibrate, batch_size=batch_size,
+                      modes=tuple(m.strip() for m in modes.split(",") if m.strip()), device=device,
+                      baseline_images=baseline_images, decode_check=decode_check, memory_check=memory_check,
+                      memory_images=memory_images, num_cpus=num_cpus)
+    result = run_benchmark(s, log=lambda m: click.echo(m, err=True), verbose=verbose)
+    click.echo(format_table(result))
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=2)
+        click.echo(f"wrote {out_json}")

@@ -1,0 +1,46 @@
+"""Options that several commands share, declared once: which cluster, how to print, and the one
+place where a CxrError becomes one line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from ..errors import CxrError
+
+
+def friendly(fn):
+    """Domain errors become one line ("Error: ...") and exit code 1 (errors.EXIT_ERROR), never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CxrError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def cluster_options(fn):
+    """--address, --wait-for-gpus, --wait-timeout: where the job runs."""
+    fn = click.option("--wait-timeout", type=click.FloatRange(min=0), default=900, show_default=True, metavar="S",
+                      help="Seconds to wait for --wait-for-gpus, then fail with what to check.")(fn)
+    fn = click.option("--wait-for-gpus", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+                      help="First ask the autoscaler for N GPUs and wait for them (a cluster that scales from zero).")(fn)
+    fn = click.option("--address", envvar="RAY_ADDRESS", default=None, metavar="ADDR",
+                      help="Ray cluster to join (also RAY_ADDRESS; `ray job submit` sets it)."
+                           " Default: start Ray in this process.")(fn)
+    return fn
+
+
+def output_options(fn):
+    """--json, --verbose: what the console shows."""
+    fn = click.option("--verbose", "-v", is_flag=True,
+                      help="Show Ray's own output too (workers, Ray Train, Ray Data). Default: it goes to Ray's log"
+                           " files (/tmp/ray/session_latest/logs) and only our progress and summary are printed.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True,
+                      help="Print the settings as JSON first (\"settings: {...}\") and the summary as JSON last"
+                           " ({\"summary\": {...}}), for scripts and job logs.")(fn)
+    return fn

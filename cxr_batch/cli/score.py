@@ -1,0 +1,73 @@
+"""`cxr-batch score` (also `python jobs/score.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import click
+
+from .console import Console
+from .options import cluster_options, friendly, output_options
+from .summaries import format_summary
+
+
+@click.command()
+@click.argument("archive")
+@click.option("--out", "-o", required=True, help="Parquet output: a folder of part files (local path or s3://).")
+@click.option("--model", "-m", default=None, metavar="CKPT|ARCH:WEIGHTS",
+              help="A checkpoint from `cxr-batch train`, or e.g. resnet101:imagenet / resnet18:none (untrained head)."
+                   " Default: $CXR_BATCH_MODEL, else the model the last training registered.")
+@click.option("--cam-dir", default=None, help="Where CAM overlay PNGs go. Default: <out>-cams beside the output.")
+@click.option("--cams/--no-cams", default=True, show_default=True, help="Write a CAM overlay PNG per image.")
+@click.option("--cam-size", type=click.IntRange(min=0), default=None,
+              help="Overlay side in px. Default: the model's input size; 0 = the image's own resolution (slow).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
+@click.option("--actors", type=click.IntRange(min=1), default=None, help="Model replicas. Default: one per GPU, else fit to CPUs.")
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0.5), default=None, help="CPUs per model actor (torch threads).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on GPU, fp32 on CPU.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model in each actor.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Refuse images above this many pixels (decompression bombs). Default 100M.")
+@click.option("--overwrite", is_flag=True, help="Delete the output and CAMs first. Default: resume, scoring only files with no row yet.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N files (sorted by path).")
+@click.option("--stall-timeout", type=click.FloatRange(min=1), default=900, show_default=True, metavar="S",
+              help="Fail after this many seconds without progress (Ray Data would otherwise wait for resources forever).")
+@click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
+              help="Rows per published Parquet part: small values make tests see parts early.")
+@cluster_options
+@output_options
+@friendly
+def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
+          compile_, max_pixels, overwrite, limit, stall_timeout, rows_per_part, address, wait_for_gpus, wait_timeout,
+          as_json, verbose):
+    """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
+
+    One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
+    cam_peak_x/y, width, height, sha256, model, error. A re-run with the same --out scores only
+    what is missing.
+
+    Example: cxr-batch score /data/chest_xray/test --out results.parquet
+    """
+    from ..jobs.ray_env import ray_for_job
+    from ..jobs.score import ScoreSettings, run_score
+    from ..model.registry import describe
+    from ..pixels.decode import DEFAULT_MAX_PIXELS
+
+    s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
+                      batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
+                      precision=precision, compile=compile_, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+                      overwrite=overwrite, limit=limit, rows_per_part=rows_per_part, stall_timeout_s=stall_timeout)
+    console = Console(as_json=as_json, verbose=verbose)
+    console.settings(s)
+    warn_if_untrained(describe(model), console)  # also fails on a bad model before Ray starts
+    with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
+                     echo=console.note):
+        summary = run_score(s, progress=console.score_progress(), echo=console.note)
+    console.summary(format_summary(summary), asdict(summary))
+
+
+def warn_if_untrained(info, console: Console) -> None:
+    if not info.trained:
+        console.warn(f"WARNING: {info.spec} has an UNTRAINED 2-class head: predictions and CAMs are meaningless"
+                     " except as a smoke test. Pass a checkpoint from `cxr-batch train`.")

@@ -1,0 +1,51 @@
+"""The human summaries the commands print at the end (text; the same data goes out as JSON with --json)."""
+
+from __future__ import annotations
+
+
+def format_summary(sm) -> str:
+    m = sm.model
+    lines = [
+        "",
+        f"cxr-batch score: {sm.seen:,} files seen, {sm.scored:,} scored, {sm.errors:,} errors"
+        + (f", {sm.already_done:,} already in the output (resumed)" if sm.already_done else ""),
+        f"  time          {sm.seconds:.1f} s  ({sm.images_per_s:.1f} images/s)",
+        f"  model         {m['spec']}  (id {m['model_id']}, {m['arch']}, {m['image_size']} px, threshold {m['threshold']:.3f})"
+        + ("" if m["trained"] else "  UNTRAINED HEAD"),
+        f"  model actors  {sm.plan['actors']} x {sm.plan['cpus_per_actor']:g} CPU" + (
+            f" + {sm.plan['gpus_per_actor']:g} GPU" if sm.plan.get("gpus_per_actor") else ""),
+        f"  predictions   {sm.out}",
+        f"  CAM PNGs      {sm.cam_dir or '(not written: --no-cams)'}",
+    ]
+    if sm.errors:
+        lines.append(f"  errors        rows with a non-null `error` column, e.g. "
+                     f"pandas.read_parquet('{sm.out}').query('error.notna()')")
+    return "\n".join(lines)
+
+
+def format_train_summary(t: dict) -> str:
+    auc = "n/a" if t["val_auc"] is None else f"{t['val_auc']:.3f}"
+    lines = ["", f"cxr-batch train: {t['epochs']} epochs in {t['seconds']:.0f} s"
+             f" ({t['images_per_s_per_worker']:.1f} images/s per worker)",
+             f"  best epoch    {t['best_epoch']}: val AUC {auc}, val accuracy {t['val_acc']:.3f}, threshold {t['threshold']:.3f}",
+             f"  validation    {t['validation']}",
+             f"  checkpoint    {t['best_checkpoint']}"]
+    if t.get("registered_as_default"):
+        lines.append("  registered    as the default model of `cxr-batch score` (--no-register to skip)")
+    return "\n".join(lines)
+
+
+def format_eval_summary(m: dict, out: str) -> str:
+    k, ci = m["metrics"], m["ci95"]
+
+    def f(key):
+        return "n/a" if k.get(key) is None else f"{k[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if ci.get(key) else f"{k[key]:.3f}"
+
+    lines = ["", f"cxr-batch evaluate: {m['n_scored']} labelled images, threshold {m['threshold']:.3f}",
+             f"  accuracy {f('accuracy')}   AUC {f('roc_auc')}",
+             f"  sensitivity {f('sensitivity')}   specificity {f('specificity')}"]
+    pt = (m.get("pointing") or {}).get("true_positives")
+    if pt:
+        lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion")
+    lines.append(f"  report        {out}/report.md (metrics.json, roc.png, confusion.png, training_curves.png, errors_montage.png)")
+    return "\n".join(lines)

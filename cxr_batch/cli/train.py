@@ -1,0 +1,96 @@
+"""`cxr-batch train` (also `python jobs/train.py`) and `cxr-batch evaluate`."""
+
+from __future__ import annotations
+
+import click
+
+from .console import Console
+from .options import cluster_options, friendly, output_options
+from .summaries import format_eval_summary, format_train_summary
+
+
+@click.command()
+@click.argument("data")
+@click.option("--out", "-o", required=True, help="Run folder (local or s3://): last.ckpt, best.ckpt, history.json. Re-run to resume.")
+@click.option("--arch", type=click.Choice(["resnet18", "resnet50", "resnet101"]), default="resnet101", show_default=True)
+@click.option("--weights", default="imagenet", show_default=True, metavar="imagenet|none|FILE",
+              help="Start from torchvision's ImageNet weights, random weights, or a local state-dict file.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Total epochs, warm-up included.")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Epochs training only the new head with the backbone frozen (pretrained weights only).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Per worker.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fine-tuning learning rate (AdamW, cosine decay). Default 1e-4 pretrained, 5e-4 from scratch.")
+@click.option("--image-size", type=click.IntRange(min=64), default=224, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Data-parallel Ray Train workers (one per GPU with --gpu).")
+@click.option("--gpu/--no-gpu", default=None, help="Train on GPUs. Default: when the cluster has them.")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0.5), default=1.0, show_default=True)
+@click.option("--placement", type=click.Choice(["PACK", "SPREAD", "STRICT_SPREAD"]), default="PACK", show_default=True,
+              help="PACK fills one node first (fast all-reduce); SPREAD prefers one worker per node; STRICT_SPREAD requires it.")
+@click.option("--max-failures", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Worker-group restarts (from the last checkpoint) before the run fails.")
+@click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Choose the threshold reaching this sensitivity on val (default: Youden's J).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
+              help="Stratified share of train/ used for validation when val/ is missing or tiny.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--register/--no-register", default=None,
+              help="Make best.ckpt the default model of `cxr-batch score` on this machine when the run finishes."
+                   " Default: on when Ray runs in this process, off when joining a cluster (--address or"
+                   " RAY_ADDRESS, as in `ray job submit`), whose driver may be on another machine.")
+@cluster_options
+@output_options
+@friendly
+def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image_size, workers, gpu, cpus_per_worker,
+          placement, max_failures, target_sensitivity, val_fraction, seed, register, address, wait_for_gpus,
+          wait_timeout, as_json, verbose):
+    """Fine-tune a ResNet on DATA/train (NORMAL/ and PNEUMONIA/ folders), validate on DATA/val.
+
+    Data-parallel over --workers with Ray Train. Each epoch writes OUT/last.ckpt; the best epoch
+    (highest val AUC) is OUT/best.ckpt with its decision threshold. The test split is never used.
+
+    Example: cxr-batch train /data/chest_xray --out runs/r101 --epochs 10
+    """
+    from ..jobs.ray_env import joining_a_cluster, ray_for_job
+    from ..jobs.train import run_train
+    from ..jobs.train_config import TrainSettings
+
+    s = TrainSettings(data=data, out=out, arch=arch, weights=weights, epochs=epochs, warmup_epochs=warmup_epochs,
+                      batch_size=batch_size, lr=lr, image_size=image_size, workers=workers, gpu=gpu,
+                      cpus_per_worker=cpus_per_worker, placement=placement, max_failures=max_failures,
+                      target_sensitivity=target_sensitivity, val_fraction=val_fraction, seed=seed)
+    console = Console(as_json=as_json, verbose=verbose)
+    console.settings(s)
+    if register is None:
+        register = not joining_a_cluster(address)
+    with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
+                     echo=console.note):
+        summary = run_train(s, echo=console.note, progress=console.epoch_progress(), register=register)
+    console.summary(format_train_summary(summary), summary)
+
+
+@click.command()
+@click.argument("checkpoint")
+@click.argument("folder")
+@click.option("--out", "-o", required=True, help="Report folder: metrics.json, report.md, PNG plots, predictions.")
+@click.option("--truth", default=None, help="truth.csv of lesion positions (default: looked up in FOLDER and its parents).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True, help="Resamples for the 95% CIs.")
+@cluster_options
+@output_options
+@friendly
+def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, address, wait_for_gpus, wait_timeout, as_json, verbose):
+    """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots.
+
+    Example: cxr-batch evaluate runs/r101/best.ckpt /data/chest_xray/test --out runs/r101/test-report
+    """
+    from ..jobs.evaluate import EvaluateSettings, run_evaluate
+    from ..jobs.ray_env import ray_for_job
+
+    s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot)
+    console = Console(as_json=as_json, verbose=verbose)
+    console.settings(s)
+    with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
+                     echo=console.note):
+        m = run_evaluate(s, progress=console.score_progress(), echo=console.note)
+    console.summary(format_eval_summary(m, out), m)
