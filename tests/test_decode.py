@@ -7,7 +7,6 @@ from PIL import Image
 
 from cxr_batch.pixels.decode import decode_image
 from cxr_batch.errors import DecodeError
-from cxr_batch.pixels.transforms import normalize, to_model_pixels
 
 from images import all_modes, broken, encode, gradient
 
@@ -62,14 +61,3 @@ def test_bad_files_raise_one_line_decode_errors(name, match):
     with pytest.raises(DecodeError, match=match) as e:
         decode_image(broken()[name])
     assert "\n" not in str(e.value)
-
-
-def test_model_pixels_and_normalize():
-    gray = np.linspace(0, 1, 300 * 200, dtype=np.float32).reshape(300, 200)
-    px = to_model_pixels(gray, 64)
-    assert px.shape == (64, 64) and px.dtype == np.uint8 and px[0, 0] < 5 and px[-1, -1] > 250
-    import torch
-
-    x = normalize(torch.from_numpy(np.stack([px, px])), channels_last=True)
-    assert x.shape == (2, 3, 64, 64) and x.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(x[:, 0], x[:, 2])

@@ -1,0 +1,50 @@
+"""Where results land: Parquet parts published whole, resume bookkeeping, CAM paths that stay inside
+their folder, and the schema the scoring stages carry."""
+
+import os
+
+import pyarrow as pa
+import pytest
+
+from cxr_batch.archive.results import (SCHEMA, TEXT_COLUMNS, PartWriter, cam_uri, done_paths, read_metadata,
+                                       read_table, safe_relpath)
+from cxr_batch.errors import InputError
+
+
+@pytest.mark.parametrize("rel", ["../../etc/passwd", "/etc/passwd", "a/../../b.png", "C:/x/y.png", "..\\..\\w.png",
+                                 "..", "", "a/\x00b.png", "ok/ünï cödé.jpeg"])
+def test_cam_paths_stay_inside_the_cam_folder(tmp_path, rel):
+    root = tmp_path / "cams"
+    out = os.path.realpath(cam_uri(str(root), rel))
+    assert out.startswith(str(root) + os.sep)
+    assert ".." not in safe_relpath(rel).split("/")
+
+
+def test_part_writer_publishes_whole_parts_and_resume_reads_them(tmp_path):
+    out = str(tmp_path / "res.parquet")
+    w = PartWriter(out, {"model_id": "m1"}, rows_per_part=3)
+    rows = [{"path": f"f{i}.png", "model": "m1"} for i in range(7)]
+    for r in rows:
+        w.add(pa.Table.from_pylist([r], schema=SCHEMA))
+    w.flush()
+    names = sorted(os.listdir(out))
+    assert len(names) == 3 and all(n.startswith("part-") and n.endswith(".parquet") for n in names)
+    assert done_paths(out, "m1") == {r["path"] for r in rows}
+    assert read_table(out).num_rows == 7
+    with pytest.raises(InputError, match="--overwrite"):
+        done_paths(out, "another-model")
+
+
+def test_metadata_of_the_parts_reads_back(tmp_path):
+    out = str(tmp_path / "res.parquet")
+    assert read_metadata(out) == {}
+    w = PartWriter(out, {"model_id": "m1", "settings": {"batch_size": 8}})
+    w.add(pa.Table.from_pylist([{"path": "a.png", "model": "m1"}], schema=SCHEMA))
+    w.flush()
+    assert read_metadata(out) == {"model_id": "m1", "settings": {"batch_size": 8}}
+
+
+def test_text_columns_are_the_schema_s_string_columns():
+    assert set(TEXT_COLUMNS) == {f.name for f in SCHEMA if f.type == pa.string()}
+    assert {"path", "label", "pred", "error", "sop_instance_uid"} <= set(TEXT_COLUMNS)
+    assert "prob_pneumonia" not in TEXT_COLUMNS
