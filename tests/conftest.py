@@ -19,7 +19,9 @@ def ray_session():
     os.environ.pop("RAY_ADDRESS", None)
     # "local": always a new Ray of this session, never one found in /tmp/ray (another developer's
     # `ray start`, a test cluster) that a plain ray.init() would attach to.
-    ray.init(address="local", num_cpus=2, logging_level="WARNING")
+    # log_to_driver=False: as the commands run Ray (jobs/ray_env.py), so tests see what a user sees;
+    # the workers' output is in /tmp/ray/session_latest/logs.
+    ray.init(address="local", num_cpus=2, logging_level="WARNING", log_to_driver=False)
     # A test that cannot get its resources fails in minutes instead of hanging for 30.
     DataContext.get_current().execution_no_progress_timeout_s = 180
     yield ray

@@ -53,6 +53,7 @@ def test_one_row_per_input_file_and_errors_only_for_bad_files(scored):
         else:
             assert r["pred"] is None and r["cam_path"] is None
     assert "errors" in result.output and "scored" in result.output and "images/s" in result.output
+    assert "UNTRAINED 2-class head" in result.stderr  # resnet18:none: said before anything runs
 
 
 def test_settings_and_model_in_parquet_metadata(scored):
@@ -88,8 +89,12 @@ def test_relative_paths_mean_the_user_s_directory(ray_session, phantoms, tmp_pat
     the user's working directory, so relative paths must be resolved before they travel."""
     shutil.copytree(phantoms / "test" / "NORMAL", tmp_path / "archive")
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(main, ["score", "archive", "--out", "out.parquet", "--model", "resnet18:none", "--limit", "6"])
+    r = CliRunner().invoke(main, ["score", "archive", "--out", "out.parquet", "--model", "resnet18:none", "--limit", "6",
+                                  "--json"])
     assert r.exit_code == 0, r.output
+    lines = r.stdout.strip().splitlines()  # --json: the settings first, the summary last, as JSON
+    assert json.loads(lines[0].removeprefix("settings: "))["archive"] == "archive"
+    assert json.loads(lines[-1])["summary"]["scored"] == 6
     rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert len(rows) == 6 and all(row["error"] is None for row in rows), rows[0]
     for row in rows:

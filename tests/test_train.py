@@ -100,3 +100,47 @@ def test_finished_run_is_the_default_model_of_score(trained, tmp_path):
     assert r.exit_code == 0, r.output
     rows = pq.read_table(tmp_path / "r.parquet").to_pylist()
     assert len(rows) == 80 and {r["model"] for r in rows} == {load_checkpoint(summary["best_checkpoint"]).model_id}
+
+
+@pytest.fixture(scope="module")
+def tiny_with_bad_files(tmp_path_factory):
+    from images import broken
+
+    data = tmp_path_factory.mktemp("tiny") / "data"
+    make_archive(data, n_train=24, n_val=0, n_test=0, size=64, seed=2)
+    for name, blob in broken().items():
+        (data / "train" / "NORMAL" / name).write_bytes(blob)
+    return data
+
+
+def test_workers_notes_reach_the_driver_and_each_epoch_is_one_line(ray_session, tiny_with_bad_files, tmp_path):
+    """Workers' own output stays in Ray's logs; what the user must know comes back through the driver."""
+    r = CliRunner().invoke(main, ["train", str(tiny_with_bad_files), "--out", str(tmp_path / "run"), "--arch", "resnet18",
+                                  "--weights", "none", "--epochs", "2", "--image-size", "64", "--batch-size", "8",
+                                  "--workers", "2", "--no-register"])
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.stderr.splitlines() if line.startswith("rank ") and "unreadable images" in line]
+    assert notes and {n.split(":")[0] for n in notes} <= {"rank 0", "rank 1"}, r.stderr
+    assert sum(int(n.split("skipped ")[1].split()[0]) for n in notes) == len(broken_names())  # each bad file once
+    epochs = [line for line in r.stderr.splitlines() if line.startswith("epoch ")]
+    assert [e.split()[1] for e in epochs] == ["1/2", "2/2"] and "ETA" in epochs[0], r.stderr
+
+
+def broken_names():
+    from images import broken
+
+    return list(broken())
+
+
+def test_a_failure_in_the_workers_is_one_line(ray_session, tmp_path):
+    data = tmp_path / "data"
+    make_archive(data, n_train=4, n_val=0, n_test=0, size=64, seed=2)
+    for jpeg in (data / "train").rglob("*.jpeg"):
+        jpeg.write_bytes(b"not an image")
+    r = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "run"), "--arch", "resnet18",
+                                  "--weights", "none", "--epochs", "1", "--image-size", "64", "--workers", "1",
+                                  "--max-failures", "0", "--no-register"])
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "Training failed in its workers: rank 0: InputError" in errors[0], r.output
+    assert "could be read" in errors[0] and "Traceback" not in r.output

@@ -86,7 +86,7 @@ class ScoreProgress:
         done, now = summary.scored + summary.errors, time.monotonic()
         if self.first is None and done:
             self.first = (now, done)
-        rate = None
+        rate = summary.images_per_s or None  # start-up included, until a second point gives the steady rate
         if self.first and now > self.first[0] and done > self.first[1]:
             rate = (done - self.first[1]) / (now - self.first[0])
         left = (total - done) / rate if rate else None

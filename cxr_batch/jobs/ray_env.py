@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+import re
+import sys
+import threading
+from contextlib import contextmanager, nullcontext
 
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 
@@ -67,13 +70,65 @@ def quiet() -> None:
 def ray_running(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False):
     """``with ray_running(addr):`` Ray is up inside; shut down after only if this started it."""
     started = ensure_ray(address, num_cpus=num_cpus, verbose=verbose)
+    with native_log_lines_dropped() if started and not verbose else nullcontext():
+        try:
+            yield
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+
+
+# What Ray's C++ core writes: "[2026-12-01 04:11:37,130 E 21263 21263] core_worker.cc:2465: ...".
+_NATIVE_LOG = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWE] \d+ \d+\] ")
+
+
+@contextmanager
+def native_log_lines_dropped():
+    """Inside, the log lines that Ray's C++ core of this process mirrors onto stderr are dropped;
+    everything else written to stderr passes through. The driver's core worker writes them to its
+    log file (python-core-driver-*.log) as well, and mirrors its errors to stderr: with Ray Data's
+    actor pools that is one "constructor arguments in the object store" line per pool (Ray issue
+    53727), which is about Ray's internals, not the user's job. Fatal lines ("F") still pass.
+
+    stderr (fd 2) becomes a pipe that a thread filters line by line; a partial line that cannot
+    be a log line (a progress redraw) is passed on at once."""
+    try:
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+    except OSError:  # no usable stderr: nothing to filter
+        yield
+        return
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    pump = threading.Thread(target=_filter_lines, args=(read_end, real), daemon=True)
+    pump.start()
     try:
         yield
     finally:
-        if started:
-            import ray
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's last write end here: the thread sees the end
+        pump.join(timeout=2)  # a child started inside may hold the pipe: the thread then stays, as a daemon
 
-            ray.shutdown()
+
+def _filter_lines(read_end: int, real: int) -> None:
+    out = os.dup(real)
+    held = b""
+    try:
+        while data := os.read(read_end, 65536):
+            *lines, held = (held + data).split(b"\n")
+            text = b"".join(line + b"\n" for line in lines if not _NATIVE_LOG.match(line))
+            if held and not held.startswith(b"["):
+                text, held = text + held, b""
+            if text:
+                os.write(out, text)
+        if held:
+            os.write(out, held)
+    finally:
+        os.close(read_end)
+        os.close(out)
 
 
 @contextmanager
