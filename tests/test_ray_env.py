@@ -1,4 +1,4 @@
-"""raycluster.gpus_requested on the session's local Ray, which has no GPU and no autoscaler."""
+"""ray_env.gpus_requested on the session's local Ray, which has no GPU and no autoscaler."""
 
 import pytest
 
