@@ -18,6 +18,7 @@ import json
 import os
 import threading
 import time
+from contextlib import suppress
 from dataclasses import asdict, replace
 from queue import Empty
 
@@ -108,9 +109,10 @@ def _fit(s: TrainSettings, split: Split, counts, use_gpu: bool, on_epoch) -> Non
     finally:
         done.set()
         pump.join()
-        while not queue.empty():  # epochs that ended while the pump was stopping
-            on_epoch(queue.get_nowait())
-        queue.shutdown()
+        with suppress(Exception):  # progress lines are never worth hiding the run's own outcome
+            while not queue.empty():  # epochs that ended while the pump was stopping
+                on_epoch(queue.get_nowait())
+            queue.shutdown()
 
 
 class _EpochRelay(UserCallback):
@@ -130,6 +132,8 @@ def _pump(queue, done: threading.Event, on_epoch) -> None:
             item = queue.get(timeout=0.5)
         except Empty:
             continue
+        except Exception:  # the queue actor is gone (Ray shutting down): training goes on without lines
+            return
         on_epoch(item)
 
 
