@@ -156,8 +156,9 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None) -> ScoreSummary:
                 "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     writer = PartWriter(s.out, metadata, s.rows_per_part)
     if echo:
-        echo(f"score: {len(files):,} files, {len(todo):,} to score ({summary.already_done:,} already in the output);"
-             f" {plan.actors} model actor(s) x {plan.cpus_per_actor:g} CPU"
+        echo(f"score: {len(files):,} files, {len(todo):,} to score"
+             + (f" ({summary.already_done:,} have a row from an earlier run)" if summary.already_done else "")
+             + f"; {plan.actors} model actor(s) x {plan.cpus_per_actor:g} CPU"
              + (f" + {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else ""))
     if todo:
         _stream(_pipeline(todo, s, info, plan, cam_dir), writer, summary, len(todo), t0, progress)
