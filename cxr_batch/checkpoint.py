@@ -1,15 +1,14 @@
 """The checkpoint format shared by training and scoring, and safe loading of untrusted files.
 
 A checkpoint is one ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts), so it
-loads with ``torch.load(weights_only=True)``: a file that would need to unpickle a Python object
-(and could run code doing so) is refused, not executed.
+loads with ``torch.load(weights_only=True)`` (``weights.load_state_file_bytes``): a file that would
+need to unpickle a Python object (and could run code doing so) is refused, not executed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from . import CLASSES
 from .errors import CheckpointError
 from .model import ARCHS, CamResNet, build_model
 from . import storage
+from .weights import load_state_file_bytes
 
 FORMAT = "cxr-batch-checkpoint"
 VERSION = 1
@@ -64,24 +64,6 @@ def load_checkpoint(uri: str) -> LoadedCheckpoint:
     if ckpt.get("arch") not in ARCHS or list(ckpt.get("classes", [])) != list(CLASSES):
         raise CheckpointError(f"{uri}: unsupported arch {ckpt.get('arch')!r} or classes {ckpt.get('classes')!r}.")
     return LoadedCheckpoint(ckpt, hashlib.sha256(data).hexdigest()[:16])
-
-
-def load_state_file_bytes(data: bytes, uri: str) -> dict:
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message is paragraphs of advice; the line naming the refused global is the news.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line or "WeightsUnpickler" in line), lines[-1] if lines else "")
-        raise CheckpointError(
-            f"Refusing to load {uri}: it holds pickled Python objects that could run code when loaded"
-            f" (torch.load weights_only=True said: {detail[:160]}). Only plain tensor files (cxr-batch checkpoints, state dicts) are accepted."
-        ) from None
-    except Exception as e:
-        raise CheckpointError(f"{uri} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]}).") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{uri} holds a {type(obj).__name__}, not a dict of tensors.")
-    return obj
 
 
 def model_from_checkpoint(ckpt: dict, uri: str = "the checkpoint") -> CamResNet:
