@@ -188,7 +188,7 @@ class XrayFiles:
 
 def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str, out: Path, *,
                      batch_size: int, device: str = "cpu", cam_stride: int = 32, threshold: float = 0.5,
-                     num_workers: int = 2) -> None:
+                     temperature: float = 1.0, num_workers: int = 2) -> None:
     """The yardstick. Written plainly on purpose: no tuning a tutorial would not have."""
     import matplotlib
     import pandas as pd
@@ -219,7 +219,7 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
     rows = []
     with torch.no_grad():
         for images, names in loader:
-            probs = torch.softmax(net(images.to(device)), dim=1)[:, POSITIVE].cpu()
+            probs = torch.softmax(net(images.to(device)) / temperature, dim=1)[:, POSITIVE].cpu()
             cams = torch.einsum("bchw,c->bhw", features["layer4"], net.fc.weight[POSITIVE])
             cams = torch.nn.functional.interpolate(cams[:, None], size=images.shape[-2:], mode="bilinear")[:, 0].cpu()
             for image, name, prob, cam in zip(images, names, probs, cams):
@@ -448,7 +448,8 @@ def run_benchmark(s: BenchSettings, *, log=print) -> dict:
     state = load(scored).state_dict()
     base_paths = paths[: s.baseline_images] if s.baseline_images else paths
     r = _timed(baseline_pytorch, archive, base_paths, state, scored.arch, work / "baseline.parquet",
-               batch_size=s.batch_size, device=device, cam_stride=scored.cam_stride, threshold=scored.threshold)
+               batch_size=s.batch_size, device=device, cam_stride=scored.cam_stride, threshold=scored.threshold,
+               temperature=scored.temperature)
     result["baseline"] = _rate(r, len(base_paths))
     log(f"(a) plain PyTorch fp32: {result['baseline']['images_per_s']:.2f} images/s")
     del state

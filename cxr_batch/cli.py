@@ -164,7 +164,7 @@ def synth(out, n_train, n_val, n_test, size, seed):
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Choose the threshold reaching this sensitivity on val (default: Youden's J).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
-              help="Stratified share of train/ used for validation when val/ is missing or tiny.")
+              help="Share of train/ used for validation when val/ is missing or tiny: whole patients, stratified by class.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--register/--no-register", default=True, show_default=True,
               help="Make best.ckpt the default model of `cxr-batch score`.")
@@ -191,12 +191,20 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
     click.echo(format_train_summary(summary))
 
 
+def _calibration_line(t: dict) -> str:
+    line = f"temperature {t.get('temperature', 1.0):.3f} ({t.get('temperature_note', 'not fitted')})"
+    if t.get("val_ece_before") is not None:
+        line += f"; val ECE {t['val_ece_before']:.3f} -> {t['val_ece_after']:.3f} (10 bins); threshold on calibrated P"
+    return line
+
+
 def format_train_summary(t: dict) -> str:
     auc = "n/a" if t["val_auc"] is None else f"{t['val_auc']:.3f}"
     lines = ["", f"cxr-batch train: {t['epochs']} epochs in {t['seconds']:.0f} s"
              f" ({t['images_per_s_per_worker']:.1f} images/s per worker)",
              f"  best epoch    {t['best_epoch']}: val AUC {auc}, val accuracy {t['val_acc']:.3f}, threshold {t['threshold']:.3f}",
-             f"  validation    {t['validation']}",
+             f"  validation    {t['validation']} (files: {t.get('val_files', 'n/a')})",
+             f"  calibration   {_calibration_line(t)}",
              f"  checkpoint    {t['best_checkpoint']}"]
     if t.get("registered_as_default"):
         lines.append("  registered    as the default model of `cxr-batch score` (--no-register to skip)")
@@ -210,17 +218,24 @@ def format_train_summary(t: dict) -> str:
 @click.option("--truth", default=None, help="truth.csv of lesion positions (default: looked up in FOLDER and its parents).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True, help="Resamples for the 95% CIs.")
+@click.option("--deletion-images", type=click.IntRange(min=0), default=32, show_default=True,
+              help="PNEUMONIA images (a seeded sample) for the CAM deletion curves; 0 = skip them.")
+@click.option("--deletion-steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Steps from nothing to everything greyed out (2 x steps + 1 forward passes per image).")
 @_ray_options
 @_friendly
-def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, address):
-    """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots.
+def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, address):
+    """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots: accuracy, AUC and
+    the rest with CIs, calibration (ECE before/after temperature scaling, reliability diagram), CAM
+    deletion curves against random ones, and CAM pointing when a truth.csv is found.
 
     Example: cxr-batch evaluate runs/r101/best.ckpt /data/chest_xray/test --out runs/r101/test-report
     """
     from .evaluate import EvaluateSettings, run_evaluate
     from .raycluster import ray_running
 
-    s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot)
+    s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot,
+                         deletion_images=deletion_images, deletion_steps=deletion_steps)
     with ray_running(address):
         m = run_evaluate(s, progress=_progress)
     click.echo(format_eval_summary(m, out))
@@ -238,7 +253,18 @@ def format_eval_summary(m: dict, out: str) -> str:
     pt = (m.get("pointing") or {}).get("true_positives")
     if pt:
         lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion")
-    lines.append(f"  report        {out}/report.md (metrics.json, roc.png, confusion.png, training_curves.png, errors_montage.png)")
+    c = m.get("calibration")
+    if c:
+        lines.append(f"  calibration   ECE (10 bins) {c['ece_before']:.3f} [{c['ece_before_ci95'][0]:.3f}, {c['ece_before_ci95'][1]:.3f}]"
+                     f" at T=1 -> {c['ece_after']:.3f} [{c['ece_after_ci95'][0]:.3f}, {c['ece_after_ci95'][1]:.3f}]"
+                     f" at T={c['temperature']:.2f}")
+    d = m.get("deletion")
+    if d and d.get("n_images"):
+        lines.append(f"  CAM deletion  area {d['auc_cam']:.3f} (CAM order) vs {d['auc_random']:.3f} (random), gap"
+                     f" {d['auc_difference']:.3f} [{d['auc_difference_ci95'][0]:.3f}, {d['auc_difference_ci95'][1]:.3f}]"
+                     f" on {d['n_images']} PNEUMONIA images")
+    lines.append(f"  report        {out}/report.md (metrics.json, roc.png, confusion.png, reliability.png, deletion.png,"
+                 " training_curves.png, errors_montage.png)")
     return "\n".join(lines)
 
 

@@ -47,7 +47,7 @@ class TrainSettings:
     # Ray placement group strategy for the workers: PACK fills one node first (fast all-reduce);
     # SPREAD prefers one worker per node, STRICT_SPREAD refuses to start without it.
     placement: str = "PACK"
-    val_fraction: float = 0.1  # of train/, stratified, when val/ is missing or tiny
+    val_fraction: float = 0.1  # of train/, by patient, stratified, when val/ is missing or tiny (patients.py)
     target_sensitivity: float | None = None  # None: threshold by Youden's J on val
     seed: int = 0
     max_failures: int = 1  # worker-group restarts (from the last checkpoint) before giving up
@@ -117,6 +117,8 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
     _check_shared_storage(s)
     storage.makedirs(s.out)
     storage.write_bytes_atomic(storage.join(s.out, "settings.json"), json.dumps(asdict(s), indent=2).encode())
+    record = split.record()
+    storage.write_bytes_atomic(storage.join(s.out, "val_files.json"), json.dumps(record, indent=1).encode())
     counts = np.bincount([y for _, y in split.train], minlength=2)
     echo(f"train: {len(split.train)} images (NORMAL {counts[0]}, PNEUMONIA {counts[1]}); validation: {split.val_note}")
     echo(f"model: {s.arch}, weights {s.weights}; {s.epochs} epochs ({s.n_warmup} warm-up), {s.workers} "
@@ -125,7 +127,8 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
     ray_path, ray_fs = _ray_storage(s.out)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"settings": asdict(s), "train": split.train, "val": split.val, "class_counts": counts.tolist()},
+        train_loop_config={"settings": asdict(s), "train": split.train, "val": split.val, "class_counts": counts.tolist(),
+                           "validation": {"files": record["files"], "grouping": split.val_note}},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=use_gpu, placement_strategy=s.placement,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=RunConfig(
@@ -147,6 +150,10 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
     summary = {"out": s.out, "best_checkpoint": storage.join(s.out, "best.ckpt"), "best_epoch": best["epoch"],
                "epochs": len(history), "val_auc": best["val_auc"], "val_acc": best["val_acc"],
                "threshold": best["threshold"], "seconds": time.perf_counter() - t0, "validation": split.val_note,
+               "val_files": storage.join(s.out, "val_files.json"),
+               # rows of runs begun before calibration existed lack these: T = 1 there
+               "temperature": best.get("temperature", 1.0), "temperature_note": best.get("temperature_note", "not fitted"),
+               "val_ece_before": best.get("val_ece_before"), "val_ece_after": best.get("val_ece_after"),
                "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history]))}
     if register and len(history) == s.epochs:
         from .registry import register_default

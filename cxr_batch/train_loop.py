@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import POSITIVE, storage
+from .calibration import calibrated, ece, fit_temperature
 from .checkpoint import load_state_file, make_checkpoint, save_checkpoint
 from .metrics import roc_auc
 from .model import build_model
@@ -75,7 +76,7 @@ def train_loop(config: dict) -> None:
         history = history + [row]
         report = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
         if rank == 0:
-            _save(model, opt, s, row, history, ckpt_uri, best_uri, phase)
+            _save(model, opt, s, row, history, ckpt_uri, best_uri, phase, config.get("validation"))
             with tempfile.TemporaryDirectory() as d:
                 with open(f"{d}/epoch.json", "w") as f:
                     json.dump(row, f)  # the weights live in last.ckpt; Ray tracks this marker
@@ -130,41 +131,51 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, on_gpu,
 
 @torch.no_grad()
 def _evaluate(model, x, y, s, device, on_gpu, loss_fn):
-    """Val metrics over ALL ranks' shards: gather every probability, then compute once."""
+    """Val metrics over ALL ranks' shards: gather every logit margin, then compute once.
+
+    The temperature is fitted here, every epoch, on these gathered margins, and the threshold is
+    chosen on the calibrated probabilities: best.ckpt then carries its own epoch's pair."""
     model.eval()
-    probs, losses = [], 0.0
+    margins, losses = [], 0.0
     for i in range(0, len(y), s.batch_size):
         xb = normalize(torch.from_numpy(x[i:i + s.batch_size]).to(device), channels_last=on_gpu)
         yb = torch.from_numpy(y[i:i + s.batch_size]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits, _ = model(xb)
         losses += float(loss_fn(logits.float(), yb)) * len(yb)
-        probs.append(torch.softmax(logits.float(), 1)[:, POSITIVE].cpu().numpy())
-    p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
-    gathered = _all_gather((p.tolist(), y.tolist(), losses))
-    p_all = np.concatenate([np.asarray(g[0]) for g in gathered])
+        logits = logits.float()
+        margins.append((logits[:, POSITIVE] - logits[:, 1 - POSITIVE]).cpu().numpy())
+    m = np.concatenate(margins) if margins else np.zeros(0, np.float32)
+    gathered = _all_gather((m.tolist(), y.tolist(), losses))
+    m_all = np.concatenate([np.asarray(g[0], np.float64) for g in gathered])
     y_all = np.concatenate([np.asarray(g[1], np.int64) for g in gathered])
     loss = sum(g[2] for g in gathered) / max(1, len(y_all))
+    fit = fit_temperature(m_all, y_all)
+    p_all = calibrated(m_all, fit["temperature"])
     threshold, rule = choose_threshold(y_all, p_all, s.target_sensitivity)
     auc = roc_auc(y_all, p_all) if len(set(y_all.tolist())) == 2 else float("nan")
+    eces = [ece(y_all, calibrated(m_all, t)) if len(y_all) else None for t in (1.0, fit["temperature"])]
     return {"loss": loss, "acc": float(((p_all >= threshold) == y_all).mean()) if len(y_all) else float("nan"),
             "acc_at_0.5": float(((p_all >= 0.5) == y_all).mean()) if len(y_all) else float("nan"),
             "auc": None if np.isnan(auc) else float(auc), "threshold": threshold, "threshold_rule": rule,
-            "n": int(len(y_all))}
+            "n": int(len(y_all)), "temperature": fit["temperature"], "temperature_note": fit["note"],
+            "ece_before": eces[0], "ece_after": eces[1]}
 
 
 def _epoch_row(epoch, phase, lr, tr, va, s, seconds, n_local):
     return {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
             "val_loss": va["loss"], "val_acc": va["acc"], "val_acc_at_0.5": va["acc_at_0.5"], "val_auc": va["auc"],
             "threshold": va["threshold"], "threshold_rule": va["threshold_rule"], "val_n": va["n"],
+            "temperature": va["temperature"], "temperature_note": va["temperature_note"],
+            "val_ece_before": va["ece_before"], "val_ece_after": va["ece_after"],
             "epoch_seconds": seconds, "images_per_s_per_worker": n_local / seconds if seconds > 0 else 0.0}
 
 
-def _save(model, opt, s, row, history, ckpt_uri, best_uri, phase):
+def _save(model, opt, s, row, history, ckpt_uri, best_uri, phase, validation):
     from dataclasses import asdict
 
     ck = make_checkpoint(model, arch=s.arch, image_size=s.image_size, threshold=row["threshold"], settings=asdict(s),
-                         cam_stride=s.cam_stride,
+                         cam_stride=s.cam_stride, temperature=row["temperature"], validation=validation,
                          epoch=row["epoch"], metrics=row, history=history,
                          optimizer={"phase": phase, "state": opt.state_dict()})
     scored = [h for h in history if h["val_auc"] is not None]
