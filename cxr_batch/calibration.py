@@ -22,9 +22,12 @@ from scipy.special import expit, logit
 ECE_BINS = 10
 # The search range for T. Guo et al. found T of 1-3 for modern nets; 0.05-20 leaves room both
 # ways. A validation set that the model separates perfectly has no finite optimum (the
-# likelihood keeps rising as T -> 0): the fit then stops at MIN_T and says so.
+# likelihood keeps rising as T -> 0), nor do tiny margins of an untrained head: the fit then
+# stops at the bound and says so.
 MIN_T, MAX_T = 0.05, 20.0
-MIN_CASES = 10  # fewer validation cases (or no case of one class): no fit, T = 1
+# Fewer validation cases than this, or fewer of either class: no fit, T = 1. On 12 cases (a smoke
+# run) the fit went to the bound and tripled the ECE of the test set.
+MIN_CASES, MIN_PER_CLASS = 30, 5
 
 
 def margins(logits) -> np.ndarray:
@@ -65,15 +68,20 @@ def fit_temperature(margin, y) -> dict:
     if not np.isfinite(m).all():
         raise ValueError("margin holds NaN or infinite values.")
     before = nll(m, y) if m.size else None
-    if m.size < MIN_CASES or len(set(y.tolist())) < 2:
-        return {"temperature": 1.0, "note": f"not fitted: {m.size} validation cases of {len(set(y.tolist()))} class(es)",
-                "nll_before": before, "nll_after": before}
+    n_pos = int((y == 1).sum())
+    if m.size < MIN_CASES or min(n_pos, m.size - n_pos) < MIN_PER_CLASS:
+        return {"temperature": 1.0, "nll_before": before, "nll_after": before,
+                "note": f"not fitted: {m.size - n_pos} NORMAL and {n_pos} PNEUMONIA validation cases, fewer than"
+                        f" {MIN_CASES} or {MIN_PER_CLASS} of a class"}
     res = minimize_scalar(lambda log_t: nll(m, y, np.exp(log_t)), bounds=(np.log(MIN_T), np.log(MAX_T)),
                           method="bounded", options={"xatol": 1e-4})
     t = float(np.exp(res.x))
     note = f"fitted on {m.size} validation cases"
-    if t <= MIN_T * 1.001 or t >= MAX_T * 0.999:
-        note += f" (at the search bound {MIN_T if t < 1 else MAX_T:g}: validation {'is separated perfectly' if t < 1 else 'carries no signal'})"
+    if t <= MIN_T * 1.001:
+        note += f"; stopped at the bound {MIN_T:g}: the likelihood still rose toward sharper probabilities" \
+                " (validation separated perfectly, or tiny margins)"
+    elif t >= MAX_T * 0.999:
+        note += f"; stopped at the bound {MAX_T:g}: the margins carry almost no signal on validation"
     return {"temperature": t, "note": note, "nll_before": before, "nll_after": nll(m, y, t)}
 
 

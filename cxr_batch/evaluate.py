@@ -227,7 +227,8 @@ def _calibration_md(c: dict) -> list:
             "| | ECE | NLL |", "|---|---|---|",
             f"| before (T = 1) | {c['ece_before']:.3f} ({ci('ece_before_ci95')}) | {c['nll_before']:.3f} |",
             f"| after (T = {c['temperature']:.2f}) | {c['ece_after']:.3f} ({ci('ece_after_ci95')}) | {c['nll_after']:.3f} |",
-            "", f"Change after - before: {c['ece_after'] - c['ece_before']:+.3f} (paired CI {ci('ece_change_ci95')})."
+            "", f"Change after - before: {c['ece_after'] - c['ece_before']:+.3f} (paired 95% CI"
+            f" {c['ece_change_ci95'][0]:+.3f} to {c['ece_change_ci95'][1]:+.3f})."
             f" Logits: {c['source']}.", "", "![Reliability diagram](reliability.png)", ""]
 
 

@@ -268,7 +268,8 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
     out.update({k: np.asarray(_strings(batch[k]), dtype=object)
                 for k in ("path", "label", "format", "sha256", "modality", "view_position", "sop_instance_uid")})
     out.update(error=np.asarray(error, dtype=object), pred=np.asarray(pred, dtype=object), prob_pneumonia=prob,
-               logit_pneumonia=batch["logit_pneumonia"], temperature=np.full(n, info.get("temperature", 1.0), np.float32),
+               logit_pneumonia=batch.get("logit_pneumonia", np.full(n, np.nan, np.float32)),
+               temperature=np.full(n, info.get("temperature", 1.0), np.float32),
                cam_path=np.asarray(cam_path, dtype=object), cam_peak_x=peak_x, cam_peak_y=peak_y,
                threshold=np.full(n, info["threshold"], np.float32),
                model=np.asarray([info["model_id"]] * n, dtype=object))

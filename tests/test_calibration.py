@@ -36,7 +36,8 @@ def test_temperature_scaling_lowers_the_ece_of_an_overconfident_model_with_known
 
 
 def test_no_fit_without_both_classes_and_a_bounded_fit_on_separable_data():
-    assert fit_temperature(np.array([1.0, 2.0] * 10), np.ones(20, int))["temperature"] == 1.0
+    assert fit_temperature(np.array([1.0, 2.0] * 20), np.ones(40, int))["temperature"] == 1.0
+    assert fit_temperature(np.linspace(-1, 1, 20), np.r_[np.zeros(10, int), np.ones(10, int)])["temperature"] == 1.0
     fit = fit_temperature(np.r_[-np.ones(20), np.ones(20)], np.r_[np.zeros(20, int), np.ones(20, int)])
     assert fit["temperature"] == pytest.approx(calibration.MIN_T, rel=0.01) and "separated perfectly" in fit["note"]
 
