@@ -146,20 +146,24 @@ def run_train(s: TrainSettings, *, echo=print, register: bool = True) -> dict:
         raise InputError(f"Training ended without finishing an epoch; nothing was written to {s.out}. See the"
                          " workers' messages above (unreadable images?).")
     history = json.loads(storage.read_bytes(storage.join(s.out, "history.json")))
-    best = max(history, key=lambda h: (h["val_auc"] if h["val_auc"] is not None else -1, -h["val_loss"]))
-    summary = {"out": s.out, "best_checkpoint": storage.join(s.out, "best.ckpt"), "best_epoch": best["epoch"],
-               "epochs": len(history), "val_auc": best["val_auc"], "val_acc": best["val_acc"],
-               "threshold": best["threshold"], "seconds": time.perf_counter() - t0, "validation": split.val_note,
-               "val_files": storage.join(s.out, "val_files.json"),
-               # rows of runs begun before calibration existed lack these: T = 1 there
-               "temperature": best.get("temperature", 1.0), "temperature_note": best.get("temperature_note", "not fitted"),
-               "val_ece_before": best.get("val_ece_before"), "val_ece_after": best.get("val_ece_after"),
-               "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history]))}
+    summary = _summary(s, history, split.val_note, time.perf_counter() - t0)
     if register and len(history) == s.epochs:
         from .registry import register_default
 
         summary["registered_as_default"] = str(register_default(summary["best_checkpoint"]))
     return summary
+
+
+def _summary(s: TrainSettings, history: list, validation: str, seconds: float) -> dict:
+    best = max(history, key=lambda h: (h["val_auc"] if h["val_auc"] is not None else -1, -h["val_loss"]))
+    return {"out": s.out, "best_checkpoint": storage.join(s.out, "best.ckpt"), "best_epoch": best["epoch"],
+            "epochs": len(history), "val_auc": best["val_auc"], "val_acc": best["val_acc"],
+            "threshold": best["threshold"], "seconds": seconds, "validation": validation,
+            "val_files": storage.join(s.out, "val_files.json"),
+            # rows of runs begun before calibration existed lack these: T = 1 there
+            "temperature": best.get("temperature", 1.0), "temperature_note": best.get("temperature_note", "not fitted"),
+            "val_ece_before": best.get("val_ece_before"), "val_ece_after": best.get("val_ece_after"),
+            "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history]))}
 
 
 def _check_fits(s: TrainSettings, use_gpu: bool) -> None:
