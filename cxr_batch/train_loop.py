@@ -134,7 +134,7 @@ def _evaluate(model, x, y, s, device, on_gpu, loss_fn):
     """Val metrics over ALL ranks' shards: gather every logit margin, then compute once.
 
     The temperature is fitted here, every epoch, on these gathered margins, and the threshold is
-    chosen on the calibrated probabilities: best.ckpt then carries its own epoch's pair."""
+    that of the calibrated probabilities: best.ckpt then carries its own epoch's pair."""
     model.eval()
     margins, losses = [], 0.0
     for i in range(0, len(y), s.batch_size):
@@ -152,7 +152,7 @@ def _evaluate(model, x, y, s, device, on_gpu, loss_fn):
     loss = sum(g[2] for g in gathered) / max(1, len(y_all))
     fit = fit_temperature(m_all, y_all)
     p_all = calibrated(m_all, fit["temperature"])
-    threshold, rule = choose_threshold(y_all, p_all, s.target_sensitivity)
+    threshold, rule = calibrated_threshold(y_all, m_all, fit["temperature"], s.target_sensitivity)
     auc = roc_auc(y_all, p_all) if len(set(y_all.tolist())) == 2 else float("nan")
     eces = [ece(y_all, calibrated(m_all, t)) if len(y_all) else None for t in (1.0, fit["temperature"])]
     return {"loss": loss, "acc": float(((p_all >= threshold) == y_all).mean()) if len(y_all) else float("nan"),
@@ -160,6 +160,16 @@ def _evaluate(model, x, y, s, device, on_gpu, loss_fn):
             "auc": None if np.isnan(auc) else float(auc), "threshold": threshold, "threshold_rule": rule,
             "n": int(len(y_all)), "temperature": fit["temperature"], "temperature_note": fit["note"],
             "ece_before": eces[0], "ece_after": eces[1]}
+
+
+def calibrated_threshold(y, margin, temperature: float, target_sensitivity: float | None) -> tuple[float, str]:
+    """The decision threshold on the calibrated P = sigmoid(margin / T): chosen on the margins (the
+    rule needs only an order) and mapped through that same monotone transform, so the decisions
+    are the raw margins' decisions whatever T is."""
+    threshold, rule = choose_threshold(y, margin, target_sensitivity)
+    if len(set(np.asarray(y).tolist())) == 2:  # else the default 0.5, already a probability
+        threshold = float(calibrated(threshold, temperature))
+    return threshold, rule
 
 
 def _epoch_row(epoch, phase, lr, tr, va, s, seconds, n_local):

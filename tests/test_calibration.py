@@ -135,3 +135,17 @@ def test_scoring_applies_the_checkpoint_temperature_and_old_checkpoints_mean_t_1
         assert np.allclose(out["logit_pneumonia"], margin, atol=1e-3)
         assert np.allclose(out["prob_pneumonia"], calibrated(margin, temperature or 1.0), atol=1e-4)
         assert out["prob_pneumonia"].min() < 0.4 and out["prob_pneumonia"].max() > 0.6
+
+
+def test_the_threshold_is_that_of_the_calibrated_probabilities():
+    from cxr_batch.train_loop import calibrated_threshold
+
+    margin, y = _known_truth(400, 5, overconfidence=3.0)
+    thr, rule = calibrated_threshold(y, margin, 3.0, None)
+    assert thr == pytest.approx(choose_threshold(y, calibrated(margin, 3.0), None)[0]) and "Youden" in rule
+    assert thr != pytest.approx(choose_threshold(y, calibrated(margin), None)[0], abs=1e-3)  # not the raw scale
+    raw_thr, _ = choose_threshold(y, margin, None)
+    assert np.array_equal(calibrated(margin, 3.0) >= thr, margin >= raw_thr)  # the same decisions
+    thr95, _ = calibrated_threshold(y, margin, 3.0, 0.95)
+    assert (calibrated(margin[y == 1], 3.0) >= thr95).mean() >= 0.95
+    assert calibrated_threshold(np.ones(5, int), np.ones(5), 2.0, None)[0] == 0.5
