@@ -69,10 +69,11 @@ def main():
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N files (sorted by path).")
 @click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
               help="Rows per published Parquet part: small values make tests see parts early.")
+@click.option("--report", "report_", is_flag=True, help="Also write an HTML report beside the output (see `cxr-batch report`).")
 @_ray_options
 @_friendly
 def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
-          compile_, max_pixels, overwrite, limit, rows_per_part, address):
+          compile_, max_pixels, overwrite, limit, rows_per_part, report_, address):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
@@ -98,6 +99,10 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
     with ray_running(address):
         summary = run_score(s, progress=_progress)
     click.echo(format_summary(summary))
+    if report_:
+        from .report_html import ReportSettings, write_score_report
+
+        click.echo(f"  report        {write_score_report(ReportSettings(results=summary.out)).path}")
 
 
 def format_summary(sm) -> str:
@@ -118,6 +123,29 @@ def format_summary(sm) -> str:
         lines.append(f"  errors        rows with a non-null `error` column, e.g. "
                      f"pandas.read_parquet('{sm.out}').query('error.notna()')")
     return "\n".join(lines)
+
+
+@main.command()
+@click.argument("results")
+@click.option("--out", "-o", default=None, help="The HTML file (local or s3://). Default: <RESULTS>-report.html beside RESULTS.")
+@click.option("--folder-depth", type=click.IntRange(min=1), default=None,
+              help="Path components that name a folder in the per-folder table. Default: the shallowest level with 2+ folders.")
+@click.option("--gallery", type=click.IntRange(min=0), default=12, show_default=True, help="Images in each gallery.")
+@_friendly
+def report(results, out, folder_depth, gallery):
+    """Write an HTML page of what a scoring run found: counts, the model, a histogram of P(pneumonia),
+    errors grouped by message, per-folder flagged rates, and the most suspicious and most uncertain
+    images with their CAMs. It opens from disk in any browser, offline.
+
+    RESULTS is the output folder of `cxr-batch score` (local or s3://). One pass over the table with
+    bounded memory: a million rows take seconds.
+
+    Example: cxr-batch report results.parquet --out results-report.html
+    """
+    from .report_html import ReportSettings, write_score_report
+
+    r = write_score_report(ReportSettings(results=results, out=out, folder_depth=folder_depth, gallery=gallery))
+    click.echo(f"cxr-batch report: {r.files:,} rows in {r.seconds:.1f} s -> {r.path}")
 
 
 @main.command()
@@ -238,7 +266,7 @@ def format_eval_summary(m: dict, out: str) -> str:
     pt = (m.get("pointing") or {}).get("true_positives")
     if pt:
         lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion")
-    lines.append(f"  report        {out}/report.md (metrics.json, roc.png, confusion.png, training_curves.png, errors_montage.png)")
+    lines.append(f"  report        {out}/report.html (open it in a browser; also report.md, metrics.json and the PNG plots)")
     return "\n".join(lines)
 
 

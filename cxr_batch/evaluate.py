@@ -3,7 +3,8 @@
 Writes to the report folder: predictions.parquet/ (the scoring table), cams/, metrics.json
 (each metric with a bootstrap 95% CI, the confusion matrix, the threshold used and, when the
 archive has a truth.csv of lesion positions, the CAM pointing rate), roc.png, confusion.png,
-training_curves.png, errors_montage.png and report.md tying them together.
+training_curves.png, errors_montage.png, report.md tying them together, and report.html: the
+same in one page a browser opens from disk, with the most confident errors' CAMs (report_evaluate.py).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def run_evaluate(s: EvaluateSettings, *, progress=None) -> dict:
         for name in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, name), "rb") as f:
                 storage.write_bytes_atomic(storage.join(s.out, name), f.read())
+    from .report_evaluate import write_evaluate_report
+
+    write_evaluate_report(s.out)  # built from the folder just written: it shows whatever is there
     return metrics
 
 
