@@ -14,12 +14,14 @@ permanent error; their retryable count is unknown (None), not zero.
 from __future__ import annotations
 
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from . import CLASSES, POSITIVE, storage
 from .errors import InputError
@@ -27,10 +29,14 @@ from .output import part_files, read_metadata
 
 COLUMNS = ("path", "label", "pred", "prob_pneumonia", "threshold", "cam_path", "error", "status")
 GALLERY_COLUMNS = ("path", "label", "pred", "prob_pneumonia", "threshold", "cam_path")
-MAX_AUTO_DEPTH = 3  # folders are aggregated this deep; the report picks the shallowest useful level
+MAX_AUTO_DEPTH = 3  # the report picks the shallowest level down to this with 2+ folders
+# Folders tracked per level: an archive of one folder per study has a million at depth 2 or 3,
+# and a table of them is neither readable nor small; a level past the cap is left out.
+MAX_FOLDERS_AUTO = 20_000
+MAX_FOLDERS = 200_000  # with an explicit --folder-depth: past this, ask for a shallower one
 MAX_ERROR_GROUPS = 2000  # distinct normalised messages kept; the rest are counted as "other messages"
 EXAMPLES_PER_ERROR = 3
-BATCH_ROWS = 131_072  # rows reduced at once: large enough that per-batch overhead is small
+BATCH_ROWS = 65_536  # rows reduced at once: large enough that per-batch overhead is small
 
 # The variable parts of an error message, so that one cause is one group. RE2 syntax (pyarrow).
 _NORMALISE = [
@@ -42,6 +48,10 @@ _NORMALISE = [
     (r"\b\d+x\d+\b", "NxN"),  # image sizes
     (r"\b\d+(?:[.,]\d+)*\b", "N"),  # numbers, also 1,234,567 and 1.2.840.10008 (DICOM UIDs)
 ]
+
+
+_GALLERY_KEYS = {"prob": ("prob_pneumonia", "descending"), "margin": ("margin", "ascending"),
+                 "wrong": ("margin", "descending")}
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class Aggregate:
     folder_depth: int = 1
     folders: pa.Table | None = None  # folder, files, scored, errors, retry, flagged, prob_sum
     folder_count: int = 0
+    too_many_folders: list = field(default_factory=list)  # levels left out: more than MAX_FOLDERS_AUTO folders
     errors: list[ErrorGroup] = field(default_factory=list)
     other_error_rows: int = 0  # rows whose message did not fit in MAX_ERROR_GROUPS groups
     galleries: dict = field(default_factory=dict)  # name -> pa.Table of GALLERY_COLUMNS (+ margin)
@@ -99,42 +110,72 @@ class Aggregate:
 
 # ---------------------------------------------------------------- reading
 
-def open_results(results: str) -> tuple[pads.Dataset, list[str]]:
-    """The part files of a ``cxr-batch score`` output as one pyarrow dataset (local or s3://)."""
+def _read_schema(part: str) -> pa.Schema:
+    fs, path = storage.resolve(part)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).schema_arrow
+
+
+def open_results(results: str) -> tuple[list[str], pa.Schema]:
+    """The part files of a ``cxr-batch score`` output (local or s3://) and the schema they share."""
     parts = part_files(results)
     if not parts:
         hint = " (it is a file: pass the output folder of `cxr-batch score`)" if storage.exists(results) and not storage.is_dir(results) else ""
         raise InputError(f"No results under {results}{hint}: expected part-*.parquet files written by `cxr-batch score`.")
-    fs, _ = storage.resolve(parts[0])
-    paths = [storage.resolve(p)[1] for p in parts]
     # Columns are only ever added: the newest part knows every column, and older parts read as null there.
-    schema = pa.unify_schemas([pads.dataset(paths[i], filesystem=fs, format="parquet").schema
-                               for i in sorted({0, len(paths) - 1})], promote_options="permissive")
-    return pads.dataset(paths, schema=schema, filesystem=fs, format="parquet"), parts
+    schema = pa.unify_schemas([_read_schema(parts[i]) for i in sorted({0, len(parts) - 1})], promote_options="permissive")
+    return parts, schema
 
 
-def _batches(ds: pads.Dataset, columns: list[str], rows: int):
-    """Record batches of about ``rows`` rows (parts hold ~2000 rows; reducing each alone costs overhead)."""
+def _read_part(part: str, schema: pa.Schema) -> pa.Table:
+    fs, path = storage.resolve(part)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        t = pf.read(columns=[c for c in schema.names if c in pf.schema_arrow.names])
+    for name in schema.names:
+        if name not in t.column_names:  # a part from before the column existed
+            t = t.append_column(schema.field(name), pa.nulls(t.num_rows, schema.field(name).type))
+    return t.select(schema.names)
+
+
+def _batches(parts: list[str], schema: pa.Schema, rows: int, threads: int = 4):
+    """Tables of about ``rows`` rows, read from the parts in order by a few threads (object stores
+    answer each GET in tens of ms); at most ``2 * threads`` parts are in flight, so memory stays flat."""
     pending, n = [], 0
-    scanner = ds.scanner(columns=columns, batch_size=rows, fragment_readahead=2, batch_readahead=4)
-    for batch in scanner.to_batches():
-        if batch.num_rows:
-            pending.append(batch)
-            n += batch.num_rows
-        if n >= rows:
-            yield pa.Table.from_batches(pending)
-            pending, n = [], 0
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque = deque()
+        for part in parts:
+            window.append(pool.submit(_read_part, part, schema))
+            if len(window) < 2 * threads:
+                continue
+            pending.append(window.popleft().result())
+            n += pending[-1].num_rows
+            if n >= rows:
+                yield pa.concat_tables(pending)
+                pending, n = [], 0
+        pending += [f.result() for f in window]
     if pending:
-        yield pa.Table.from_batches(pending)
+        yield pa.concat_tables(pending)
 
 
 # ---------------------------------------------------------------- per-batch reductions
 
-def _status(t: pa.Table) -> pa.Array:
-    derived = pc.if_else(pc.is_null(t["error"]), "scored", "error")
-    if "status" in t.column_names:
-        return pc.coalesce(t["status"], derived)
-    return derived
+@dataclass
+class _Status:
+    """Each row's status as masks (a string column per row would cost more than all the rest)."""
+
+    scored: pa.Array
+    error: pa.Array
+    retry: pa.Array
+    column: pa.Array | None  # the status strings, only where the table has them
+
+
+def _status(t: pa.Table) -> _Status:
+    failed = pc.is_valid(t["error"])
+    if "status" not in t.column_names or t["status"].null_count == t.num_rows:
+        return _Status(pc.invert(failed), failed, pa.repeat(False, t.num_rows), None)
+    column = pc.coalesce(t["status"], pc.if_else(failed, "error", "scored"))
+    return _Status(pc.equal(column, "scored"), pc.equal(column, "error"), pc.equal(column, "retry"), column)
 
 
 def folder_of(paths, depth: int) -> pa.Array:
@@ -160,10 +201,10 @@ class Aggregator:
 
     def __init__(self, *, depth: int | None, galleries: list[GallerySpec], bins: int = 50):
         self.depth = depth
-        self.agg_depth = depth or MAX_AUTO_DEPTH
         self.specs = galleries
         self.a = Aggregate(bins=np.linspace(0, 1, bins + 1))
-        self._folders: list[pa.Table] = []
+        levels = [depth] if depth else range(1, MAX_AUTO_DEPTH + 1)
+        self._folders = [_FolderSums(d, MAX_FOLDERS if depth else MAX_FOLDERS_AUTO) for d in levels]
         self._errors: dict[tuple[str, str], list] = {}
         self._tmin, self._tmax = np.inf, -np.inf
 
@@ -171,15 +212,19 @@ class Aggregator:
         a = self.a
         a.files += t.num_rows
         a.has_status = a.has_status or "status" in t.column_names
-        status = _status(t)
-        for v in pc.value_counts(status).to_pylist():
-            a.status_counts[v["values"]] = a.status_counts.get(v["values"], 0) + v["counts"]
-        scored = pc.equal(status, "scored")
-        flagged = pc.and_(scored, pc.equal(t["pred"], CLASSES[POSITIVE])).fill_null(False)
+        st = _status(t)
+        if st.column is None:
+            counts = {"scored": pc.sum(st.scored).as_py() or 0, "error": pc.sum(st.error).as_py() or 0}
+        else:
+            counts = {v["values"]: v["counts"] for v in pc.value_counts(st.column).to_pylist()}
+        for k, n in counts.items():
+            a.status_counts[k] = a.status_counts.get(k, 0) + n
+        flagged = pc.and_(st.scored, pc.equal(t["pred"], CLASSES[POSITIVE])).fill_null(False)
         a.flagged += pc.sum(flagged).as_py() or 0
-        self._add_scored(t.filter(scored), flagged.filter(scored))
-        self._add_folders(t, status, flagged)
-        self._add_errors(t.filter(pc.invert(scored)), status.filter(pc.invert(scored)))
+        self._add_scored(t.filter(st.scored), flagged.filter(st.scored))
+        self._add_folders(t, st, flagged)
+        failed = pc.invert(st.scored)
+        self._add_errors(t.filter(failed), None if st.column is None else st.column.filter(failed))
 
     def _add_scored(self, s: pa.Table, flagged: pa.Array) -> None:
         if not s.num_rows:
@@ -203,36 +248,41 @@ class Aggregator:
         cols = [c for c in GALLERY_COLUMNS if c in s.column_names]
         g = s.select(cols).append_column("margin", pc.abs(pc.subtract(s["prob_pneumonia"], s["threshold"])))
         for spec in self.specs:
-            cand = g
+            column, order = _GALLERY_KEYS[spec.key]
+            keep = pc.is_valid(g[column])
             if spec.key == "wrong":
-                wrong = pc.and_(pc.is_valid(g["label"]), pc.not_equal(g["label"], g["pred"])).fill_null(False)
-                cand = g.filter(wrong)
+                keep = pc.and_(keep, pc.and_(pc.is_valid(g["label"]), pc.not_equal(g["label"], g["pred"])).fill_null(False))
             old = self.a.galleries.get(spec.name)
+            if old is not None and old.num_rows >= spec.k > 0:
+                # Only rows that can enter the top k: most batches then hand on none.
+                worst = (pc.min if order == "descending" else pc.max)(old[column])
+                keep = pc.and_(keep, (pc.greater_equal if order == "descending" else pc.less_equal)(g[column], worst))
+            cand = g.filter(keep)
             if old is not None:
                 cand = pa.concat_tables([old, cand])
-            keys = {"prob": [("prob_pneumonia", "descending")], "margin": [("margin", "ascending")],
-                    "wrong": [("margin", "descending")]}[spec.key] + [("path", "ascending")]
             k = min(spec.k, cand.num_rows)
-            self.a.galleries[spec.name] = cand.take(pc.select_k_unstable(cand, k, sort_keys=keys)) if k else cand
+            idx = pc.select_k_unstable(cand, k, sort_keys=[(column, order), ("path", "ascending")]) if k else []
+            self.a.galleries[spec.name] = cand.take(idx)
 
-    def _add_folders(self, t: pa.Table, status: pa.Array, flagged: pa.Array) -> None:
-        scored = pc.equal(status, "scored")
-        prob = pc.if_else(scored, t["prob_pneumonia"].cast(pa.float64()), 0.0)
-        part = pa.table({
-            "folder": folder_of(t["path"], self.agg_depth), "files": pa.array(np.ones(t.num_rows, np.int64)),
-            "scored": scored.cast(pa.int64()), "errors": pc.equal(status, "error").cast(pa.int64()),
-            "retry": pc.equal(status, "retry").cast(pa.int64()), "flagged": flagged.cast(pa.int64()),
-            "prob_sum": prob.fill_null(0.0),
+    def _add_folders(self, t: pa.Table, st: _Status, flagged: pa.Array) -> None:
+        prob = pc.if_else(st.scored, t["prob_pneumonia"].cast(pa.float64()), 0.0)
+        sums = pa.table({
+            "files": pa.array(np.ones(t.num_rows, np.int64)), "scored": st.scored.cast(pa.int64()),
+            "errors": st.error.cast(pa.int64()), "retry": st.retry.cast(pa.int64()),
+            "flagged": flagged.cast(pa.int64()), "prob_sum": prob.fill_null(0.0),
         })
-        self._folders.append(_sum_by(part, "folder"))
-        if len(self._folders) >= 16:
-            self._folders = [_sum_by(pa.concat_tables(self._folders), "folder")]
+        for level in self._folders:
+            level.add(t["path"], sums)
 
-    def _add_errors(self, e: pa.Table, status: pa.Array) -> None:
+    def _add_errors(self, e: pa.Table, status: pa.Array | None) -> None:
         if not e.num_rows:
             return
-        msg = e["error"].fill_null("(no message)")
-        g = pa.table({"status": status, "norm": normalise_errors(msg), "msg": msg, "path": e["path"]})
+        if status is None:  # a table without the status column: every failure is permanent
+            status = pa.repeat("error", e.num_rows)
+        msg = e["error"].fill_null("(no message)").combine_chunks()
+        codes = pc.dictionary_encode(msg)  # a million failures share a handful of distinct messages:
+        norm = pc.take(normalise_errors(codes.dictionary), codes.indices)  # normalise those, not every row
+        g = pa.table({"status": status, "norm": norm, "msg": msg, "path": e["path"]})
         grouped = g.group_by(["status", "norm"], use_threads=False).aggregate([("path", "count"), ("path", "list"), ("msg", "first")])
         grouped = grouped.set_column(grouped.schema.get_field_index("path_list"), "path_list",
                                      pc.list_slice(grouped["path_list"], 0, 4 * EXAMPLES_PER_ERROR))
@@ -252,23 +302,41 @@ class Aggregator:
         a.threshold = (self._tmin, self._tmax) if np.isfinite(self._tmin) else None
         a.errors = sorted((ErrorGroup(norm, st, n, msg, sorted(ex)) for (st, norm), (n, msg, ex) in self._errors.items()),
                           key=lambda g: (-g.count, g.message))
-        folders = _sum_by(pa.concat_tables(self._folders), "folder") if self._folders else None
-        a.folder_depth, a.folders = self._choose_depth(folders)
+        a.folder_depth, a.folders = self._choose_depth()
         a.folder_count = 0 if a.folders is None else a.folders.num_rows
+        a.too_many_folders = [f.depth for f in self._folders if f.dropped]
         return a
 
-    def _choose_depth(self, folders: pa.Table | None) -> tuple[int, pa.Table | None]:
+    def _choose_depth(self) -> tuple[int, pa.Table | None]:
         """The given depth, or the shallowest level that splits the table into two or more folders."""
-        if folders is None:
+        levels = [(f.depth, f.table()) for f in self._folders if not f.dropped]
+        if not levels or levels[0][1] is None:
             return self.depth or 1, None
-        if self.depth:
-            return self.depth, folders
-        for d in range(1, MAX_AUTO_DEPTH + 1):
-            keys = folder_of(pc.binary_join_element_wise(folders["folder"], "/", ""), d)  # "a/b" -> "a/b/"
-            rolled = _sum_by(folders.set_column(folders.schema.get_field_index("folder"), "folder", keys), "folder")
-            if rolled.num_rows >= 2 or d == MAX_AUTO_DEPTH:
-                return d, rolled
-        raise AssertionError("unreachable")
+        return next(((d, t) for d, t in levels if t.num_rows >= 2), levels[-1])
+
+
+class _FolderSums:
+    """Per-folder sums at one depth, merged as batches come; gives up past ``cap`` folders."""
+
+    def __init__(self, depth: int, cap: int):
+        self.depth, self.cap, self.parts, self.rows, self.dropped = depth, cap, [], 0, False
+
+    def add(self, paths, sums: pa.Table) -> None:
+        if self.dropped:
+            return
+        part = _sum_by(sums.append_column("folder", folder_of(paths, self.depth)), "folder")
+        self.parts.append(part)
+        self.rows += part.num_rows
+        if len(self.parts) >= 16 or self.rows > 2 * self.cap:
+            merged = self.table()
+            self.parts, self.rows = [merged], merged.num_rows
+            if merged.num_rows > self.cap:
+                if self.cap >= MAX_FOLDERS:
+                    raise InputError(f"More than {self.cap:,} folders at --folder-depth {self.depth}: choose a smaller depth.")
+                self.parts, self.dropped = [], True
+
+    def table(self) -> pa.Table | None:
+        return _sum_by(pa.concat_tables(self.parts), "folder") if self.parts else None
 
 
 def _sum_by(t: pa.Table, key: str) -> pa.Table:
@@ -282,13 +350,13 @@ def _sum_by(t: pa.Table, key: str) -> pa.Table:
 def aggregate(results: str, *, depth: int | None = None, galleries: list[GallerySpec] = (), bins: int = 50,
               batch_rows: int = BATCH_ROWS) -> tuple[Aggregate, dict]:
     """One pass over a results folder -> (Aggregate, the table's ``cxr_batch`` metadata)."""
-    ds, parts = open_results(results)
-    columns = [c for c in COLUMNS if c in ds.schema.names]
-    missing = {"path", "pred", "prob_pneumonia", "error"} - set(columns)
+    parts, schema = open_results(results)
+    missing = {"path", "pred", "prob_pneumonia", "error"} - set(schema.names)
     if missing:
         raise InputError(f"{results} is not a cxr-batch results table: it lacks the column(s) {', '.join(sorted(missing))}.")
+    schema = pa.schema([schema.field(c) for c in COLUMNS if c in schema.names])
     agg = Aggregator(depth=depth, galleries=list(galleries), bins=bins)
-    for t in _batches(ds, columns, batch_rows):
+    for t in _batches(parts, schema, batch_rows):
         if "label" not in t.column_names:
             t = t.append_column("label", pa.nulls(t.num_rows, pa.string()))
         if "threshold" not in t.column_names:

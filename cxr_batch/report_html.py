@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import quote
@@ -19,7 +20,9 @@ from markupsafe import Markup
 
 from . import CLASSES, POSITIVE, __version__, storage
 from .errors import InputError
-from .report_data import Aggregate, GallerySpec, aggregate
+from .output import part_files, read_metadata
+from .report_data import MAX_FOLDERS_AUTO, Aggregate, GallerySpec, aggregate
+from .report_model import provenance
 
 STATUS_NAMES = {"error": "permanent", "retry": "retryable"}
 
@@ -133,16 +136,16 @@ def write_score_report(s: ReportSettings) -> ReportResult:
     t0 = time.perf_counter()
     out = s.resolved_out()
     specs = [GallerySpec("suspicious", "prob", s.gallery), GallerySpec("uncertain", "margin", s.gallery)]
-    a, meta = aggregate(s.results, depth=s.folder_depth, galleries=specs)
-    html = render_score_page(a, meta, s, out)
+    with ThreadPoolExecutor(1) as pool:
+        # The checkpoint's facts need torch (seconds to import): fetched while the table streams.
+        prov = pool.submit(lambda: provenance(read_metadata(s.results)) if part_files(s.results) else {})
+        a, _ = aggregate(s.results, depth=s.folder_depth, galleries=specs)
+        html = render_score_page(a, prov.result(), s, out)
     storage.write_bytes_atomic(out, html.encode("utf-8"))
     return ReportResult(path=storage.absolute(out), files=a.files, seconds=time.perf_counter() - t0)
 
 
-def render_score_page(a: Aggregate, meta: dict, s: ReportSettings, out: str) -> str:
-    from .report_model import provenance
-
-    prov = provenance(meta)
+def render_score_page(a: Aggregate, prov: dict, s: ReportSettings, out: str) -> str:
     model = prov["model"]
     banners = []
     if model and not model.get("trained", True):
@@ -198,8 +201,10 @@ def _hist(a: Aggregate) -> dict:
 
 
 def _folders(a: Aggregate, max_rows: int) -> dict:
+    many = (f" Depth {', '.join(map(str, a.too_many_folders))} has more than {MAX_FOLDERS_AUTO:,} folders"
+            " and is left out.") if a.too_many_folders else ""
     if a.folders is None:
-        return {"rows": [], "lead": "The table is empty.", "has_retry": False}
+        return {"rows": [], "lead": ("The table is empty." if not a.files else "") + many, "has_retry": False}
     f = a.folders.sort_by([("files", "descending"), ("folder", "ascending")]).slice(0, max_rows)
     rows = []
     for r in f.to_pylist():  # at most max_rows folders, not files
@@ -211,6 +216,7 @@ def _folders(a: Aggregate, max_rows: int) -> dict:
             " Flagged rate = flagged / scored.")
     if a.folder_count > len(rows):
         lead += f" Showing the {len(rows):,} largest."
+    lead += many
     return {"rows": rows, "lead": lead, "has_retry": a.has_status}
 
 
