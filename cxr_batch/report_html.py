@@ -24,7 +24,9 @@ from .output import part_files, read_metadata
 from .report_data import MAX_FOLDERS_AUTO, Aggregate, GallerySpec, aggregate
 from .report_model import provenance
 
-STATUS_NAMES = {"error": "permanent", "retry": "retryable"}
+# Checkpoint entries shown in their own rows, or not at all (arch and size are in the model's rows).
+_CHECKPOINT_SHOWN = {"uri", "same_file", "model_id", "settings", "metrics", "epoch", "epochs_trained", "threshold",
+                     "arch", "image_size", "cam_stride"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,16 +266,16 @@ def _model(prov: dict) -> dict:
     elif ck:
         metrics = ck.get("metrics") or {}
         train = ck.get("settings") or {}
-        out["checkpoint_rows"] = [(k, _show(v)) for k, v in [
-            ("file", ck["uri"]), ("same file as scored", ck["same_file"]),
-            ("training data", train.get("data")), ("initial weights", train.get("weights")),
-            ("epochs", f"best epoch {ck.get('epoch')} of {ck.get('epochs_trained')} trained"),
-            ("validation", f"AUC {_show(metrics.get('val_auc'))}, accuracy {_show(metrics.get('val_acc'))}"
-                           f" on {_show(metrics.get('val_n'))} images"),
-            ("threshold", f"{_show(ck.get('threshold'))} ({metrics.get('threshold_rule', 'rule not recorded')})"),
-        ] + [(k.replace("_", " "), v) for k, v in ck.items() if k not in {
-            "uri", "same_file", "model_id", "settings", "metrics", "epoch", "epochs_trained", "threshold", "arch",
-            "image_size", "cam_stride"}]]
+        rows = [("file", ck["uri"]), ("same file as scored", ck["same_file"]), ("training data", train.get("data")),
+                ("initial weights", train.get("weights"))]
+        if ck.get("epochs_trained"):
+            rows.append(("epochs", f"best epoch {ck.get('epoch')} of {ck['epochs_trained']} trained"))
+        if metrics.get("val_n"):
+            rows.append(("validation", f"AUC {_show(metrics.get('val_auc'))}, accuracy {_show(metrics.get('val_acc'))}"
+                                       f" on {_show(metrics.get('val_n'))} images"))
+        rows.append(("threshold", f"{_show(ck.get('threshold'))} ({metrics.get('threshold_rule', 'rule not recorded')})"))
+        rows += [(k.replace("_", " "), v) for k, v in ck.items() if k not in _CHECKPOINT_SHOWN]
+        out["checkpoint_rows"] = [(k, _show(v)) for k, v in rows if v is not None]
         out["training_rows"] = kv_rows(train)
     return out
 

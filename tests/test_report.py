@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from cxr_batch.benchmark import calibrated_checkpoint
 from cxr_batch.cli import main
+from cxr_batch.discover import discover
 from cxr_batch.report_data import aggregate, normalise_errors
 
 from browser import open_page
@@ -38,8 +40,12 @@ def scored(ray_session, phantoms, tmp_path_factory):
     ward.mkdir(parents=True)
     shutil.copy(next((archive / "test" / "PNEUMONIA").iterdir()), ward / HOSTILE)
     shutil.copy(next((archive / "test" / "NORMAL").iterdir()), ward / "plain.jpeg")
+    # An untrained head puts every P near 0.55, all above 0.5: a head standardised on the archive
+    # spreads them around the threshold, so that some images are flagged and some are not.
+    model = calibrated_checkpoint("resnet18:none", str(archive), [f.path for f in discover(str(archive))],
+                                  root / "spread.ckpt")
     out = root / "results.parquet"
-    r = CliRunner().invoke(main, ["score", str(archive), "--out", str(out), "--model", "resnet18:none",
+    r = CliRunner().invoke(main, ["score", str(archive), "--out", str(out), "--model", model,
                                   "--batch-size", "8", "--rows-per-part", "10", "--report"])
     assert r.exit_code == 0, r.output
     return archive, out, r.output
@@ -92,7 +98,9 @@ def test_counts_on_the_page_equal_the_table(scored, page):
     assert int(_card(pg, "files").replace(",", "")) == t.num_rows
     assert int(_card(pg, "scored").replace(",", "")) == t.num_rows - n_err
     assert int(_card(pg, "errors").replace(",", "")) == n_err == len(broken())
-    assert int(_card(pg, "flagged").replace(",", "")) == pc.sum(pc.equal(t["pred"], "PNEUMONIA")).as_py()
+    flagged = pc.sum(pc.equal(t["pred"], "PNEUMONIA")).as_py()
+    assert 0 < flagged < t.num_rows - n_err  # the fixture's model flags some images, not all
+    assert int(_card(pg, "flagged").replace(",", "")) == flagged
     assert _card(pg, "retry") == "not recorded"  # this table has no status column
 
 
@@ -195,7 +203,8 @@ def test_a_status_column_counts_retryable_failures_and_old_parts_still_read(scor
     r = CliRunner().invoke(main, ["report", str(mixed), "--out", str(tmp_path / "m.html")])
     assert r.exit_code == 0, r.output
     html = (tmp_path / "m.html").read_text()
-    assert "retryable" in html and "not recorded" not in html
+    retry_card = re.search(r'data-count="retry">.*?<div class="value">([^<]*)<', html, re.S).group(1)
+    assert retry_card == "2" and "retryable" in html
 
 
 def test_error_messages_group_by_cause_not_by_number_or_name():
