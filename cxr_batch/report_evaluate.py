@@ -17,7 +17,7 @@ from markupsafe import Markup
 
 from . import CLASSES, storage
 from .errors import InputError
-from .report_html import gallery_items, kv_rows, pct, render
+from .report_html import checkpoint_rows, gallery_items, kv_rows, pct, render
 
 # metrics.json keys that have a section of their own; every other key goes to "Other results".
 KNOWN_KEYS = {"checkpoint", "model_id", "folder", "threshold", "threshold_rule", "n_files", "n_scored", "n_errors",
@@ -142,11 +142,19 @@ def render_evaluate_page(folder: str, *, gallery: int = 12) -> str:
         subtitle=[f"{m.get('n_scored', 0):,} labelled images scored", f"{m.get('n_errors', 0):,} errors",
                   f"model {m.get('model_id')}", f"threshold {threshold:.3g} ({m.get('threshold_rule', '?')})"],
         metric_rows=_metric_rows(m), confusion=c, figs=figs, extra=extra, pointing=_pointing(m), hist_svg=hist_svg,
-        tiles=tiles or [], checkpoint=ck, ck_rows=kv_rows({k: v for k, v in (ck or {}).items() if k != "settings"}),
+        tiles=tiles or [], checkpoint=ck, ck_rows=_model_rows(ck),
         train_rows=kv_rows((ck or {}).get("settings") or {}), settings_rows=kv_rows(m.get("settings") or {}),
         scoring=m.get("scoring") or {}, pct=pct, threshold=threshold,
         footer="Files beside this page: metrics.json, report.md, the PNG plots, predictions.parquet/ and cams/.",
     )
+
+
+def _model_rows(ck: dict | None) -> list:
+    if not ck or ck.get("error"):
+        return []
+    model = [("architecture", ck.get("arch")), ("input size", f"{ck['image_size']} px" if ck.get("image_size") else None),
+             ("model id", ck.get("model_id")), ("CAM stride", ck.get("cam_stride"))]
+    return [(k, str(v)) for k, v in model if v is not None] + checkpoint_rows(ck)
 
 
 def _tail(path, parts: int = 2) -> str:

@@ -264,20 +264,25 @@ def _model(prov: dict) -> dict:
     if ck and ck.get("error"):
         out["lead"] += f" The checkpoint could not be read now: {ck['error']}"
     elif ck:
-        metrics = ck.get("metrics") or {}
-        train = ck.get("settings") or {}
-        rows = [("file", ck["uri"]), ("same file as scored", ck["same_file"]), ("training data", train.get("data")),
-                ("initial weights", train.get("weights"))]
-        if ck.get("epochs_trained"):
-            rows.append(("epochs", f"best epoch {ck.get('epoch')} of {ck['epochs_trained']} trained"))
-        if metrics.get("val_n"):
-            rows.append(("validation", f"AUC {_show(metrics.get('val_auc'))}, accuracy {_show(metrics.get('val_acc'))}"
-                                       f" on {_show(metrics.get('val_n'))} images"))
-        rows.append(("threshold", f"{_show(ck.get('threshold'))} ({metrics.get('threshold_rule', 'rule not recorded')})"))
-        rows += [(k.replace("_", " "), v) for k, v in ck.items() if k not in _CHECKPOINT_SHOWN]
-        out["checkpoint_rows"] = [(k, _show(v)) for k, v in rows if v is not None]
-        out["training_rows"] = kv_rows(train)
+        out["checkpoint_rows"] = checkpoint_rows(ck)
+        out["training_rows"] = kv_rows(ck.get("settings") or {})
     return out
+
+
+def checkpoint_rows(ck: dict) -> list[tuple[str, str]]:
+    """What a reader asks of a checkpoint: which file, trained on what, how long, how good on validation."""
+    metrics = ck.get("metrics") or {}
+    train = ck.get("settings") or {}
+    rows = [("file", ck["uri"]), ("same file as scored", ck.get("same_file")), ("training data", train.get("data")),
+            ("initial weights", train.get("weights"))]
+    if ck.get("epochs_trained"):
+        rows.append(("epochs", f"best epoch {ck.get('epoch')} of {ck['epochs_trained']} trained"))
+    if metrics.get("val_n"):
+        rows.append(("validation", f"AUC {_show(metrics.get('val_auc'))}, accuracy {_show(metrics.get('val_acc'))}"
+                                   f" on {_show(metrics.get('val_n'))} images"))
+    rows.append(("threshold", f"{_show(ck.get('threshold'))} ({metrics.get('threshold_rule', 'rule not recorded')})"))
+    rows += [(k.replace("_", " "), v) for k, v in ck.items() if k not in _CHECKPOINT_SHOWN]
+    return [(k, _show(v)) for k, v in rows if v is not None]
 
 
 def _run(prov: dict, a: Aggregate) -> dict:

@@ -99,3 +99,48 @@ def test_finished_run_is_the_default_model_of_score(trained, tmp_path):
     assert r.exit_code == 0, r.output
     rows = pq.read_table(tmp_path / "r.parquet").to_pylist()
     assert len(rows) == 80 and {r["model"] for r in rows} == {load_checkpoint(summary["best_checkpoint"]).model_id}
+
+
+def test_evaluate_page_shows_the_folder_in_a_browser(trained, browser, tmp_path):
+    """report.html beside report.md: loads from disk with every image, its numbers are metrics.json's,
+    and a section appears when its data is in the folder (and the page still works without it)."""
+    import re
+    import shutil
+
+    from browser import open_page
+
+    from cxr_batch.report_evaluate import write_evaluate_report
+
+    root, _, _, _ = trained
+    saved = json.loads((root / "report" / "metrics.json").read_text())
+    pg, check = open_page(browser, root / "report" / "report.html", tmp_path / "evaluate-report.png")
+    keep = os.environ.get("CXR_REPORT_SCREENSHOTS")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(tmp_path / "evaluate-report.png", os.path.join(keep, "evaluate-report.png"))
+    assert check.console == [] and check.requests_failed == [] and check.external == []
+    assert check.images and all(i["ok"] for i in check.images), check.images
+    for key in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        shown = pg.locator(f"tr[data-metric='{key}'] td.num").first.inner_text()
+        assert float(shown) == pytest.approx(saved["metrics"][key], abs=5e-4), key
+    cells = dict(pg.eval_on_selector_all("#confusion td[data-cell]", "cs => cs.map(c => [c.dataset.cell, c.querySelector('.metric-big').textContent])"))
+    assert {k: int(v.replace(",", "")) for k, v in cells.items()} == saved["metrics"]["confusion"]
+    assert pg.locator("#errors figure.tile").count() == min(12, sum(saved["metrics"]["confusion"][k] for k in ("fp", "fn")))
+    assert pg.locator("#localisation").count() == 1 and pg.locator("#calibration").count() == 0
+    pg.close()
+
+    # A later evaluate adds a reliability diagram and a calibration entry; an older one lacks predictions.
+    folder = tmp_path / "report"
+    shutil.copytree(root / "report", folder, ignore=shutil.ignore_patterns("predictions.parquet"))
+    from PIL import Image
+
+    Image.new("RGB", (320, 240), "white").save(folder / "reliability.png")  # only its name matters here
+    saved["calibration"] = {"ece_before": 0.081, "ece_after": 0.032, "temperature": 1.7}
+    (folder / "metrics.json").write_text(json.dumps(saved))
+    pg, check = open_page(browser, write_evaluate_report(str(folder)), tmp_path / "changed.png")
+    assert check.console == [] and all(i["ok"] for i in check.images)
+    calibration = pg.locator("#calibration").inner_text()
+    assert "ece after" in calibration and "0.032" in calibration and pg.locator("#calibration img").count() == 1
+    assert pg.locator("#errors").count() == 0 and pg.locator("#distribution").count() == 0
+    assert re.search(r"Metrics", pg.locator("nav.toc").inner_text())
+    pg.close()
