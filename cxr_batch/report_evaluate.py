@@ -17,7 +17,7 @@ from markupsafe import Markup
 
 from . import CLASSES, storage
 from .errors import InputError
-from .report_html import checkpoint_rows, gallery_items, kv_rows, pct, render
+from .report_page import checkpoint_rows, gallery_items, kv_rows, pct, render
 
 # metrics.json keys that have a section of their own; every other key goes to "Other results".
 KNOWN_KEYS = {"checkpoint", "model_id", "folder", "threshold", "threshold_rule", "n_files", "n_scored", "n_errors",

@@ -6,6 +6,7 @@ its driver; the browser is the system's (`.ci/run` installs it with apt when mis
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -19,9 +20,7 @@ def available() -> str | None:
     """None when the browser tests can run, else why not."""
     if not os.path.exists(CHROMIUM):
         return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("playwright") is None:
         return "playwright is not installed (pip install -e '.[test]')"
     return None
 
