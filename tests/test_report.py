@@ -238,3 +238,39 @@ def test_report_reads_results_on_s3_and_writes_there(scored, tmp_path, monkeypat
     assert int(files.replace(",", "")) == _table(out).num_rows
     assert html.count("data:image/jpeg;base64,") == 24  # thumbnails inside the page; no links off a bucket
     assert 'class="img" href=' not in html
+
+
+def test_the_model_section_reads_the_checkpoint_without_loading_its_weights(scored):
+    """The report reads a checkpoint's small entries with a restricted unpickler (no torch): they
+    must equal what torch.load(weights_only=True) gives, and the file's hash must be the model id."""
+    from cxr_batch.checkpoint import load_checkpoint
+    from cxr_batch.report_model import checkpoint_facts
+
+    ckpt = str(scored[1].parent / "spread.ckpt")
+    loaded = load_checkpoint(ckpt)
+    facts = checkpoint_facts(ckpt, loaded.model_id)
+    assert facts["same_file"] is True and facts["model_id"] == loaded.model_id
+    for k in ("arch", "image_size", "threshold", "settings", "epoch", "cam_stride"):
+        assert facts[k] == loaded.ckpt[k], k
+    assert "state_dict" not in facts and checkpoint_facts(ckpt, "0" * 16)["same_file"] is False
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    import io
+    import pickle
+    import zipfile
+
+    from cxr_batch.report_model import checkpoint_facts
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"format": "cxr-batch-checkpoint", "x": Evil()}, protocol=2))
+    (tmp_path / "evil.ckpt").write_bytes(buf.getvalue())
+    facts = checkpoint_facts(str(tmp_path / "evil.ckpt"))
+    assert "error" in facts and not marker.exists()
