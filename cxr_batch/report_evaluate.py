@@ -114,7 +114,8 @@ def _confident_errors(folder: str, page: str, threshold: float, k: int):
             return f"FP · true {r['label']}", "flag"
         return f"FN · true {r['label']}", "error"
 
-    tiles = gallery_items(a.galleries.get("wrong"), page, (meta.get("settings") or {}).get("archive"), badge=truth)
+    tiles = gallery_items(a.galleries.get("wrong"), page, (meta.get("settings") or {}).get("archive"),
+                          cam_dir=storage.join(folder, "cams"), badge=truth)
     return svg, tiles
 
 

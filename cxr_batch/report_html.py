@@ -86,9 +86,17 @@ def render_score_page(a: Aggregate, prov: dict, s: ReportSettings, out: str) -> 
         toc=[("counts", "Counts"), ("distribution", "P(pneumonia)"), ("folders", "Folders"), ("errors", "Errors"),
              ("suspicious", "Most suspicious"), ("uncertain", "Most uncertain"), ("model", "Model"), ("run", "Run")],
         counts=_counts(a), hist=_hist(a), folders=_folders(a, s.max_folders), errors=_errors(a),
-        galleries=_galleries(a, out, archive, s.gallery), model=_model(prov), run=_run(prov, a),
+        galleries=_galleries(a, out, archive, s.gallery, _default_cam_dir(s.results)), model=_model(prov),
+        run=_run(prov, a),
         footer=f"Regenerate: cxr-batch report {s.results} --out {out}",
     )
+
+
+def _default_cam_dir(results: str) -> str:
+    """Where `cxr-batch score` puts the CAMs of RESULTS by default (<results>-cams beside it)."""
+    from .score import ScoreSettings
+
+    return ScoreSettings(archive="", out=results).resolved_cam_dir()
 
 
 def _counts(a: Aggregate) -> dict:
@@ -154,7 +162,7 @@ def _errors(a: Aggregate) -> dict:
     return {"groups": a.errors, "lead": lead}
 
 
-def _galleries(a: Aggregate, out: str, archive: str | None, k: int) -> list[dict]:
+def _galleries(a: Aggregate, out: str, archive: str | None, k: int, cam_dir: str) -> list[dict]:
     def flagged(r):
         return ("flagged", "flag") if r["pred"] == CLASSES[POSITIVE] else ("not flagged", "ok")
 
@@ -164,10 +172,10 @@ def _galleries(a: Aggregate, out: str, archive: str | None, k: int) -> list[dict
         {"id": "suspicious", "title": "Most suspicious", "empty": "No image was scored.",
          "lead": f"The {k} images with the highest P(pneumonia). Each thumbnail is the CAM overlay (where the model"
                  " looked: red is most PNEUMONIA-like); click it for the full-size PNG.",
-         "tiles": gallery_items(a.galleries.get("suspicious"), out, archive, badge=flagged)},
+         "tiles": gallery_items(a.galleries.get("suspicious"), out, archive, cam_dir=cam_dir, badge=flagged)},
         {"id": "uncertain", "title": "Most uncertain", "empty": "No image was scored.",
          "lead": f"The {k} images closest to the threshold ({thr_text}): the model's hardest calls, worth a second look.",
-         "tiles": gallery_items(a.galleries.get("uncertain"), out, archive, badge=flagged)},
+         "tiles": gallery_items(a.galleries.get("uncertain"), out, archive, cam_dir=cam_dir, badge=flagged)},
     ]
 
 

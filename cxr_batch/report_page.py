@@ -9,6 +9,7 @@ from functools import lru_cache
 from urllib.parse import quote
 
 from . import CLASSES, __version__, storage
+from .output import cam_uri
 
 # Checkpoint entries shown in their own rows, or not at all (arch and size are in the model's rows).
 _CHECKPOINT_SHOWN = {"uri", "same_file", "model_id", "settings", "metrics", "epoch", "epochs_trained", "threshold",
@@ -44,15 +45,26 @@ def pct(n: int, d: int) -> str:
     return f"{100 * n / d:.1f}%" if d else "–"
 
 
-def gallery_items(table, page: str, archive: str | None, *, badge=None) -> list[dict]:
+def _cam_of(r: dict, cam_dir: str | None) -> str | None:
+    """The row's CAM PNG; when the table and its CAMs were moved or copied together (the stored
+    path is absolute), the same relative name under ``cam_dir``."""
+    cam = r.get("cam_path")
+    if cam and cam_dir and not storage.exists(cam):
+        moved = cam_uri(cam_dir, r["path"])
+        return moved if storage.exists(moved) else cam
+    return cam
+
+
+def gallery_items(table, page: str, archive: str | None, *, cam_dir: str | None = None, badge=None) -> list[dict]:
     """Gallery rows -> tiles: a CAM thumbnail (else the archive image itself) and a link to the full PNG."""
     from .report_plots import thumbnails
 
     rows = table.to_pylist() if table is not None else []
     sources = []
     for r in rows:
-        if r.get("cam_path"):
-            sources.append((r["cam_path"], True))
+        cam = _cam_of(r, cam_dir)
+        if cam:
+            sources.append((cam, True))
         elif archive and ".." not in r["path"].split("/"):
             sources.append((storage.join(archive, *r["path"].split("/")), False))
         else:
@@ -62,7 +74,7 @@ def gallery_items(table, page: str, archive: str | None, *, badge=None) -> list[
     for r, (src, is_cam), thumb in zip(rows, sources, thumbs):
         b = badge(r) if badge else None
         items.append({"path": r["path"], "prob": r["prob_pneumonia"], "thumb": thumb,
-                      "href": link(r.get("cam_path"), page) if thumb and is_cam else None,
+                      "href": link(src, page) if thumb and is_cam else None,
                       "missing": "CAM not written" if not r.get("cam_path") else "CAM PNG not found",
                       "badge": b[0] if b else None, "badge_cls": b[1] if b else ""})
     return items

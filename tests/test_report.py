@@ -30,7 +30,7 @@ HOSTILE = "<img src=x onerror=alert(1)> & co.png"  # a legal file name that is a
 @pytest.fixture(scope="module")
 def scored(ray_session, phantoms, tmp_path_factory):
     """A real `cxr-batch score --report` run: labelled folders, broken files, a hostile name, an
-    unlabelled folder; small parts so that the report reads many."""
+    unlabelled folder; small parts so that the report reads several."""
     root = tmp_path_factory.mktemp("report")
     archive = root / "archive"
     shutil.copytree(phantoms, archive)
@@ -274,3 +274,24 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     (tmp_path / "evil.ckpt").write_bytes(buf.getvalue())
     facts = checkpoint_facts(str(tmp_path / "evil.ckpt"))
     assert "error" in facts and not marker.exists()
+
+
+def test_a_moved_table_finds_its_cams_beside_it(scored, browser, tmp_path):
+    """cam_path is absolute: after `mv results.parquet results-cams elsewhere/` the page still shows
+    and links the CAMs that moved with the table."""
+    _, out, _ = scored
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(out, moved / "results.parquet")
+    shutil.copytree(out.parent / "results-cams", moved / "results-cams")
+    hidden = out.parent / "results-cams.away"
+    (out.parent / "results-cams").rename(hidden)
+    try:
+        r = CliRunner().invoke(main, ["report", str(moved / "results.parquet")])
+        assert r.exit_code == 0, r.output
+        pg, check = open_page(browser, moved / "results-report.html", tmp_path / "moved.png")
+        hrefs = pg.eval_on_selector_all("figure.tile a", "as => as.map(a => a.getAttribute('href'))")
+        pg.close()
+    finally:
+        hidden.rename(out.parent / "results-cams")
+    assert len(hrefs) == 24 and all(h.startswith("results-cams/") for h in hrefs)
+    assert all((moved / unquote(h)).is_file() for h in hrefs) and all(i["ok"] for i in check.images)
