@@ -74,7 +74,7 @@ def test_cam_peak_falls_on_the_planted_opacity(trained):
 def test_evaluate_writes_every_file_and_its_metrics_match_the_parquet(trained):
     root, _, _, report = trained
     out = root / "report"
-    for name in ("metrics.json", "report.md", "roc.png", "confusion.png", "training_curves.png", "errors_montage.png"):
+    for name in ("metrics.json", "report.md", "report.html", "roc.png", "confusion.png", "training_curves.png", "errors_montage.png"):
         assert (out / name).stat().st_size > 0, name
     from PIL import Image
 
