@@ -17,7 +17,7 @@ from markupsafe import Markup
 
 from . import CLASSES, storage
 from .errors import InputError
-from .report_page import checkpoint_rows, gallery_items, kv_rows, pct, render
+from .report_page import checkpoint_rows, gallery_items, kv_rows, pct, render, show
 
 # metrics.json keys that have a section of their own; every other key goes to "Other results".
 KNOWN_KEYS = {"checkpoint", "model_id", "folder", "threshold", "threshold_rule", "n_files", "n_scored", "n_errors",
@@ -49,16 +49,27 @@ def _caption(name: str) -> str:
     return CAPTIONS.get(stem) or re.sub(r"[_-]+", " ", stem).strip().capitalize()
 
 
-def flatten(d, prefix: str = "") -> list[tuple[str, object]]:
-    """Nested dicts -> ("a › b", value) rows; a [low, high] pair stays one value."""
+def flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dicts -> ("a › b", text) rows. A value with a ``<key>_ci95`` pair beside it shows its
+    interval in its own row; long lists (curves, per-bin counts) are counted, not printed."""
     rows = []
     for k, v in d.items():
+        if k.endswith("_ci95") and k[: -len("_ci95")] in d:
+            continue
         name = f"{prefix} › {k}" if prefix else str(k)
         if isinstance(v, dict):
             rows += flatten(v, name)
         else:
-            rows.append((name.replace("_", " "), v))
+            rows.append((name.replace("_", " "), _value(v, d.get(f"{k}_ci95"))))
     return rows
+
+
+def _value(v, ci=None) -> str:
+    if isinstance(v, (list, tuple)) and len(v) > 6:
+        return f"{len(v)} values (in metrics.json)"
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return f"{show(v)} (95% CI {show(ci[0])} – {show(ci[1])})"
+    return show(v)
 
 
 def _metric_rows(m: dict) -> list[dict]:
@@ -78,8 +89,12 @@ def _extra_results(m: dict) -> dict:
     for k, v in m.items():
         if k in KNOWN_KEYS:
             continue
-        rows = flatten(v, k) if isinstance(v, dict) else [(k.replace("_", " "), v)]
-        out.setdefault(_section_of(k), []).extend(rows)
+        section = _section_of(k)
+        if isinstance(v, dict):  # in the section of the same name, rows need no "key ›" before them
+            rows = flatten(v, "" if k == section else k)
+        else:
+            rows = [(k.replace("_", " "), _value(v))]
+        out.setdefault(section, []).extend(rows)
     return out
 
 

@@ -22,7 +22,6 @@ def _env():
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("cxr_batch", "templates"),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters["show"] = show
     env.globals["classes"] = CLASSES
     return env
 

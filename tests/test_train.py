@@ -135,12 +135,14 @@ def test_evaluate_page_shows_the_folder_in_a_browser(trained, browser, tmp_path)
     from PIL import Image
 
     Image.new("RGB", (320, 240), "white").save(folder / "reliability.png")  # only its name matters here
-    saved["calibration"] = {"ece_before": 0.081, "ece_after": 0.032, "temperature": 1.7}
+    saved["calibration"] = {"temperature": 1.7, "ece_before": 0.081, "ece_before_ci95": [0.05, 0.11], "ece_after": 0.032,
+                            "ece_after_ci95": [0.02, 0.05], "reliability_after": {"ece": 0.032, "counts": list(range(15))}}
     (folder / "metrics.json").write_text(json.dumps(saved))
     pg, check = open_page(browser, write_evaluate_report(str(folder)), tmp_path / "changed.png")
     assert check.console == [] and all(i["ok"] for i in check.images)
     calibration = pg.locator("#calibration").inner_text()
-    assert "ece after" in calibration and "0.032" in calibration and pg.locator("#calibration img").count() == 1
+    assert "ece after\t0.032 (95% CI 0.02 – 0.05)" in calibration and "ci95" not in calibration
+    assert "reliability after › counts\t15 values" in calibration and pg.locator("#calibration img").count() == 1
     assert pg.locator("#errors").count() == 0 and pg.locator("#distribution").count() == 0
     assert re.search(r"Metrics", pg.locator("nav.toc").inner_text())
     pg.close()
