@@ -135,7 +135,7 @@ def _read_part(part: str, schema: pa.Schema) -> pa.Table:
     for name in schema.names:
         if name not in t.column_names:  # a part from before the column existed
             t = t.append_column(schema.field(name), pa.nulls(t.num_rows, schema.field(name).type))
-    return t.select(schema.names)
+    return t.select(schema.names).cast(schema)
 
 
 def _batches(parts: list[str], schema: pa.Schema, rows: int, threads: int = 4):
