@@ -35,11 +35,12 @@ from .summaries import format_summary
               help="Fail after this many seconds without progress (Ray Data would otherwise wait for resources forever).")
 @click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
               help="Rows per published Parquet part: small values make tests see parts early.")
+@click.option("--report", "report_", is_flag=True, help="Also write an HTML report beside the output (see `cxr-batch report`).")
 @cluster_options
 @output_options
 @friendly
 def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
-          compile_, max_pixels, overwrite, limit, stall_timeout, rows_per_part, address, wait_for_gpus, wait_timeout,
+          compile_, max_pixels, overwrite, limit, stall_timeout, rows_per_part, report_, address, wait_for_gpus, wait_timeout,
           as_json, verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
@@ -65,6 +66,10 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
                      echo=console.note):
         summary = run_score(s, progress=console.score_progress(), echo=console.note)
     console.summary(format_summary(summary), asdict(summary))
+    if report_:
+        from ..reports.html.score import ReportSettings, write_score_report
+
+        console.note(f"  report        {write_score_report(ReportSettings(results=summary.out)).path}")
 
 
 def warn_if_untrained(info, console: Console) -> None:
