@@ -42,8 +42,9 @@ def test_a_block_of_good_images_is_not_read_as_errors(tmp_path):
              "width": np.full(n, 8, np.int32), "height": np.full(n, 8, np.int32), "bytes": np.full(n, 9, np.int64),
              "pixels": np.zeros((n, 16, 16), np.uint8), "cam": np.random.default_rng(0).random((n, 4, 4), np.float32),
              "prob_pneumonia": np.array([0.2, 0.6, 0.9], np.float32)}
-    out = finish_batch(batch, info={"threshold": 0.5, "model_id": "m"}, cam_dir=str(tmp_path), cam_size=None,
-                       archive=str(tmp_path), max_pixels=10**6)
+    info = {"threshold": 0.5, "model_id": "m", "cam_stride": 4, "cam_offset": 0.0, "image_size": 16}
+    out = finish_batch(batch, info=info, cam_dir=str(tmp_path), cam_size=None, archive=str(tmp_path),
+                       max_pixels=10**6, cam_scale="relative")
     assert list(out["error"]) == [None] * n and list(out["label"]) == [None] * n
     assert list(out["pred"]) == ["NORMAL", "PNEUMONIA", "PNEUMONIA"]
     assert all(os.path.exists(p) for p in out["cam_path"])
@@ -81,5 +82,7 @@ def test_scoring_applies_the_checkpoint_temperature_and_old_checkpoints_mean_t_1
         assert info.temperature == (temperature or 1.0)
         out = Scorer(info.to_dict(), threads=1, precision="fp32", compile=False, channels_last=True)(dict(batch))
         assert np.allclose(out["logit_pneumonia"], margin, atol=1e-3)
+        # The CAM is the log-odds map: in logit units, averaging to the image's raw (uncalibrated) logit.
+        assert np.allclose(out["cam"].mean((1, 2)), margin, atol=1e-3)
         assert np.allclose(out["prob_pneumonia"], calibrated(margin, temperature or 1.0), atol=1e-4)
         assert out["prob_pneumonia"].min() < 0.4 and out["prob_pneumonia"].max() > 0.6

@@ -32,6 +32,7 @@ SCHEMA = pa.schema([
     ("cam_path", pa.string()),
     ("cam_peak_x", pa.float32()),  # CAM maximum as a fraction of the width (0 = left edge)
     ("cam_peak_y", pa.float32()),  # ... and of the height (0 = top)
+    ("cam_max", pa.float32()),  # the map's maximum in its own units (logits; cam.log_odds_map), before any display scaling
     ("width", pa.int32()),  # the file's own pixel size
     ("height", pa.int32()),
     ("format", pa.string()),

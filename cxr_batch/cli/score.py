@@ -7,7 +7,7 @@ from dataclasses import asdict
 import click
 
 from .console import Console
-from .options import cluster_options, friendly, output_options
+from .options import cam_scale_option, cluster_options, friendly, output_options
 from .summaries import format_summary
 
 
@@ -21,6 +21,7 @@ from .summaries import format_summary
 @click.option("--cams/--no-cams", default=True, show_default=True, help="Write a CAM overlay PNG per image.")
 @click.option("--cam-size", type=click.IntRange(min=0), default=None,
               help="Overlay side in px. Default: the model's input size; 0 = the image's own resolution (slow).")
+@cam_scale_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
 @click.option("--actors", type=click.IntRange(min=1), default=None, help="Model replicas. Default: one per GPU, else fit to CPUs.")
 @click.option("--cpus-per-actor", type=click.FloatRange(min=0.5), default=None, help="CPUs per model actor (torch threads).")
@@ -39,13 +40,13 @@ from .summaries import format_summary
 @cluster_options
 @output_options
 @friendly
-def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
-          compile_, max_pixels, overwrite, limit, stall_timeout, rows_per_part, report_, address, wait_for_gpus, wait_timeout,
+def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, actors, cpus_per_actor, device,
+          precision, compile_, max_pixels, overwrite, limit, stall_timeout, rows_per_part, report_, address, wait_for_gpus, wait_timeout,
           as_json, verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
-    cam_peak_x/y, width, height, sha256, model, error. A re-run with the same --out scores only
+    cam_peak_x/y, cam_max, width, height, sha256, model, error. A re-run with the same --out scores only
     what is missing.
 
     Example: cxr-batch score /data/chest_xray/test --out results.parquet
@@ -56,7 +57,7 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
     from ..pixels.decode import DEFAULT_MAX_PIXELS
 
     s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
-                      batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
+                      cam_scale=cam_scale, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
                       precision=precision, compile=compile_, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                       overwrite=overwrite, limit=limit, rows_per_part=rows_per_part, stall_timeout_s=stall_timeout)
     console = Console(as_json=as_json, verbose=verbose)

@@ -54,7 +54,8 @@ def format_eval_summary(m: dict, out: str) -> str:
              f"  sensitivity {f('sensitivity')}   specificity {f('specificity')}"]
     pt = (m.get("pointing") or {}).get("true_positives")
     if pt:
-        lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion")
+        lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion;"
+                     f" mean offset dx {pt['mean_dx_in_radii']:+.2f}, dy {pt['mean_dy_in_radii']:+.2f} lesion radii")
     lines += _eval_calibration_lines(m)
     lines.append(f"  report        {out}/report.html (open it in a browser; also report.md, metrics.json and the PNG plots)")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from ..archive import storage
 from ..archive.discover import discover
 from ..archive.results import PartWriter, default_cam_dir, done_paths
 from ..errors import InputError
+from ..model.cam import SCALES as CAM_SCALES
 from ..model.registry import ModelInfo, describe
 from ..pixels.decode import DEFAULT_MAX_PIXELS
 from .score_stages import Scorer, decode_batch, finish_batch
@@ -37,6 +38,10 @@ class ScoreSettings:
     cam_dir: str | None = None  # None: "<out>-cams" beside the output
     cams: bool = True
     cam_size: int | None = None  # overlay side in px; None = the model's input size (fast); 0 = original size
+    # absolute: heat through one fixed range of the map's logit units (cam.ABSOLUTE_RANGE), so a
+    # confident NORMAL stays cold and heat says how strong; relative: min-max per image (every
+    # image, NORMAL too, shows a hot spot: where the model looked, however weakly).
+    cam_scale: str = "absolute"
     batch_size: int = 16  # images per forward pass
     actors: int | None = None  # model replicas; None = one per GPU, or as many CPU actors as fit
     cpus_per_actor: float | None = None  # None: sized from the cluster (see plan_resources)
@@ -53,6 +58,8 @@ class ScoreSettings:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise InputError(f"Invalid precision {self.precision!r}. Only {', '.join(PRECISIONS)} are supported.")
+        if self.cam_scale not in CAM_SCALES:
+            raise InputError(f"Invalid --cam-scale {self.cam_scale}. Only {', '.join(CAM_SCALES)} are supported.")
         if self.device not in DEVICES:
             raise InputError(f"Invalid device {self.device!r}. Only {', '.join(DEVICES)} are supported.")
         if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
@@ -190,7 +197,7 @@ def _pipeline(paths: list[str], s: ScoreSettings, info: ModelInfo, plan: Resourc
                                    compile=s.compile, channels_last=s.channels_last))
     return ds.map_batches(finish_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
                           fn_kwargs=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive,
-                                         max_pixels=s.max_pixels))
+                                         max_pixels=s.max_pixels, cam_scale=s.cam_scale))
 
 
 def _stream(ds, writer: PartWriter, summary: ScoreSummary, total: int, t0: float, progress) -> None:

@@ -82,12 +82,13 @@ def prepare_model(model, device, *, channels_last: bool, compile: bool):
 
 class Scorer:
     """Loads the model once per actor; ``__call__`` adds ``prob_pneumonia`` (softmax(logits / T), T the
-    model's temperature), ``logit_pneumonia`` (the raw margin) and ``cam`` to a batch."""
+    model's temperature), ``logit_pneumonia`` (the raw margin) and ``cam`` (the log-odds map,
+    cam.log_odds_map: its mean is the raw margin) to a batch."""
 
     def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool):
         import torch
 
-        from ..model.registry import ModelInfo, fc_weight, load
+        from ..model.registry import ModelInfo, fc_bias, fc_weight, load
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -98,12 +99,12 @@ class Scorer:
         self.channels_last = channels_last
         model = load(ModelInfo(**info)).to(self.device)
         self.temperature = float(info.get("temperature", 1.0))
-        self.weight = fc_weight(model).float()
+        self.weight, self.bias = fc_weight(model).float(), fc_bias(model).float()
         self.model = prepare_model(model, self.device, channels_last=channels_last, compile=compile)
         self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
 
     def __call__(self, batch: dict) -> dict:
-        from ..model.cam import class_activation_maps
+        from ..model.cam import log_odds_map
         from ..pixels.transforms import normalize
 
         torch = self.torch
@@ -123,7 +124,7 @@ class Scorer:
             logits, features = logits[:m].float(), features[:m]
             prob[ok] = torch.softmax(logits / self.temperature, dim=1)[:, POSITIVE].cpu().numpy()
             margin[ok] = (logits[:, POSITIVE] - logits[:, 1 - POSITIVE]).cpu().numpy()
-            good_cams = class_activation_maps(features.float(), self.weight, POSITIVE).cpu().numpy()
+            good_cams = log_odds_map(features.float(), self.weight, self.bias, POSITIVE).cpu().numpy()
             cams = np.zeros((n,) + good_cams.shape[1:], np.float32)
             cams[ok] = good_cams
         batch["prob_pneumonia"], batch["logit_pneumonia"] = prob, margin
@@ -139,7 +140,7 @@ class Scorer:
 # ---------------------------------------------------------------- stage 3: finish (CPU tasks)
 
 def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int | None, archive: str,
-                 max_pixels: int) -> dict:
+                 max_pixels: int, cam_scale: str) -> dict:
     from ..model.cam import encode_png, overlay, peak
 
     n = len(batch["path"])
@@ -147,17 +148,20 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
     error = _strings(batch["error"])
     pred, cam_path = [None] * n, [None] * n
     peak_x, peak_y = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    cam_max = np.full(n, np.nan, np.float32)
+    grid = cam_grid_of(info)
     for i in range(n):
         if error[i] is not None:
             continue
         pred[i] = CLASSES[POSITIVE] if prob[i] >= info["threshold"] else CLASSES[1 - POSITIVE]
-        peak_x[i], peak_y[i] = peak(batch["cam"][i])
+        peak_x[i], peak_y[i] = peak(batch["cam"][i], grid)
+        cam_max[i] = batch["cam"][i].max()
         if cam_dir is None:
             continue
         try:
             base = _cam_base(batch, i, cam_size, archive, max_pixels)
             uri = cam_uri(cam_dir, batch["path"][i])
-            storage.write_bytes_atomic(uri, encode_png(overlay(base, batch["cam"][i])))
+            storage.write_bytes_atomic(uri, encode_png(overlay(base, batch["cam"][i], grid, scale=cam_scale)))
             cam_path[i] = uri
         except Exception as e:  # a failed PNG must not lose the row's prediction
             error[i] = f"CAM PNG not written: {type(e).__name__}: {one_line(e, 160)}"
@@ -167,9 +171,17 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
                logit_pneumonia=batch.get("logit_pneumonia", np.full(n, np.nan, np.float32)),
                temperature=np.full(n, info.get("temperature", 1.0), np.float32),
                cam_path=np.asarray(cam_path, dtype=object), cam_peak_x=peak_x, cam_peak_y=peak_y,
+               cam_max=cam_max,
                threshold=np.full(n, info["threshold"], np.float32),
                model=np.asarray([info["model_id"]] * n, dtype=object))
     return out
+
+
+def cam_grid_of(info: dict):
+    """Where the model's CAM cells sit in its input, from a ModelInfo dict (model.registry)."""
+    from ..model.cam import CamGrid
+
+    return CamGrid(int(info["cam_stride"]), float(info.get("cam_offset", 0.0)), int(info["image_size"]))
 
 
 def _cam_base(batch: dict, i: int, cam_size: int | None, archive: str, max_pixels: int) -> np.ndarray:
