@@ -55,6 +55,8 @@ def find_cut(data: bytes, *, implicit: bool, little: bool) -> Cut | None:
     start = 132 if data[128:132] == b"DICM" else 0
     if start and len(data) == start:  # a Part 10 file always has its file meta after the marker
         return Cut(META, 0, 0)
+    if start and len(data) > start + 1 and data[start: start + 2] != b"\x02\x00":
+        return None  # no file meta after the marker: garbage, not a layout to judge
     try:
         _elements(memoryview(data), start, (implicit, little), in_item=False)
     except _Ends as e:
