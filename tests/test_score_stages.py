@@ -47,3 +47,39 @@ def test_a_block_of_good_images_is_not_read_as_errors(tmp_path):
     assert list(out["error"]) == [None] * n and list(out["label"]) == [None] * n
     assert list(out["pred"]) == ["NORMAL", "PNEUMONIA", "PNEUMONIA"]
     assert all(os.path.exists(p) for p in out["cam_path"])
+
+
+def nan_checkpoint(tmp_path, name: str, poison) -> str:
+    """A real resnet18 checkpoint whose weights ``poison`` breaks in place."""
+    from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
+
+    net = build_model("resnet18", "none", cam_stride=16)
+    with torch.no_grad():
+        poison(net)
+    uri = str(tmp_path / name)
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16), uri)
+    return uri
+
+
+def test_non_finite_model_outputs_fail_closed(tmp_path):
+    """A NaN or infinite logit must never become pred = NORMAL (NaN >= threshold is False): every such
+    row is an error row without a prediction, through the real decode, model and finish stages."""
+    from cxr_batch.jobs.score_stages import NON_FINITE, Scorer, decode_batch, finish_batch
+    from cxr_batch.model.registry import describe
+    from cxr_batch.synth.archive import make_archive
+
+    archive = make_archive(tmp_path / "a", n_train=0, n_val=0, n_test=4, size=64, seed=1)
+    paths = sorted(p.relative_to(archive).as_posix() for p in archive.rglob("*.jpeg"))
+    cases = {"nan-weights.ckpt": lambda net: net.fc.weight.fill_(float("nan")),
+             "inf-bias.ckpt": lambda net: net.fc.bias.fill_(float("inf")),
+             "nan-conv.ckpt": lambda net: net.layer4[0].conv1.weight.view(-1)[0].fill_(float("nan"))}
+    for name, poison in cases.items():
+        info = describe(nan_checkpoint(tmp_path, name, poison)).to_dict()
+        batch = decode_batch({"path": np.array(paths, dtype=object)}, archive=str(archive), image_size=64,
+                             max_pixels=10**6)
+        scored = Scorer(info, threads=1, precision="fp32", compile=False, channels_last=True)(batch)
+        out = finish_batch(scored, info=info, cam_dir=str(tmp_path / "cams"), cam_size=None, archive=str(archive),
+                           max_pixels=10**6)
+        assert list(out["error"]) == [NON_FINITE] * len(paths), name
+        assert list(out["pred"]) == [None] * len(paths) and np.isnan(out["prob_pneumonia"]).all(), name
+        assert list(out["cam_path"]) == [None] * len(paths), name

@@ -135,16 +135,23 @@ class Scorer:
 
 # ---------------------------------------------------------------- stage 3: finish (CPU tasks)
 
+NON_FINITE = ("model output is not finite (NaN or infinity): no prediction made; the model's weights or this"
+              " image's pixels are broken")
+
+
 def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int | None, archive: str,
                  max_pixels: int) -> dict:
     from ..model.cam import encode_png, overlay, peak
 
     n = len(batch["path"])
-    prob = batch["prob_pneumonia"]
+    prob = np.array(batch["prob_pneumonia"], np.float32)
     error = _strings(batch["error"])
     pred, cam_path = [None] * n, [None] * n
     peak_x, peak_y = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
     for i in range(n):
+        if error[i] is None and not (np.isfinite(prob[i]) and np.isfinite(batch["cam"][i]).all()):
+            # Fail closed: NaN >= threshold is False, which would read as a confident NORMAL.
+            error[i], prob[i] = NON_FINITE, np.nan
         if error[i] is not None:
             continue
         pred[i] = CLASSES[POSITIVE] if prob[i] >= info["threshold"] else CLASSES[1 - POSITIVE]
