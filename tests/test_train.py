@@ -40,7 +40,8 @@ def trained(ray_session, tmp_path_factory):
                           image_size=128, batch_size=16, workers=2, lr=5e-4)
         summary = run_train(s, register=True, echo=lambda *a: None)
         report = run_evaluate(EvaluateSettings(checkpoint=os.path.relpath(summary["best_checkpoint"]),
-                                               folder="data/test", out="report", n_boot=300))
+                                               folder="data/test", out="report", n_boot=300,
+                                               deletion_images=16, deletion_steps=8))
     finally:
         os.chdir(cwd)
     return root, s, summary, report
@@ -75,7 +76,8 @@ def test_cam_peak_falls_on_the_planted_opacity(trained):
 def test_evaluate_writes_every_file_and_its_metrics_match_the_parquet(trained):
     root, _, _, report = trained
     out = root / "report"
-    for name in ("metrics.json", "report.md", "roc.png", "confusion.png", "training_curves.png", "errors_montage.png"):
+    for name in ("metrics.json", "report.md", "roc.png", "confusion.png", "training_curves.png", "errors_montage.png",
+                 "reliability.png", "deletion.png"):
         assert (out / name).stat().st_size > 0, name
     from PIL import Image
 
@@ -144,3 +146,38 @@ def test_a_failure_in_the_workers_is_one_line(ray_session, tmp_path):
     errors = [line for line in r.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "Training failed in its workers: rank 0: InputError" in errors[0], r.output
     assert "could be read" in errors[0] and "Traceback" not in r.output
+
+
+def test_the_checkpoint_temperature_is_fitted_on_validation_and_applied_by_scoring(trained):
+    from scipy.special import expit
+
+    from cxr_batch.reports.metrics import ece
+
+    root, _, summary, report = trained
+    ck = load_checkpoint(summary["best_checkpoint"]).ckpt
+    best = json.loads((root / "run" / "history.json").read_text())[summary["best_epoch"] - 1]
+    assert ck["temperature"] == best["temperature"] == summary["temperature"] and ck["temperature"] != 1.0
+    assert ck["threshold"] == best["threshold"]  # chosen on the calibrated probabilities (see test_calibration)
+    rows = [r for r in pq.read_table(root / "report" / "predictions.parquet").to_pylist() if r["error"] is None]
+    logit = np.array([r["logit_pneumonia"] for r in rows])
+    assert np.allclose([r["prob_pneumonia"] for r in rows], expit(logit / ck["temperature"]), atol=1e-5)
+    assert {r["temperature"] for r in rows} == {np.float32(ck["temperature"])}
+    y = np.array([CLASSES.index(r["label"]) for r in rows])
+    cal = report["calibration"]
+    assert cal["ece_before"] == pytest.approx(ece(y, expit(logit)), abs=1e-6)
+    assert cal["ece_after"] == pytest.approx(ece(y, expit(logit / ck["temperature"])), abs=1e-6)
+    assert cal["ece_before_ci95"][0] <= cal["ece_before"] <= cal["ece_before_ci95"][1]
+    assert cal["source"] == "logit_pneumonia column"
+    assert ck["val_files"] == json.loads((root / "run" / "val_files.json").read_text())["files"]
+    assert len(ck["val_files"]) == 80 and all(f.startswith("val/") for f in ck["val_files"])  # relative to DATA
+
+
+def test_deletion_curves_start_at_the_scored_probability_and_the_cam_beats_random(trained):
+    root, _, _, report = trained
+    d = report["deletion"]
+    assert d["n_images"] == 16 and len(d["cam_curve"]) == 9 and d["grid"] == [8, 8]  # 128 px / stride 16
+    table = {r["path"]: r["prob_pneumonia"] for r in pq.read_table(root / "report" / "predictions.parquet").to_pylist()}
+    # step 0 is the scoring job's own number: the same model, preparation and precision
+    assert np.allclose(d["p_start"], [table[p] for p in d["paths"]], atol=1e-4)
+    assert all(p.startswith("PNEUMONIA/") for p in d["paths"])
+    assert d["auc_difference"] > 0, d  # a model that learned the lesion: its CAM finds the evidence sooner

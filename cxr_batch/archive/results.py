@@ -27,6 +27,8 @@ SCHEMA = pa.schema([
     ("pred", pa.string()),  # class name; null when the file could not be scored
     ("prob_pneumonia", pa.float32()),
     ("threshold", pa.float32()),  # pred is PNEUMONIA when prob_pneumonia >= threshold
+    ("logit_pneumonia", pa.float32()),  # log-odds logit_PNEUMONIA - logit_NORMAL, before the temperature
+    ("temperature", pa.float32()),  # prob_pneumonia = sigmoid(logit_pneumonia / temperature); 1 = uncalibrated
     ("cam_path", pa.string()),
     ("cam_peak_x", pa.float32()),  # CAM maximum as a fraction of the width (0 = left edge)
     ("cam_peak_y", pa.float32()),  # ... and of the height (0 = top)
@@ -114,7 +116,8 @@ def read_table(out: str) -> pa.Table:
         fs, path = storage.resolve(part)
         with fs.open_input_file(path) as f:
             tables.append(pq.read_table(f))
-    return pa.concat_tables(tables)
+    # Parts written before a column was added lack it: those rows read as null there.
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def safe_relpath(rel: str) -> str:
