@@ -36,3 +36,10 @@ def phantoms(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms") / "archive"
     make_archive(root, n_train=24, n_val=8, n_test=16, size=192, seed=3)
     return root
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_session):
+    """The session Ray's address, for `cxr-batch` subprocesses that join it as second drivers (a
+    second Ray on 2 CPUs would be slow to start)."""
+    return ray_session.get_runtime_context().gcs_address

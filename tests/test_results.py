@@ -6,7 +6,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from cxr_batch.archive.results import (SCHEMA, TEXT_COLUMNS, PartWriter, cam_uri, done_paths, read_metadata,
+from cxr_batch.archive.results import (SCHEMA, TEXT_COLUMNS, PartWriter, cam_uri, done_path_batches, read_metadata,
                                        read_table, safe_relpath)
 from cxr_batch.errors import InputError
 
@@ -29,10 +29,11 @@ def test_part_writer_publishes_whole_parts_and_resume_reads_them(tmp_path):
     w.flush()
     names = sorted(os.listdir(out))
     assert len(names) == 3 and all(n.startswith("part-") and n.endswith(".parquet") for n in names)
-    assert done_paths(out, "m1") == {r["path"] for r in rows}
+    assert sorted(p for a in done_path_batches(out, "m1") for p in a.to_pylist()) == sorted(r["path"] for r in rows)
+    assert [len(a) for a in done_path_batches(out, "m1", batch_rows=4)] == [6, 1]  # whole parts of 3, 3 | 1
     assert read_table(out).num_rows == 7
     with pytest.raises(InputError, match="--overwrite"):
-        done_paths(out, "another-model")
+        list(done_path_batches(out, "another-model"))
 
 
 def test_metadata_of_the_parts_reads_back(tmp_path):

@@ -4,6 +4,7 @@ columns Ray Data hands on, and workers that must start without torch."""
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from cxr_batch.model.network import build_model
@@ -119,3 +120,14 @@ def test_scoring_applies_the_checkpoint_temperature_and_old_checkpoints_mean_t_1
         assert np.allclose(out["logit_pneumonia"], margin, atol=1e-3)
         assert np.allclose(out["prob_pneumonia"], calibrated(margin, temperature or 1.0), atol=1e-4)
         assert out["prob_pneumonia"].min() < 0.4 and out["prob_pneumonia"].max() > 0.6
+
+
+def test_an_io_error_is_a_row_error_and_outside_links_are_not_read(tmp_path):
+    from cxr_batch.errors import DecodeError
+    from cxr_batch.jobs.score_stages import _read
+
+    os.symlink("/proc/self/mem", tmp_path / "io_error.jpeg")  # fails to read (EIO) for anyone, root too
+    with pytest.raises(DecodeError, match="^unreadable file: "):
+        _read(str(tmp_path), "io_error.jpeg", sniff=False, follow_symlinks=True)
+    with pytest.raises(DecodeError, match="^symlink to outside the archive: not read"):
+        _read(str(tmp_path), "io_error.jpeg", sniff=False, follow_symlinks=False)

@@ -14,8 +14,10 @@ import posixpath
 import re
 import unicodedata
 import uuid
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
@@ -53,9 +55,11 @@ _PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")
 class PartWriter:
     """Collects row tables and publishes them as ``part-<run>-<seq>.parquet`` files."""
 
-    def __init__(self, out: str, metadata: dict, rows_per_part: int = 2000):
+    def __init__(self, out: str, metadata: dict, rows_per_part: int = 2000, *, run: str | None = None,
+                 before_publish=None):
         self.out, self.rows_per_part = out, rows_per_part
-        self.run = uuid.uuid4().hex[:8]
+        self.run = run or uuid.uuid4().hex[:8]
+        self.before_publish = before_publish  # e.g. Lease.check: a run that lost --out must not publish
         self.seq, self.rows, self.pending = 0, 0, []
         self.schema = SCHEMA.with_metadata({b"cxr_batch": json.dumps(metadata, default=str).encode()})
         storage.makedirs(out)
@@ -72,6 +76,8 @@ class PartWriter:
         table = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
+        if self.before_publish:
+            self.before_publish()
         storage.write_bytes_atomic(storage.join(self.out, f"part-{self.run}-{self.seq:05d}.parquet"), buf.getvalue())
         self.seq += 1
         self.pending = []
@@ -81,9 +87,11 @@ def part_files(out: str) -> list[str]:
     return sorted(storage.join(out, n) for n in storage.list_dir(out) if _PART.match(n))
 
 
-def done_paths(out: str, model_id: str) -> set[str]:
-    """Paths that already have a row in ``out``; refuses to mix two models' rows in one table."""
-    done: set[str] = set()
+def done_path_batches(out: str, model_id: str, *, batch_rows: int = 1 << 20) -> Iterator[pa.Array]:
+    """Paths that already have a row in ``out``, as Arrow string arrays of about ``batch_rows``
+    paths (10 M done paths never sit in memory at once, nor as 10 M Python objects); refuses to mix
+    two models' rows in one table."""
+    done, rows = [], 0
     for part in part_files(out):
         fs, path = storage.resolve(part)
         with fs.open_input_file(path) as f:
@@ -94,8 +102,23 @@ def done_paths(out: str, model_id: str) -> set[str]:
                     f"{out} already holds results of model {meta.get('model_id')}, not {model_id}:"
                     " pass --overwrite to start over, or a new --out."
                 )
-            done.update(pf.read(columns=["path"]).column("path").to_pylist())
-    return done
+            chunks = pf.read(columns=["path"]).column("path").chunks
+        done += chunks
+        rows += sum(len(c) for c in chunks)
+        if rows >= batch_rows:
+            yield pa.concat_arrays(done)
+            done, rows = [], 0
+    if done:
+        yield pa.concat_arrays(done)
+
+
+def pending(files: pa.Table, done: Iterable[pa.Array]) -> pa.Table:
+    """The rows of a listing whose path is in none of the ``done`` arrays (an anti-join, one batch
+    of done paths at a time; order kept)."""
+    for paths in done:
+        if len(paths) and files.num_rows:
+            files = files.filter(pc.invert(pc.is_in(files["path"], value_set=paths)))
+    return files
 
 
 def read_metadata(out: str) -> dict:

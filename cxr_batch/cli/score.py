@@ -29,17 +29,26 @@ from .summaries import format_summary
               help="auto: bf16 autocast on GPU, fp32 on CPU.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model in each actor.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Refuse images above this many pixels (decompression bombs). Default 100M.")
-@click.option("--overwrite", is_flag=True, help="Delete the output and CAMs first. Default: resume, scoring only files with no row yet.")
+@click.option("--overwrite", is_flag=True, help="First delete what earlier runs wrote to the output and CAM folder (only"
+              " cxr-batch's own files). Default: resume, scoring only files with no row yet.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N files (sorted by path).")
+@click.option("--manifest", default=None, metavar="FILE",
+              help="Score the files this CSV (`path`, optional `size` column), .txt (one path per line) or Parquet"
+                   " file lists, relative to ARCHIVE, instead of listing ARCHIVE.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Also read symlinks whose target lies outside ARCHIVE. Default: such links are not followed.")
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=900, show_default=True, metavar="S",
               help="Fail after this many seconds without progress (Ray Data would otherwise wait for resources forever).")
 @click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
               help="Rows per published Parquet part: small values make tests see parts early.")
+@click.option("--lease-timeout", type=click.FloatRange(min=1), default=None, hidden=True,
+              help="Seconds without a heartbeat after which this run's lease on --out may be taken over (default 120).")
 @cluster_options
 @output_options
 @friendly
 def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
-          compile_, max_pixels, overwrite, limit, stall_timeout, rows_per_part, address, wait_for_gpus, wait_timeout,
+          compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, rows_per_part, lease_timeout,
+          address, wait_for_gpus, wait_timeout,
           as_json, verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
@@ -50,17 +59,20 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
     Example: cxr-batch score /data/chest_xray/test --out results.parquet
     """
     from ..jobs.ray_env import ray_for_job
-    from ..jobs.score import ScoreSettings, run_score
-    from ..model.registry import describe
+    from ..archive.lease import DEFAULT_TIMEOUT_S
+    from ..jobs.score import ScoreSettings, prepare, run_score
     from ..pixels.decode import DEFAULT_MAX_PIXELS
 
     s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
                       batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
                       precision=precision, compile=compile_, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                      overwrite=overwrite, limit=limit, rows_per_part=rows_per_part, stall_timeout_s=stall_timeout)
+                      overwrite=overwrite, limit=limit, manifest=manifest, follow_symlinks=follow_symlinks,
+                      rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,
+                      lease_timeout_s=lease_timeout or DEFAULT_TIMEOUT_S)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
-    warn_if_untrained(describe(model), console)  # also fails on a bad model before Ray starts
+    _, info = prepare(s)  # fails on a bad model or output folder before Ray starts
+    warn_if_untrained(info, console)
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
                      echo=console.note):
         summary = run_score(s, progress=console.score_progress(), echo=console.note)

@@ -8,7 +8,10 @@ def format_summary(sm) -> str:
     lines = [
         "",
         f"cxr-batch score: {sm.seen:,} files seen, {sm.scored:,} scored, {sm.errors:,} errors"
+        + (f", {sm.skipped:,} skipped (no extension, not DICOM)" if sm.skipped else "")
         + (f", {sm.already_done:,} already in the output (resumed)" if sm.already_done else ""),
+        f"  input         {sm.listed:,} files from the {sm.listing.get('source', 'listing')}"
+        + (f" (--limit: the first {sm.seen:,} by path)" if sm.seen < sm.listed else ""),
         f"  time          {sm.seconds:.1f} s  ({sm.images_per_s:.1f} images/s)",
         f"  model         {m['spec']}  (id {m['model_id']}, {m['arch']}, {m['image_size']} px, threshold {m['threshold']:.3f})"
         + ("" if m["trained"] else "  UNTRAINED HEAD"),
@@ -20,6 +23,7 @@ def format_summary(sm) -> str:
     if sm.errors:
         lines.append(f"  errors        rows with a non-null `error` column, e.g. "
                      f"pandas.read_parquet('{sm.out}').query('error.notna()')")
+    lines += [f"  note          {n}" for n in sm.notes]
     return "\n".join(lines)
 
 

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import CLASSES
 from ..archive import storage
-from ..archive.discover import discover
-from ..archive.results import PartWriter, done_paths
+from ..archive.discover import check_archive, list_archive, read_manifest
+from ..archive.lease import DEFAULT_TIMEOUT_S, Lease
+from ..archive.outdir import check_placement, clear_output
+from ..archive.results import PartWriter, done_path_batches, pending
 from ..errors import InputError
 from ..model.registry import ModelInfo, describe
 from ..pixels.decode import DEFAULT_MAX_PIXELS
+from .ray_env import check_shared_storage
 from .score_stages import Scorer, decode_batch, finish_batch
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -48,6 +53,9 @@ class ScoreSettings:
     overwrite: bool = False
     rows_per_part: int = 2000
     limit: int | None = None  # score only the first N files (sorted by path): smoke tests
+    manifest: str | None = None  # CSV/txt/Parquet list of paths relative to the archive, read instead of listing it
+    follow_symlinks: bool = False  # False: a symlink whose target lies outside the archive is neither listed nor read
+    lease_timeout_s: float = DEFAULT_TIMEOUT_S  # a run silent this long on --out is taken for dead (see archive/lease.py)
     stall_timeout_s: float = 900  # Ray Data raises instead of hanging this long without progress
 
     def __post_init__(self):
@@ -114,63 +122,100 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, s: ScoreSettings) -
 
 @dataclass
 class ScoreSummary:
-    seen: int = 0
+    seen: int = 0  # files this run is responsible for (the listing, cut by --limit)
     already_done: int = 0
     scored: int = 0
     errors: int = 0
+    skipped: int = 0  # extensionless files that turned out not to be DICOM (rows whose error starts "skipped:")
+    listed: int = 0  # files in the listing or manifest, before --limit
     seconds: float = 0.0
     out: str = ""
     cam_dir: str | None = None
+    run_id: str = ""
     model: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
+    listing: dict = field(default_factory=dict)  # Listing.stats(): source, requests, outside_links, ...
+    notes: list = field(default_factory=list)  # lines for the user (what --overwrite left, links not followed)
 
     @property
     def images_per_s(self) -> float:
-        return (self.scored + self.errors) / self.seconds if self.seconds > 0 else 0.0
+        return (self.scored + self.errors + self.skipped) / self.seconds if self.seconds > 0 else 0.0
+
+
+def prepare(s: ScoreSettings) -> tuple[ScoreSettings, ModelInfo]:
+    """-> (settings with absolute paths and the model's resolved spec, its ModelInfo). Refuses a bad
+    model or an --out / CAM folder in the wrong place; the CLI calls it before it starts Ray."""
+    info = describe(s.model)
+    s = replace(s, model=info.spec, archive=storage.absolute(s.archive), out=storage.absolute(s.out),
+                cam_dir=storage.absolute(s.cam_dir) if s.cam_dir else None,
+                manifest=storage.absolute(s.manifest) if s.manifest else None)
+    check_archive(s.archive)
+    check_placement(s.archive, s.out, s.resolved_cam_dir() if s.cams else None, overwrite=s.overwrite)
+    return s, info
 
 
 def run_score(s: ScoreSettings, *, progress=None, echo=None) -> ScoreSummary:
     """Score ``s.archive`` into ``s.out``. Ray must be initialised (see ``ray_env.ray_running``).
 
+    Order: refuse bad placements (--out inside the archive, node-local paths on a cluster) before
+    anything is written; take the lease on --out; clear (--overwrite); list; skip what is done; run.
     ``progress(summary, total)`` is called as rows arrive (at most every 2 s, and at the end);
     ``echo(line)`` gets one line per stage of the job."""
     import ray
 
     t0 = time.perf_counter()
-    info = describe(s.model)
-    s = replace(s, model=info.spec, archive=storage.absolute(s.archive), out=storage.absolute(s.out),
-                cam_dir=storage.absolute(s.cam_dir) if s.cam_dir else None)
+    s, info = prepare(s)
     cam_dir = s.resolved_cam_dir() if s.cams else None
-    if s.overwrite:
-        storage.delete_dir(s.out)
-        if cam_dir:
-            storage.delete_dir(cam_dir)
-    files = discover(s.archive)[: s.limit]
-    done = done_paths(s.out, info.model_id)
-    todo = [f.path for f in files if f.path not in done]
+    check_shared_storage({"ARCHIVE": s.archive, "--out": s.out, "--cam-dir": cam_dir}, job="the decode and CAM tasks")
     res = ray.cluster_resources()
     plan = plan_resources(res.get("CPU", 0), res.get("GPU", 0), s)
-    summary = ScoreSummary(seen=len(files), already_done=len(files) - len(todo), out=s.out, cam_dir=cam_dir,
-                           model=info.to_dict(), plan=asdict(plan))
-    metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
-                "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    writer = PartWriter(s.out, metadata, s.rows_per_part)
-    if echo:
-        echo(f"score: {len(files):,} files, {len(todo):,} to score"
-             + (f" ({summary.already_done:,} have a row from an earlier run)" if summary.already_done else "")
-             + f"; {plan.actors} model actor(s) x {plan.cpus_per_actor:g} CPU"
-             + (f" + {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else ""))
-    if todo:
-        _stream(_pipeline(todo, s, info, plan, cam_dir), writer, summary, len(todo), t0, progress)
-    writer.flush()
+    run_id = uuid.uuid4().hex[:8]
+    with Lease(s.out, run_id=run_id, timeout_s=s.lease_timeout_s, details={"archive": s.archive}) as lease:
+        summary = ScoreSummary(out=s.out, cam_dir=cam_dir, run_id=run_id, model=info.to_dict(), plan=asdict(plan))
+        if s.overwrite:
+            summary.notes += clear_output(s.out, cam_dir).notes()
+        todo = _todo(s, info.model_id, summary)
+        metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
+                    "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
+        writer = PartWriter(s.out, metadata, s.rows_per_part, run=run_id, before_publish=lease.check)
+        if echo:
+            echo(_start_line(summary, todo.num_rows, plan))
+        if todo.num_rows:
+            _stream(_pipeline(todo, s, info, plan, cam_dir), writer, summary, todo.num_rows, t0, progress)
+        writer.flush()
+        lease.check()
     summary.seconds = time.perf_counter() - t0
     if progress:
-        progress(summary, len(todo))
+        progress(summary, todo.num_rows)
     return summary
 
 
-def _pipeline(paths: list[str], s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir: str | None):
-    """The Ray Data stream of the three stages over ``paths``, sized by ``plan``."""
+def _start_line(summary: ScoreSummary, todo: int, plan: ResourcePlan) -> str:
+    return (f"score: {summary.seen:,} files, {todo:,} to score"
+            + (f" ({summary.already_done:,} have a row from an earlier run)" if summary.already_done else "")
+            + f"; {plan.actors} model actor(s) x {plan.cpus_per_actor:g} CPU"
+            + (f" + {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else ""))
+
+
+def _todo(s: ScoreSettings, model_id: str, summary: ScoreSummary) -> pa.Table:
+    """The listing (or manifest), cut to --limit, less the paths that already have a row."""
+    if s.manifest:
+        listing = read_manifest(s.manifest, s.archive)
+    else:
+        listing = list_archive(s.archive, follow_symlinks=s.follow_symlinks)
+    summary.listed = listing.files.num_rows
+    summary.listing = listing.stats()
+    if listing.outside_links:
+        summary.notes.append(f"symlinks to outside the archive, not followed: {listing.outside_links:,}"
+                             " (--follow-symlinks reads them)")
+    files = listing.first(s.limit).files
+    todo = pending(files, done_path_batches(s.out, model_id))
+    summary.seen, summary.already_done = files.num_rows, files.num_rows - todo.num_rows
+    return todo
+
+
+def _pipeline(todo: pa.Table, s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir: str | None):
+    """The Ray Data stream of the three stages over the ``todo`` listing, sized by ``plan``."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -183,10 +228,12 @@ def _pipeline(paths: list[str], s: ScoreSettings, info: ModelInfo, plan: Resourc
     # model as 16 + 16 + 1 (a third of all forward passes held 1-2 images, and each new size
     # recompiles under torch.compile). So blocks and decode batches are multiples of the batch.
     decode_rows = s.batch_size * max(1, 32 // s.batch_size)
-    block_rows = decode_rows * max(1, math.ceil(len(paths) / 4096 / decode_rows))  # <= ~4096 blocks
-    ds = ray.data.from_arrow([pa.table({"path": paths[i: i + block_rows]}) for i in range(0, len(paths), block_rows)])
+    block_rows = decode_rows * max(1, math.ceil(todo.num_rows / 4096 / decode_rows))  # <= ~4096 blocks
+    todo = todo.select(["path", "sniff"])  # sizes stay on the driver (--max-bytes reads them there)
+    ds = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
     ds = ds.map_batches(decode_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
-                        fn_kwargs=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels))
+                        fn_kwargs=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels,
+                                       follow_symlinks=s.follow_symlinks))
     ds = ds.map_batches(
         Scorer, batch_size=s.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
@@ -202,9 +249,11 @@ def _stream(ds, writer: PartWriter, summary: ScoreSummary, total: int, t0: float
     last = 0.0
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         writer.add(table)
-        ok = table.column("error").null_count  # error is null exactly for scored rows
-        summary.scored += ok
-        summary.errors += table.num_rows - ok
+        error = table.column("error").cast(pa.string())  # a block where every row scored has type null
+        skipped = pc.sum(pc.starts_with(error, "skipped:")).as_py() or 0
+        summary.scored += error.null_count  # error is null exactly for scored rows
+        summary.skipped += skipped
+        summary.errors += table.num_rows - error.null_count - skipped
         summary.seconds = time.perf_counter() - t0
         if progress and time.perf_counter() - last > 2:
             last = time.perf_counter()

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import CLASSES, POSITIVE
 from ..archive import storage
-from ..archive.discover import label_from_path
+from ..archive.discover import label_from_path, outside_archive
 from ..archive.results import TEXT_COLUMNS, cam_uri
 from ..errors import DecodeError, one_line
 from ..pixels.decode import decode_image
@@ -26,8 +26,15 @@ from ..pixels.transforms import to_model_pixels
 
 # ---------------------------------------------------------------- stage 1: decode (CPU tasks)
 
-def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int) -> dict:
+NOT_DICOM = "skipped: no file extension and not DICOM (no DICM marker at byte 128), so not read as an image"
+OUTSIDE = "symlink to outside the archive: not read (pass --follow-symlinks to read it)"
+
+
+def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int, follow_symlinks: bool = False) -> dict:
+    """Read and decode a batch of archive paths. ``batch["sniff"]`` (optional) marks files with no
+    extension: they are scored only if their first bytes say DICOM (the listing never opens a file)."""
     n = len(batch["path"])
+    sniff = batch.get("sniff", np.zeros(n, bool))
     out = {k: [None] * n for k in TEXT_COLUMNS}  # every text column of the schema travels from here on
     out.update(path=list(batch["path"]), bytes=np.full(n, -1, np.int64),
                width=np.zeros(n, np.int32), height=np.zeros(n, np.int32),
@@ -35,7 +42,7 @@ def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int)
     for i, rel in enumerate(out["path"]):
         out["label"][i] = label_from_path(rel)
         try:
-            data = storage.read_file(archive, rel)
+            data = _read(archive, rel, sniff=bool(sniff[i]), follow_symlinks=follow_symlinks)
             out["bytes"][i] = len(data)
             out["sha256"][i] = hashlib.sha256(data).hexdigest()
             d = decode_image(data, max_pixels=max_pixels, draft=image_size)
@@ -48,6 +55,21 @@ def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int)
         except Exception as e:  # never let one file take down a batch of good ones
             out["error"][i] = f"unexpected {type(e).__name__}: {one_line(e)}"
     return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def _read(archive: str, rel: str, *, sniff: bool, follow_symlinks: bool) -> bytes:
+    """A file's bytes. Outside links are refused here as well as in the listing: a manifest can
+    name one, and a link can change after it was listed."""
+    if not follow_symlinks and not storage.is_uri(archive) and outside_archive(archive, rel):
+        raise DecodeError(OUTSIDE)
+    return storage.read_file(archive, rel, check_head=_dicom_head if sniff else None)
+
+
+def _dicom_head(head: bytes) -> None:
+    from ..pixels.dicom import is_dicom
+
+    if not is_dicom(head):
+        raise DecodeError(NOT_DICOM)
 
 
 def _strings(column) -> list:
