@@ -131,3 +131,29 @@ def test_an_io_error_is_a_row_error_and_outside_links_are_not_read(tmp_path):
         _read(str(tmp_path), "io_error.jpeg", sniff=False, follow_symlinks=True)
     with pytest.raises(DecodeError, match="^symlink to outside the archive: not read"):
         _read(str(tmp_path), "io_error.jpeg", sniff=False, follow_symlinks=False)
+
+
+def test_each_failure_gets_the_status_that_says_whether_a_rerun_helps(tmp_path):
+    """The file's own fault is final ("error", "skipped"); the environment's is "retry"."""
+    from images import encode
+    from PIL import Image
+
+    from cxr_batch.jobs.score_stages import decode_batch
+
+    good = encode(Image.new("L", (64, 64), 128), "PNG")
+    (tmp_path / "ok.png").write_bytes(good)
+    (tmp_path / "big.png").write_bytes(good + b"\0" * 4000)  # grew past --max-bytes after the listing
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "NOTES").write_bytes(b"exported by PACS")
+    os.symlink("/proc/self/mem", tmp_path / "eio.png")
+    paths = ["ok.png", "big.png", "broken.png", "NOTES", "gone.png", "eio.png"]
+    out = decode_batch({"path": np.array(paths, dtype=object), "sniff": np.array([p == "NOTES" for p in paths])},
+                       archive=str(tmp_path), image_size=32, max_pixels=10**6, follow_symlinks=True,
+                       max_bytes=len(good) + 100)
+    got = dict(zip(paths, zip(out["status"], out["error"])))
+    assert got["ok.png"] == (None, None)  # the finish stage says "scored"
+    assert got["big.png"][0] == "error" and got["big.png"][1].startswith("file larger than --max-bytes")
+    assert got["broken.png"][0] == "error"
+    assert got["NOTES"][0] == "skipped"
+    assert got["gone.png"] == ("retry", "file vanished after it was listed")
+    assert got["eio.png"][0] == "retry" and got["eio.png"][1].startswith("unreadable file: ")

@@ -44,12 +44,20 @@ SCHEMA = pa.schema([
     ("sop_instance_uid", pa.string()),
     ("model", pa.string()),
     ("error", pa.string()),  # null when scored; else one line saying what is wrong
+    ("status", pa.string()),  # one of STATUSES; null in tables written before it existed (read as done)
 ])
+
+# What a row's file came to. "retry" rows are the environment's fault (an I/O error, a vanished
+# file, no space, out of memory): a re-run scores those files again and its rows replace these.
+SCORED, ERROR, SKIPPED, RETRY = "scored", "error", "skipped", "retry"
+STATUSES = (SCORED, ERROR, SKIPPED, RETRY)
 
 # The string columns, as the scoring stages carry them (None, never NaN; see score_stages._strings).
 TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_string(f.type))
 
-_PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")
+# Sequence numbers are zero-padded to 5 digits for a readable sort, and grow past 99999 (200 M rows
+# of 2,000): the pattern takes any length, or a 6-digit part would be ignored and its files rescored.
+_PART = re.compile(r"^part-[0-9a-f]{8}-\d{5,}\.parquet$")
 
 
 class PartWriter:
@@ -87,22 +95,21 @@ def part_files(out: str) -> list[str]:
     return sorted(storage.join(out, n) for n in storage.list_dir(out) if _PART.match(n))
 
 
-def done_path_batches(out: str, model_id: str, *, batch_rows: int = 1 << 20) -> Iterator[pa.Array]:
-    """Paths that already have a row in ``out``, as Arrow string arrays of about ``batch_rows``
-    paths (10 M done paths never sit in memory at once, nor as 10 M Python objects); refuses to mix
-    two models' rows in one table."""
+def done_path_batches(out: str, model_id: str, *, archive: str | None = None,
+                      batch_rows: int = 1 << 20) -> Iterator[pa.Array]:
+    """Paths that are done in ``out`` (a row whose status is not "retry"), as Arrow string arrays of
+    about ``batch_rows`` paths (10 M done paths never sit in memory at once, nor as 10 M Python
+    objects); refuses to mix two models' or two archives' rows in one table."""
     done, rows = [], 0
     for part in part_files(out):
         fs, path = storage.resolve(part)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            meta = json.loads((pf.schema_arrow.metadata or {}).get(b"cxr_batch", b"{}"))
-            if meta.get("model_id") not in (None, model_id):
-                raise InputError(
-                    f"{out} already holds results of model {meta.get('model_id')}, not {model_id}:"
-                    " pass --overwrite to start over, or a new --out."
-                )
-            chunks = pf.read(columns=["path"]).column("path").chunks
+            _check_same_job(out, json.loads((pf.schema_arrow.metadata or {}).get(b"cxr_batch", b"{}")), model_id, archive)
+            table = pf.read(columns=[c for c in ("path", "status") if c in pf.schema_arrow.names])
+            if "status" in table.column_names:
+                table = table.filter(pc.fill_null(pc.not_equal(table["status"], RETRY), True))
+            chunks = table.column("path").chunks
         done += chunks
         rows += sum(len(c) for c in chunks)
         if rows >= batch_rows:
@@ -110,6 +117,44 @@ def done_path_batches(out: str, model_id: str, *, batch_rows: int = 1 << 20) -> 
             done, rows = [], 0
     if done:
         yield pa.concat_arrays(done)
+
+
+def _check_same_job(out: str, meta: dict, model_id: str, archive: str | None) -> None:
+    """Resume is bound to the model and to the archive: the same relative path in another archive
+    is another file, and must not be skipped as done."""
+    if meta.get("model_id") not in (None, model_id):
+        raise InputError(f"{out} already holds results of model {meta.get('model_id')}, not {model_id}:"
+                         " pass --overwrite to start over, or a new --out.")
+    theirs = (meta.get("settings") or {}).get("archive")
+    if archive and theirs and theirs.rstrip("/") != archive.rstrip("/"):
+        raise InputError(f"{out} already holds results of archive {theirs}, not {archive}: pass --overwrite"
+                         " to start over, or a new --out.")
+
+
+def drop_retry_rows(out: str, paths: pa.Array, *, before_publish=None) -> int:
+    """Rewrite each part that holds "retry" rows for any of ``paths`` without those rows (the new
+    part replaces the old one atomically, under the same name), so that when those files are
+    scored again no reader sees two rows for one file. -> the number of rows dropped."""
+    dropped = 0
+    for part in part_files(out):
+        fs, path = storage.resolve(part)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if "status" not in pf.schema_arrow.names:
+                continue
+            keys = pf.read(columns=["path", "status"])
+            drop = pc.and_(pc.fill_null(pc.equal(keys["status"], RETRY), False), pc.is_in(keys["path"], value_set=paths))
+            n = pc.sum(drop).as_py() or 0
+            if not n:
+                continue
+            table = pf.read().filter(pc.invert(drop))
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        if before_publish:
+            before_publish()
+        storage.write_bytes_atomic(part, buf.getvalue())
+        dropped += n
+    return dropped
 
 
 def pending(files: pa.Table, done: Iterable[pa.Array]) -> pa.Table:
