@@ -39,6 +39,13 @@ from .summaries import format_summary
               help="Also read symlinks whose target lies outside ARCHIVE. Default: such links are not followed.")
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=900, show_default=True, metavar="S",
               help="Fail after this many seconds without progress (Ray Data would otherwise wait for resources forever).")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Files larger than this (by the listing's size) get an error row and are not read. Default 1 GiB.")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Retry passes, with backoff, for files that failed for a transient reason (I/O, a vanished folder,"
+                   " throttling, no space, a dead worker). What still fails has status 'retry': exit code 3.")
+@click.option("--retry-backoff", type=click.FloatRange(min=0), default=2.0, hidden=True, metavar="S",
+              help="Seconds before the first retry pass, doubled for each next one.")
 @click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
               help="Rows per published Parquet part: small values make tests see parts early.")
 @click.option("--lease-timeout", type=click.FloatRange(min=1), default=None, hidden=True,
@@ -47,20 +54,20 @@ from .summaries import format_summary
 @output_options
 @friendly
 def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
-          compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, rows_per_part, lease_timeout,
-          address, wait_for_gpus, wait_timeout,
-          as_json, verbose):
+          compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, max_bytes, retries,
+          retry_backoff, rows_per_part, lease_timeout, address, wait_for_gpus, wait_timeout, as_json, verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
-    cam_peak_x/y, width, height, sha256, model, error. A re-run with the same --out scores only
-    what is missing.
+    cam_peak_x/y, width, height, sha256, model, error, status. A re-run with the same --out scores only
+    what is missing, and again what had failed for a transient reason (exit code 3 says so).
 
     Example: cxr-batch score /data/chest_xray/test --out results.parquet
     """
     from ..jobs.ray_env import ray_for_job
     from ..archive.lease import DEFAULT_TIMEOUT_S
-    from ..jobs.score import ScoreSettings, prepare, run_score
+    from ..errors import EXIT_INCOMPLETE
+    from ..jobs.score import DEFAULT_MAX_BYTES, ScoreSettings, prepare, run_score
     from ..pixels.decode import DEFAULT_MAX_PIXELS
 
     s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
@@ -68,7 +75,8 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
                       precision=precision, compile=compile_, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                       overwrite=overwrite, limit=limit, manifest=manifest, follow_symlinks=follow_symlinks,
                       rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,
-                      lease_timeout_s=lease_timeout or DEFAULT_TIMEOUT_S)
+                      lease_timeout_s=lease_timeout or DEFAULT_TIMEOUT_S, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
+                      retries=retries, retry_backoff_s=retry_backoff)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     _, info = prepare(s)  # fails on a bad model or output folder before Ray starts
@@ -77,6 +85,8 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
                      echo=console.note):
         summary = run_score(s, progress=console.score_progress(), echo=console.note)
     console.summary(format_summary(summary), asdict(summary))
+    if summary.retry:  # finished, but not every file got its verdict: a re-run retries exactly those
+        click.get_current_context().exit(EXIT_INCOMPLETE)
 
 
 def warn_if_untrained(info, console: Console) -> None:

@@ -23,15 +23,22 @@ from ..archive import storage
 from ..archive.discover import check_archive, list_archive, read_manifest
 from ..archive.lease import DEFAULT_TIMEOUT_S, Lease
 from ..archive.outdir import check_placement, clear_output
-from ..archive.results import PartWriter, done_path_batches, pending
+from ..archive.discover import label_from_path
+from ..archive.results import ERROR, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, done_path_batches, drop_retry_rows, pending
+from ..archive.storage import too_big
 from ..errors import InputError
 from ..model.registry import ModelInfo, describe
 from ..pixels.decode import DEFAULT_MAX_PIXELS
 from .ray_env import check_shared_storage
+from .runloop import Outcome, RetryPolicy, drive
 from .score_stages import Scorer, decode_batch, finish_batch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
+# The largest input file read (--max-bytes). Chest radiographs are 0.1-50 MB (a DICOM of a 3000 x 3000
+# 16-bit detector image is 18 MB); 1 GiB leaves room for odd multi-frame objects while one decode
+# worker holding a few such files still fits a 4 GB worker.
+DEFAULT_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +63,9 @@ class ScoreSettings:
     manifest: str | None = None  # CSV/txt/Parquet list of paths relative to the archive, read instead of listing it
     follow_symlinks: bool = False  # False: a symlink whose target lies outside the archive is neither listed nor read
     lease_timeout_s: float = DEFAULT_TIMEOUT_S  # a run silent this long on --out is taken for dead (see archive/lease.py)
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger files get an error row from the listing's size, unread
+    retries: int = 3  # retry passes for transient failures and files whose worker died (see jobs/runloop.py)
+    retry_backoff_s: float = 2.0  # wait before retry pass k: retry_backoff_s * 2**(k-1)
     stall_timeout_s: float = 900  # Ray Data raises instead of hanging this long without progress
 
     def __post_init__(self):
@@ -126,7 +136,11 @@ class ScoreSummary:
     already_done: int = 0
     scored: int = 0
     errors: int = 0
-    skipped: int = 0  # extensionless files that turned out not to be DICOM (rows whose error starts "skipped:")
+    skipped: int = 0  # extensionless files that turned out not to be DICOM (status "skipped")
+    retry: int = 0  # files left with status "retry" (the environment failed them): the run is incomplete
+    retried: int = 0  # files that failed transiently (or lost their worker) and were scored on a retry pass
+    poison: int = 0  # files that killed their worker each time they were read alone (among errors)
+    redone: int = 0  # "retry" rows of earlier runs scored again by this one
     listed: int = 0  # files in the listing or manifest, before --limit
     seconds: float = 0.0
     out: str = ""
@@ -181,7 +195,10 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None) -> ScoreSummary:
         if echo:
             echo(_start_line(summary, todo.num_rows, plan))
         if todo.num_rows:
-            _stream(_pipeline(todo, s, info, plan, cam_dir), writer, summary, todo.num_rows, t0, progress)
+            # Old "retry" rows of these files go first (parts rewritten whole), so no reader sees two rows.
+            summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), before_publish=lease.check)
+            outcome = _score(todo, s, info, plan, cam_dir, _publisher(writer, summary, todo.num_rows, t0, progress), echo)
+            summary.retried, summary.poison = outcome.retried, len(outcome.poison)
         writer.flush()
         lease.check()
     summary.seconds = time.perf_counter() - t0
@@ -209,13 +226,15 @@ def _todo(s: ScoreSettings, model_id: str, summary: ScoreSummary) -> pa.Table:
         summary.notes.append(f"symlinks to outside the archive, not followed: {listing.outside_links:,}"
                              " (--follow-symlinks reads them)")
     files = listing.first(s.limit).files
-    todo = pending(files, done_path_batches(s.out, model_id))
+    todo = pending(files, done_path_batches(s.out, model_id, archive=s.archive))
     summary.seen, summary.already_done = files.num_rows, files.num_rows - todo.num_rows
     return todo
 
 
-def _pipeline(todo: pa.Table, s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir: str | None):
-    """The Ray Data stream of the three stages over the ``todo`` listing, sized by ``plan``."""
+def _pipeline(todo: pa.Table, s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir: str | None, *,
+              isolate: bool = False):
+    """The Ray Data stream of the three stages over the ``todo`` listing, sized by ``plan``.
+    ``isolate``: one file per block and per decode task, so a file that kills its worker loses only itself."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -223,38 +242,83 @@ def _pipeline(todo: pa.Table, s: ScoreSettings, info: ModelInfo, plan: ResourceP
     ctx.execution_no_progress_timeout_s = s.stall_timeout_s
     ctx.enable_progress_bars = False  # our own one-line progress reads better in logs
     ctx.print_on_execution_start = False
+    # A block whose task failed (its worker died: a crashing decoder, the OOM killer) is dropped, not
+    # retried by Ray without end (tasks default to max_retries=-1): the run loop finds its files
+    # missing from the output and retries them itself, one file per task (jobs/runloop.py).
+    ctx.max_errored_blocks = -1
     info_d = info.to_dict()
     # A map task batches only the rows of the blocks it is given: blocks of 33 rows reached the
     # model as 16 + 16 + 1 (a third of all forward passes held 1-2 images, and each new size
     # recompiles under torch.compile). So blocks and decode batches are multiples of the batch.
-    decode_rows = s.batch_size * max(1, 32 // s.batch_size)
-    block_rows = decode_rows * max(1, math.ceil(todo.num_rows / 4096 / decode_rows))  # <= ~4096 blocks
+    decode_rows = 1 if isolate else s.batch_size * max(1, 32 // s.batch_size)
+    block_rows = 1 if isolate else decode_rows * max(1, math.ceil(todo.num_rows / 4096 / decode_rows))  # <= ~4096
     todo = todo.select(["path", "sniff"])  # sizes stay on the driver (--max-bytes reads them there)
     ds = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
     ds = ds.map_batches(decode_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
-                        fn_kwargs=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels,
-                                       follow_symlinks=s.follow_symlinks))
+                        ray_remote_args_fn=_no_ray_retries, fn_kwargs=dict(archive=s.archive, image_size=info.image_size,
+                                                      max_pixels=s.max_pixels, follow_symlinks=s.follow_symlinks,
+                                                      max_bytes=s.max_bytes))
     ds = ds.map_batches(
         Scorer, batch_size=s.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.actors),
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
         fn_constructor_kwargs=dict(info=info_d, threads=plan.torch_threads, precision=s.precision,
                                    compile=s.compile, channels_last=s.channels_last))
     return ds.map_batches(finish_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
-                          fn_kwargs=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive,
+                          ray_remote_args_fn=_no_ray_retries, fn_kwargs=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive,
                                          max_pixels=s.max_pixels))
 
 
-def _stream(ds, writer: PartWriter, summary: ScoreSummary, total: int, t0: float, progress) -> None:
-    """Publish rows as they arrive and count them; report progress at most every 2 s."""
-    last = 0.0
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+def _no_ray_retries() -> dict:
+    """Remote args of the decode and finish tasks: the run loop retries lost files, not Ray. (Ray
+    2.60 has no named map_batches parameter for task retries; ray_remote_args_fn, deprecated for
+    2.64, is the way until then.)"""
+    return {"max_retries": 0}
+
+
+def _score(todo: pa.Table, s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir: str | None,
+           publish, echo) -> Outcome:
+    """The run loop: files over --max-bytes get their row from the listing; the rest go through the
+    engine with the retry policy of jobs/runloop.py."""
+    failed = _failed_rows(info)
+    big = pc.greater(todo["size"], s.max_bytes)
+    if pc.any(big).as_py():
+        publish(failed(todo.filter(big)["path"], too_big(s.max_bytes), ERROR))
+        todo = todo.filter(pc.invert(big))
+
+    def engine(rows: pa.Table, isolate: bool):
+        yield from _pipeline(rows, s, info, plan, cam_dir, isolate=isolate).iter_batches(
+            batch_size=None, batch_format="pyarrow")
+
+    return drive(todo, engine, publish, failed, RetryPolicy(passes=s.retries, backoff_s=s.retry_backoff_s),
+                 note=echo)
+
+
+def _failed_rows(info: ModelInfo):
+    """-> ``rows(paths, error, status)``: whole-schema rows for files that never reached the stages."""
+    def rows(paths, error: str, status: str) -> pa.Table:
+        paths = paths.to_pylist() if hasattr(paths, "to_pylist") else list(paths)
+        n = len(paths)
+        cols = {f.name: pa.nulls(n, f.type) for f in SCHEMA}
+        cols.update(path=pa.array(paths, pa.string()), label=pa.array([label_from_path(p) for p in paths], pa.string()),
+                    error=pa.array([error] * n, pa.string()), status=pa.array([status] * n, pa.string()),
+                    model=pa.array([info.model_id] * n, pa.string()))
+        return pa.table(cols, schema=SCHEMA)
+    return rows
+
+
+def _publisher(writer: PartWriter, summary: ScoreSummary, total: int, t0: float, progress):
+    """``publish(table)``: write final rows and count them by status; progress at most every 2 s."""
+    last = [0.0]
+
+    def publish(table: pa.Table) -> None:
         writer.add(table)
-        error = table.column("error").cast(pa.string())  # a block where every row scored has type null
-        skipped = pc.sum(pc.starts_with(error, "skipped:")).as_py() or 0
-        summary.scored += error.null_count  # error is null exactly for scored rows
-        summary.skipped += skipped
-        summary.errors += table.num_rows - error.null_count - skipped
+        counts = {d["values"]: d["counts"] for d in pc.value_counts(table["status"].cast(pa.string())).to_pylist()}
+        summary.scored += counts.get(SCORED, 0)
+        summary.skipped += counts.get(SKIPPED, 0)
+        summary.retry += counts.get(RETRY, 0)
+        summary.errors += table.num_rows - counts.get(SCORED, 0) - counts.get(SKIPPED, 0) - counts.get(RETRY, 0)
         summary.seconds = time.perf_counter() - t0
-        if progress and time.perf_counter() - last > 2:
-            last = time.perf_counter()
+        if progress and time.perf_counter() - last[0] > 2:
+            last[0] = time.perf_counter()
             progress(summary, total)
+    return publish
