@@ -43,3 +43,21 @@ def ray_address(ray_session):
     """The session Ray's address, for `cxr-batch` subprocesses that join it as second drivers (a
     second Ray on 2 CPUs would be slow to start)."""
     return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (Debian's) for the session's page tests, driven by Playwright."""
+    from browser import ARGS, CHROMIUM, available
+
+    why = available()
+    if why:
+        if os.environ.get("CXR_REQUIRE_BROWSER"):  # CI: a missing browser is a failure, not a skip
+            pytest.fail(why)
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()

@@ -76,8 +76,8 @@ def test_cam_peak_falls_on_the_planted_opacity(trained):
 def test_evaluate_writes_every_file_and_its_metrics_match_the_parquet(trained):
     root, _, _, report = trained
     out = root / "report"
-    for name in ("metrics.json", "report.md", "roc.png", "confusion.png", "training_curves.png", "errors_montage.png",
-                 "reliability.png", "deletion.png"):
+    for name in ("metrics.json", "report.md", "report.html", "roc.png", "confusion.png", "training_curves.png",
+                 "errors_montage.png", "reliability.png", "deletion.png"):
         assert (out / name).stat().st_size > 0, name
     from PIL import Image
 
@@ -181,3 +181,54 @@ def test_deletion_curves_start_at_the_scored_probability_and_the_cam_beats_rando
     assert np.allclose(d["p_start"], [table[p] for p in d["paths"]], atol=1e-4)
     assert all(p.startswith("PNEUMONIA/") for p in d["paths"])
     assert d["auc_difference"] > 0, d  # a model that learned the lesion: its CAM finds the evidence sooner
+
+
+def test_evaluate_page_shows_the_folder_in_a_browser(trained, browser, tmp_path):
+    """report.html beside report.md: loads from disk with every image, its numbers are metrics.json's,
+    and a section appears when its data is in the folder (and the page still works without it)."""
+    import re
+    import shutil
+
+    from browser import open_page
+
+    from cxr_batch.reports.html.evaluate import write_evaluate_report
+
+    root, _, _, _ = trained
+    saved = json.loads((root / "report" / "metrics.json").read_text())
+    pg, check = open_page(browser, root / "report" / "report.html", tmp_path / "evaluate-report.png")
+    keep = os.environ.get("CXR_REPORT_SCREENSHOTS")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(tmp_path / "evaluate-report.png", os.path.join(keep, "evaluate-report.png"))
+    assert check.console == [] and check.requests_failed == [] and check.external == []
+    assert check.images and all(i["ok"] for i in check.images), check.images
+    for key in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        shown = pg.locator(f"tr[data-metric='{key}'] td.num").first.inner_text()
+        assert float(shown) == pytest.approx(saved["metrics"][key], abs=5e-4), key
+    cells = dict(pg.eval_on_selector_all("#confusion td[data-cell]", "cs => cs.map(c => [c.dataset.cell, c.querySelector('.metric-big').textContent])"))
+    assert {k: int(v.replace(",", "")) for k, v in cells.items()} == saved["metrics"]["confusion"]
+    assert pg.locator("#errors figure.tile").count() == min(12, sum(saved["metrics"]["confusion"][k] for k in ("fp", "fn")))
+    # this evaluation's own calibration and deletion results, with their plots
+    assert pg.locator("#localisation").count() == 1 and pg.locator("#calibration").count() == 1
+    assert pg.locator("#calibration img").count() == 1 and pg.locator("#localisation img").count() >= 1
+    ece_after = f"{saved['calibration']['ece_after']:.3f}"
+    assert f"ece after\t{ece_after}" in pg.locator("#calibration").inner_text()
+    pg.close()
+
+    # A later evaluate adds a reliability diagram and a calibration entry; an older one lacks predictions.
+    folder = tmp_path / "report"
+    shutil.copytree(root / "report", folder, ignore=shutil.ignore_patterns("predictions.parquet"))
+    from PIL import Image
+
+    Image.new("RGB", (320, 240), "white").save(folder / "reliability.png")  # only its name matters here
+    saved["calibration"] = {"temperature": 1.7, "ece_before": 0.081, "ece_before_ci95": [0.05, 0.11], "ece_after": 0.032,
+                            "ece_after_ci95": [0.02, 0.05], "reliability_after": {"ece": 0.032, "counts": list(range(15))}}
+    (folder / "metrics.json").write_text(json.dumps(saved))
+    pg, check = open_page(browser, write_evaluate_report(str(folder)), tmp_path / "changed.png")
+    assert check.console == [] and all(i["ok"] for i in check.images)
+    calibration = pg.locator("#calibration").inner_text()
+    assert "ece after\t0.032 (95% CI 0.02 – 0.05)" in calibration and "ci95" not in calibration
+    assert "reliability after › counts\t15 values" in calibration and pg.locator("#calibration img").count() == 1
+    assert pg.locator("#errors").count() == 0 and pg.locator("#distribution").count() == 0
+    assert re.search(r"Metrics", pg.locator("nav.toc").inner_text())
+    pg.close()

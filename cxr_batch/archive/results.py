@@ -205,6 +205,14 @@ def safe_relpath(rel: str) -> str:
     return posixpath.join(*parts) if parts else "_"
 
 
+def default_cam_dir(out: str) -> str:
+    """Where the CAMs of the output ``out`` go unless told: ``<out without .parquet>-cams`` beside it
+    (one rule for the scoring job and the report that looks them up)."""
+    base = out.rstrip("/")
+    stem = base[: -len(".parquet")] if base.endswith(".parquet") else base
+    return stem + "-cams"
+
+
 def cam_uri(cam_dir: str, rel: str) -> str:
     safe = safe_relpath(rel)
     if safe != rel:

@@ -50,12 +50,13 @@ from .summaries import format_summary
               help="Rows per published Parquet part: small values make tests see parts early.")
 @click.option("--lease-timeout", type=click.FloatRange(min=1), default=None, hidden=True,
               help="Seconds without a heartbeat after which this run's lease on --out may be taken over (default 120).")
+@click.option("--report", "report_", is_flag=True, help="Also write an HTML report beside the output (see `cxr-batch report`).")
 @cluster_options
 @output_options
 @friendly
 def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
           compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, max_bytes, retries,
-          retry_backoff, rows_per_part, lease_timeout, address, wait_for_gpus, wait_timeout, as_json, verbose):
+          retry_backoff, rows_per_part, lease_timeout, report_, address, wait_for_gpus, wait_timeout, as_json, verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
@@ -85,6 +86,10 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
                      echo=console.note):
         summary = run_score(s, progress=console.score_progress(), echo=console.note)
     console.summary(format_summary(summary), asdict(summary))
+    if report_:
+        from ..reports.html.score import ReportSettings, write_score_report
+
+        console.note(f"  report        {write_score_report(ReportSettings(results=summary.out)).path}")
     if summary.retry:  # finished, but not every file got its verdict: a re-run retries exactly those
         click.get_current_context().exit(EXIT_INCOMPLETE)
 

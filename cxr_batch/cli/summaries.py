@@ -77,8 +77,7 @@ def format_eval_summary(m: dict, out: str) -> str:
     if pt:
         lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion")
     lines += _eval_calibration_lines(m)
-    lines.append(f"  report        {out}/report.md (metrics.json, roc.png, confusion.png, reliability.png, deletion.png,"
-                 " training_curves.png, errors_montage.png)")
+    lines.append(f"  report        {out}/report.html (open it in a browser; also report.md, metrics.json and the PNG plots)")
     return "\n".join(lines)
 
 

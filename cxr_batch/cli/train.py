@@ -72,7 +72,7 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
 @click.command()
 @click.argument("checkpoint")
 @click.argument("folder")
-@click.option("--out", "-o", required=True, help="Report folder: metrics.json, report.md, PNG plots, predictions.")
+@click.option("--out", "-o", required=True, help="Report folder: report.html, report.md, metrics.json, PNG plots, predictions.")
 @click.option("--truth", default=None, help="truth.csv of lesion positions (default: looked up in FOLDER and its parents).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True, help="Resamples for the 95% CIs.")

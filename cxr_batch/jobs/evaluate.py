@@ -5,7 +5,9 @@ Writes to the report folder: predictions.parquet/ (the scoring table), cams/, me
 before and after temperature scaling with CIs (reports.metrics), deletion curves of the CAM
 (reports.faithfulness, run by jobs.deletion) and, when the archive has a truth.csv of lesion
 positions, the CAM pointing rate), roc.png, confusion.png, reliability.png, deletion.png,
-training_curves.png, errors_montage.png and report.md tying them together (reports.markdown).
+training_curves.png, errors_montage.png, report.md tying them together (reports.markdown), and
+report.html: the same in one page a browser opens from disk, with the most confident errors' CAMs
+(reports/html/evaluate.py).
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
         for name in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, name), "rb") as f:
                 storage.write_bytes_atomic(storage.join(s.out, name), f.read())
+    from ..reports.html.evaluate import write_evaluate_report
+
+    write_evaluate_report(s.out)  # built from the folder just written: it shows whatever is there
     return metrics
 
 

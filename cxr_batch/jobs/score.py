@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 
 from .. import CLASSES
 from ..archive import storage
-from ..archive.discover import check_archive, list_archive, read_manifest
+from ..archive.discover import check_archive, label_from_path, list_archive, read_manifest
 from ..archive.lease import DEFAULT_TIMEOUT_S, Lease
 from ..archive.outdir import check_placement, clear_output
-from ..archive.discover import label_from_path
-from ..archive.results import ERROR, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, done_path_batches, drop_retry_rows, pending
+from ..archive.results import (ERROR, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, default_cam_dir, done_path_batches,
+                               drop_retry_rows, pending)
 from ..archive.storage import too_big
 from ..errors import InputError
 from ..model.registry import ModelInfo, describe
@@ -77,11 +77,7 @@ class ScoreSettings:
             raise InputError("--batch-size and --actors must be at least 1.")
 
     def resolved_cam_dir(self) -> str:
-        if self.cam_dir:
-            return self.cam_dir
-        base = self.out.rstrip("/")
-        stem = base[: -len(".parquet")] if base.endswith(".parquet") else base
-        return stem + "-cams"
+        return self.cam_dir or default_cam_dir(self.out)
 
 
 @dataclass(frozen=True)
