@@ -132,3 +132,52 @@ def test_a_file_that_kills_its_worker_is_its_own_error_row_and_the_job_finishes(
     assert got["d/huge.png"]["status"] == "error" and got["d/huge.png"]["error"].startswith("file larger than --max-bytes 4,000")
     assert {r["status"] for p, r in got.items() if p not in ("b/img3.png", "d/huge.png")} == {"scored"}
     assert "poison        1 files killed their worker" in p.stdout + p.stderr
+
+
+def test_kills_and_vanishing_folders_mixed_end_with_one_row_per_file(ray_address, tmp_path):
+    """A run with a folder away (exit 3), a re-run SIGKILLed after its first part, a run with the
+    other folder away, then a clean run: one row per file at every step, all scored at the end."""
+    import signal
+    import time
+
+    from cxr_batch.synth.archive import make_archive
+
+    root = tmp_path / "archive"
+    make_archive(root, n_train=0, n_val=0, n_test=120, size=96, seed=5)
+    expected = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpeg"))
+    manifest, out = tmp_path / "files.txt", tmp_path / "out"
+    manifest.write_text("\n".join(expected) + "\n")
+    cmd = [sys.executable, "-m", "cxr_batch.cli", "score", str(root), "--out", str(out), "--manifest", str(manifest),
+           "--model", "resnet18:none", "--batch-size", "8", "--rows-per-part", "8", "--retries", "0",
+           "--address", ray_address]
+
+    def away(folder: str, there: bool) -> None:
+        os.rename(*((root / "test" / folder, tmp_path / folder) if not there else (tmp_path / folder, root / "test" / folder)))
+
+    def run() -> int:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=400).returncode
+
+    def check(rc: int) -> dict:
+        got = rows(out)  # never two rows for one file
+        assert set(got) <= set(expected)
+        assert rc == (EXIT_INCOMPLETE if any(r["status"] == "retry" for r in got.values()) else 0)
+        return got
+
+    away("NORMAL", False)
+    got = check(run())
+    assert {p for p, r in got.items() if r["status"] == "retry"} == {p for p in expected if "/NORMAL/" in p}
+    away("NORMAL", True)
+    parts = set(os.listdir(out))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not {n for n in os.listdir(out) if n.endswith(".parquet")} - parts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    assert set(rows(out)) <= set(expected)  # whole parts only, still one row per file
+    away("PNEUMONIA", False)
+    check(run())
+    away("PNEUMONIA", True)
+    got = check(run())
+    assert sorted(got) == expected and {r["status"] for r in got.values()} == {"scored"}
