@@ -36,3 +36,21 @@ def phantoms(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms") / "archive"
     make_archive(root, n_train=24, n_val=8, n_test=16, size=192, seed=3)
     return root
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (Debian's) for the session's page tests, driven by Playwright."""
+    from browser import ARGS, CHROMIUM, available
+
+    why = available()
+    if why:
+        if os.environ.get("CXR_REQUIRE_BROWSER"):  # CI: a missing browser is a failure, not a skip
+            pytest.fail(why)
+        pytest.skip(why)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()

@@ -215,3 +215,18 @@ def test_pointing_game_validates_shapes():
     with pytest.raises(ValueError, match="radius"):
         m.pointing_game([[0.1, 0.2]], [[0.5, 0.5, 0.0]])
     assert m.pointing_game([], [])["rate"] is None
+
+
+# ---------------------------------------------------------------- calibration (ECE)
+
+def test_ece_by_hand_and_its_bootstrap():
+    y = np.array([0, 0, 1, 1, 1, 0, 1, 1])
+    p = np.array([0.05, 0.15, 0.12, 0.95, 0.91, 0.99, 0.55, 1.0])
+    # bins [0,.1): {.05 y0} -> |.05-0|; [.1,.2): {.15 y0, .12 y1} -> |.135-.5|*2; [.5,.6): {.55 y1} -> .45;
+    # [.9,1.]: {.95, .91, .99, 1.0 with y 1, 1, 0, 1} -> |.9625-.75|*4
+    want = (0.05 + 0.365 * 2 + 0.45 + 0.2125 * 4) / 8
+    rel = m.reliability(y, p)
+    assert rel["ece"] == pytest.approx(want) and rel["count"] == [1, 2, 0, 0, 0, 1, 0, 0, 0, 4]
+    ci = m.ece_bootstrap(y, p, np.full(8, 0.75), n_boot=400, seed=0)
+    assert ci["before"][0] <= want <= ci["before"][1]
+    assert ci["change"][0] <= m.ece(y, np.full(8, 0.75)) - want <= ci["change"][1]

@@ -47,3 +47,39 @@ def test_a_block_of_good_images_is_not_read_as_errors(tmp_path):
     assert list(out["error"]) == [None] * n and list(out["label"]) == [None] * n
     assert list(out["pred"]) == ["NORMAL", "PNEUMONIA", "PNEUMONIA"]
     assert all(os.path.exists(p) for p in out["cam_path"])
+
+
+def test_scoring_applies_the_checkpoint_temperature_and_old_checkpoints_mean_t_1(tmp_path):
+    from images import encode
+    from PIL import Image
+
+    from cxr_batch.jobs.score_stages import Scorer, decode_batch
+    from cxr_batch.model.calibration import calibrated, margins
+    from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
+    from cxr_batch.model.registry import describe
+
+    net = build_model("resnet18", "none", seed=3, cam_stride=16).eval()
+    with torch.no_grad():
+        net.fc.weight.mul_(300)  # a spread of probabilities, not all 0.5
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / f"{i}.png").write_bytes(encode(Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)), "PNG"))
+    batch = decode_batch({"path": np.array([f"{i}.png" for i in range(6)], dtype=object)}, archive=str(tmp_path / "a"),
+                         image_size=64, max_pixels=10**7)
+    with torch.no_grad():
+        margin = margins(net(normalize(torch.from_numpy(batch["pixels"])))[0].numpy())
+        net.fc.bias.add_(torch.tensor([0.5, -0.5]) * float(np.median(margin)))  # centre: some above 0.5, some below
+        margin = margins(net(normalize(torch.from_numpy(batch["pixels"])))[0].numpy())
+    for temperature in (3.0, None):
+        ck = make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16,
+                             temperature=temperature or 1.0)
+        if temperature is None:
+            del ck["temperature"]  # as written before calibration existed
+        save_checkpoint(ck, str(tmp_path / "m.ckpt"))
+        info = describe(str(tmp_path / "m.ckpt"))
+        assert info.temperature == (temperature or 1.0)
+        out = Scorer(info.to_dict(), threads=1, precision="fp32", compile=False, channels_last=True)(dict(batch))
+        assert np.allclose(out["logit_pneumonia"], margin, atol=1e-3)
+        assert np.allclose(out["prob_pneumonia"], calibrated(margin, temperature or 1.0), atol=1e-4)
+        assert out["prob_pneumonia"].min() < 0.4 and out["prob_pneumonia"].max() > 0.6

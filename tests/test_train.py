@@ -40,7 +40,8 @@ def trained(ray_session, tmp_path_factory):
                           image_size=128, batch_size=16, workers=2, lr=5e-4)
         summary = run_train(s, register=True, echo=lambda *a: None)
         report = run_evaluate(EvaluateSettings(checkpoint=os.path.relpath(summary["best_checkpoint"]),
-                                               folder="data/test", out="report", n_boot=300))
+                                               folder="data/test", out="report", n_boot=300,
+                                               deletion_images=16, deletion_steps=8))
     finally:
         os.chdir(cwd)
     return root, s, summary, report
@@ -75,7 +76,8 @@ def test_cam_peak_falls_on_the_planted_opacity(trained):
 def test_evaluate_writes_every_file_and_its_metrics_match_the_parquet(trained):
     root, _, _, report = trained
     out = root / "report"
-    for name in ("metrics.json", "report.md", "roc.png", "confusion.png", "training_curves.png", "errors_montage.png"):
+    for name in ("metrics.json", "report.md", "report.html", "roc.png", "confusion.png", "training_curves.png",
+                 "errors_montage.png", "reliability.png", "deletion.png"):
         assert (out / name).stat().st_size > 0, name
     from PIL import Image
 
@@ -144,3 +146,89 @@ def test_a_failure_in_the_workers_is_one_line(ray_session, tmp_path):
     errors = [line for line in r.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "Training failed in its workers: rank 0: InputError" in errors[0], r.output
     assert "could be read" in errors[0] and "Traceback" not in r.output
+
+
+def test_the_checkpoint_temperature_is_fitted_on_validation_and_applied_by_scoring(trained):
+    from scipy.special import expit
+
+    from cxr_batch.reports.metrics import ece
+
+    root, _, summary, report = trained
+    ck = load_checkpoint(summary["best_checkpoint"]).ckpt
+    best = json.loads((root / "run" / "history.json").read_text())[summary["best_epoch"] - 1]
+    assert ck["temperature"] == best["temperature"] == summary["temperature"] and ck["temperature"] != 1.0
+    assert ck["threshold"] == best["threshold"]  # chosen on the calibrated probabilities (see test_calibration)
+    rows = [r for r in pq.read_table(root / "report" / "predictions.parquet").to_pylist() if r["error"] is None]
+    logit = np.array([r["logit_pneumonia"] for r in rows])
+    assert np.allclose([r["prob_pneumonia"] for r in rows], expit(logit / ck["temperature"]), atol=1e-5)
+    assert {r["temperature"] for r in rows} == {np.float32(ck["temperature"])}
+    y = np.array([CLASSES.index(r["label"]) for r in rows])
+    cal = report["calibration"]
+    assert cal["ece_before"] == pytest.approx(ece(y, expit(logit)), abs=1e-6)
+    assert cal["ece_after"] == pytest.approx(ece(y, expit(logit / ck["temperature"])), abs=1e-6)
+    assert cal["ece_before_ci95"][0] <= cal["ece_before"] <= cal["ece_before_ci95"][1]
+    assert cal["source"] == "logit_pneumonia column"
+    assert ck["val_files"] == json.loads((root / "run" / "val_files.json").read_text())["files"]
+    assert len(ck["val_files"]) == 80 and all(f.startswith("val/") for f in ck["val_files"])  # relative to DATA
+
+
+def test_deletion_curves_start_at_the_scored_probability_and_the_cam_beats_random(trained):
+    root, _, _, report = trained
+    d = report["deletion"]
+    assert d["n_images"] == 16 and len(d["cam_curve"]) == 9 and d["grid"] == [8, 8]  # 128 px / stride 16
+    table = {r["path"]: r["prob_pneumonia"] for r in pq.read_table(root / "report" / "predictions.parquet").to_pylist()}
+    # step 0 is the scoring job's own number: the same model, preparation and precision
+    assert np.allclose(d["p_start"], [table[p] for p in d["paths"]], atol=1e-4)
+    assert all(p.startswith("PNEUMONIA/") for p in d["paths"])
+    assert d["auc_difference"] > 0, d  # a model that learned the lesion: its CAM finds the evidence sooner
+
+
+def test_evaluate_page_shows_the_folder_in_a_browser(trained, browser, tmp_path):
+    """report.html beside report.md: loads from disk with every image, its numbers are metrics.json's,
+    and a section appears when its data is in the folder (and the page still works without it)."""
+    import re
+    import shutil
+
+    from browser import open_page
+
+    from cxr_batch.reports.html.evaluate import write_evaluate_report
+
+    root, _, _, _ = trained
+    saved = json.loads((root / "report" / "metrics.json").read_text())
+    pg, check = open_page(browser, root / "report" / "report.html", tmp_path / "evaluate-report.png")
+    keep = os.environ.get("CXR_REPORT_SCREENSHOTS")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(tmp_path / "evaluate-report.png", os.path.join(keep, "evaluate-report.png"))
+    assert check.console == [] and check.requests_failed == [] and check.external == []
+    assert check.images and all(i["ok"] for i in check.images), check.images
+    for key in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        shown = pg.locator(f"tr[data-metric='{key}'] td.num").first.inner_text()
+        assert float(shown) == pytest.approx(saved["metrics"][key], abs=5e-4), key
+    cells = dict(pg.eval_on_selector_all("#confusion td[data-cell]", "cs => cs.map(c => [c.dataset.cell, c.querySelector('.metric-big').textContent])"))
+    assert {k: int(v.replace(",", "")) for k, v in cells.items()} == saved["metrics"]["confusion"]
+    assert pg.locator("#errors figure.tile").count() == min(12, sum(saved["metrics"]["confusion"][k] for k in ("fp", "fn")))
+    # this evaluation's own calibration and deletion results, with their plots
+    assert pg.locator("#localisation").count() == 1 and pg.locator("#calibration").count() == 1
+    assert pg.locator("#calibration img").count() == 1 and pg.locator("#localisation img").count() >= 1
+    ece_after = f"{saved['calibration']['ece_after']:.3f}"
+    assert f"ece after\t{ece_after}" in pg.locator("#calibration").inner_text()
+    pg.close()
+
+    # A later evaluate adds a reliability diagram and a calibration entry; an older one lacks predictions.
+    folder = tmp_path / "report"
+    shutil.copytree(root / "report", folder, ignore=shutil.ignore_patterns("predictions.parquet"))
+    from PIL import Image
+
+    Image.new("RGB", (320, 240), "white").save(folder / "reliability.png")  # only its name matters here
+    saved["calibration"] = {"temperature": 1.7, "ece_before": 0.081, "ece_before_ci95": [0.05, 0.11], "ece_after": 0.032,
+                            "ece_after_ci95": [0.02, 0.05], "reliability_after": {"ece": 0.032, "counts": list(range(15))}}
+    (folder / "metrics.json").write_text(json.dumps(saved))
+    pg, check = open_page(browser, write_evaluate_report(str(folder)), tmp_path / "changed.png")
+    assert check.console == [] and all(i["ok"] for i in check.images)
+    calibration = pg.locator("#calibration").inner_text()
+    assert "ece after\t0.032 (95% CI 0.02 – 0.05)" in calibration and "ci95" not in calibration
+    assert "reliability after › counts\t15 values" in calibration and pg.locator("#calibration img").count() == 1
+    assert pg.locator("#errors").count() == 0 and pg.locator("#distribution").count() == 0
+    assert re.search(r"Metrics", pg.locator("nav.toc").inner_text())
+    pg.close()

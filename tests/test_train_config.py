@@ -1,12 +1,14 @@
 """What the training driver and its workers share: settings checks, the lr schedule, the threshold
-rule and the one rule for the best epoch."""
+rule (on the calibrated scale) and the one rule for the best epoch."""
 
 import random
 
+import numpy as np
 import pytest
 
 from cxr_batch.errors import InputError
-from cxr_batch.jobs.train_config import TrainSettings, best_epoch, choose_threshold, lr_at
+from cxr_batch.jobs.train_config import TrainSettings, best_epoch, calibrated_threshold, choose_threshold, lr_at
+from cxr_batch.model.calibration import calibrated
 
 
 def row(epoch, auc, loss):
@@ -66,3 +68,17 @@ def test_threshold_rules():
 def test_bad_settings_are_input_errors(kwargs, match):
     with pytest.raises(InputError, match=match):
         TrainSettings(data="d", out="o", **kwargs)
+
+
+def test_the_threshold_is_that_of_the_calibrated_probabilities():
+    from test_calibration import _known_truth
+
+    margin, y = _known_truth(400, 5, overconfidence=3.0)
+    thr, rule = calibrated_threshold(y, margin, 3.0, None)
+    assert thr == pytest.approx(choose_threshold(y, calibrated(margin, 3.0), None)[0]) and "Youden" in rule
+    assert thr != pytest.approx(choose_threshold(y, calibrated(margin), None)[0], abs=1e-3)  # not the raw scale
+    raw_thr, _ = choose_threshold(y, margin, None)
+    assert np.array_equal(calibrated(margin, 3.0) >= thr, margin >= raw_thr)  # the same decisions
+    thr95, _ = calibrated_threshold(y, margin, 3.0, 0.95)
+    assert (calibrated(margin[y == 1], 3.0) >= thr95).mean() >= 0.95
+    assert calibrated_threshold(np.ones(5, int), np.ones(5), 2.0, None)[0] == 0.5

@@ -62,6 +62,11 @@ def test_killed_driver_resumes_from_last_checkpoint(ray_session, tiny, tmp_path)
     history = _history(out)
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     assert history[0] == first[0]  # epoch 1 was not trained again: its record is the killed run's
+    # val/ has 24 images (< 50): validation is taken from train/ by patient, recorded, and summarised
+    assert "patients from train/" in again.stdout and "grouped 48 images into 48 patients" in again.stdout
+    record = json.loads((out / "val_files.json").read_text())
+    assert load_checkpoint(str(out / "best.ckpt")).ckpt["val_files"] == record["files"]
+    assert len(record["files"]) == history[-1]["val_n"] and all(f.startswith("train/") for f in record["files"])
     assert load_checkpoint(str(out / "last.ckpt")).ckpt["epoch"] == EPOCHS
 
 

@@ -27,6 +27,8 @@ SCHEMA = pa.schema([
     ("pred", pa.string()),  # class name; null when the file could not be scored
     ("prob_pneumonia", pa.float32()),
     ("threshold", pa.float32()),  # pred is PNEUMONIA when prob_pneumonia >= threshold
+    ("logit_pneumonia", pa.float32()),  # log-odds logit_PNEUMONIA - logit_NORMAL, before the temperature
+    ("temperature", pa.float32()),  # prob_pneumonia = sigmoid(logit_pneumonia / temperature); 1 = uncalibrated
     ("cam_path", pa.string()),
     ("cam_peak_x", pa.float32()),  # CAM maximum as a fraction of the width (0 = left edge)
     ("cam_peak_y", pa.float32()),  # ... and of the height (0 = top)
@@ -114,7 +116,8 @@ def read_table(out: str) -> pa.Table:
         fs, path = storage.resolve(part)
         with fs.open_input_file(path) as f:
             tables.append(pq.read_table(f))
-    return pa.concat_tables(tables)
+    # Parts written before a column was added lack it: those rows read as null there.
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def safe_relpath(rel: str) -> str:
@@ -132,6 +135,14 @@ def safe_relpath(rel: str) -> str:
         # Most filesystems cap a name at 255 bytes, not characters; leave room for cam_uri's suffixes.
         parts.append(p.encode("utf-8", "replace")[:200].decode("utf-8", "ignore"))
     return posixpath.join(*parts) if parts else "_"
+
+
+def default_cam_dir(out: str) -> str:
+    """Where the CAMs of the output ``out`` go unless told: ``<out without .parquet>-cams`` beside it
+    (one rule for the scoring job and the report that looks them up)."""
+    base = out.rstrip("/")
+    stem = base[: -len(".parquet")] if base.endswith(".parquet") else base
+    return stem + "-cams"
 
 
 def cam_uri(cam_dir: str, rel: str) -> str:

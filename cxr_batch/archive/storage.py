@@ -4,7 +4,8 @@ S3-compatible servers (MinIO, Ceph, a test server on loopback) are reached by se
 ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), as for the AWS CLI; credentials come from the
 usual ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` variables or the instance profile.
 
-Every input file of an archive is read by ``read_file(root, rel)``, whichever job reads it.
+Every input file of an archive is read by ``read_file(root, rel)``, whichever job reads it (or, for a
+header alone, opened by ``open_file``).
 """
 
 from __future__ import annotations
@@ -75,12 +76,8 @@ def read_file(root: str, rel: str) -> bytes:
     """The bytes of archive file ``rel`` (a path as ``discover`` returns it) under ``root``: the one
     way scoring, training and the benchmark read an input. A failure is a ``DecodeError`` whose
     one-line message goes into that file's row (or the list of skipped training images)."""
-    fs, base = resolve(root)
     try:
-        if isinstance(fs, pafs.LocalFileSystem):  # Python's open takes the non-UTF-8 names that pyarrow refuses
-            with open(local_path(base, rel), "rb") as f:
-                return f.read()
-        with fs.open_input_stream(f"{base}/{rel}") as f:
+        with open_file(root, rel) as f:
             return f.read()
     except PermissionError:
         raise DecodeError("unreadable file: permission denied") from None
@@ -88,6 +85,16 @@ def read_file(root: str, rel: str) -> bytes:
         raise DecodeError("file vanished after it was listed") from None
     except OSError as e:
         raise DecodeError(f"unreadable file: {one_line(e, 160)}") from None
+
+
+def open_file(root: str, rel: str, *, random_access: bool = False):
+    """Archive file ``rel`` under ``root``, opened for reading (``read_file`` reads it whole;
+    ``random_access`` for a header read that seeks past what it does not need). Errors are OSErrors."""
+    fs, base = resolve(root)
+    if isinstance(fs, pafs.LocalFileSystem):  # Python's open takes the non-UTF-8 names that pyarrow refuses
+        return open(local_path(base, rel), "rb")
+    path = f"{base}/{rel}"
+    return fs.open_input_file(path) if random_access else fs.open_input_stream(path)
 
 
 def text_name(name: str) -> str:

@@ -31,7 +31,7 @@ class XrayFiles:
 
 def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str, out: Path, *,
                      batch_size: int, device: str = "cpu", cam_stride: int = 32, threshold: float = 0.5,
-                     num_workers: int = 2) -> None:
+                     temperature: float = 1.0, num_workers: int = 2) -> None:
     """The yardstick. Written plainly on purpose: no tuning a tutorial would not have."""
     import matplotlib
     import pandas as pd
@@ -62,7 +62,7 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
     rows = []
     with torch.no_grad():
         for images, names in loader:
-            probs = torch.softmax(net(images.to(device)), dim=1)[:, POSITIVE].cpu()
+            probs = torch.softmax(net(images.to(device)) / temperature, dim=1)[:, POSITIVE].cpu()
             cams = torch.einsum("bchw,c->bhw", features["layer4"], net.fc.weight[POSITIVE])
             cams = torch.nn.functional.interpolate(cams[:, None], size=images.shape[-2:], mode="bilinear")[:, 0].cpu()
             for image, name, prob, cam in zip(images, names, probs, cams):

@@ -115,7 +115,8 @@ def _measure_baseline(s, work: Path, archive: str, paths: list, model: str, devi
     state = load(scored).state_dict()
     base_paths = paths[: s.baseline_images] if s.baseline_images else paths
     r = _timed(baseline_pytorch, archive, base_paths, state, scored.arch, work / "baseline.parquet",
-               batch_size=s.batch_size, device=device, cam_stride=scored.cam_stride, threshold=scored.threshold)
+               batch_size=s.batch_size, device=device, cam_stride=scored.cam_stride, threshold=scored.threshold,
+               temperature=scored.temperature)
     result["baseline"] = _rate(r, len(base_paths))
     log(f"(a) plain PyTorch fp32: {result['baseline']['images_per_s']:.2f} images/s")
     del state

@@ -1,7 +1,7 @@
 """The command line: each command turns its options into a settings object and calls the library.
 
 One module per command group (score.py, train.py with evaluate, examples.py with synth and demo,
-benchmark.py); shared options in options.py; what gets printed in console.py and summaries.py.
+report.py, benchmark.py); shared options in options.py; what gets printed in console.py and summaries.py.
 The scripts in jobs/ at the repository root call ``main`` with their command's name.
 """
 
@@ -12,6 +12,7 @@ import click
 from ..errors import EXIT_ERROR, EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
 from .benchmark import benchmark
 from .examples import demo, synth
+from .report import report
 from .score import score
 from .train import evaluate, train
 
@@ -35,5 +36,5 @@ def main():
     """
 
 
-for _command in (score, train, evaluate, demo, synth, benchmark):
+for _command in (score, report, train, evaluate, demo, synth, benchmark):
     main.add_command(_command)

@@ -40,12 +40,13 @@ from .summaries import format_summary
                    " a CPU machine of more than 8 CPUs), ray when joining a cluster (--address, RAY_ADDRESS).")
 @click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
               help="Rows per published Parquet part: small values make tests see parts early.")
+@click.option("--report", "report_", is_flag=True, help="Also write an HTML report beside the output (see `cxr-batch report`).")
 @cluster_options
 @output_options
 @friendly
 def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
-          compile_, max_pixels, overwrite, limit, stall_timeout, engine, rows_per_part, address, wait_for_gpus,
-          wait_timeout, as_json, verbose):
+          compile_, max_pixels, overwrite, limit, stall_timeout, engine, rows_per_part, report_, address,
+          wait_for_gpus, wait_timeout, as_json, verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
@@ -72,6 +73,10 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
                   echo=console.note)
     summary = run_score(s, progress=console.score_progress(), echo=console.note, ray_context=ray)
     console.summary(format_summary(summary), asdict(summary))
+    if report_:
+        from ..reports.html.score import ReportSettings, write_score_report
+
+        console.note(f"  report        {write_score_report(ReportSettings(results=summary.out)).path}")
 
 
 def _engine(engine: str, address: str | None, wait_for_gpus: int) -> str:

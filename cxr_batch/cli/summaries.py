@@ -30,12 +30,20 @@ def _engine_line(plan: dict) -> str:
             + (f" + {plan['gpus_per_actor']:g} GPU" if plan.get("gpus_per_actor") else ""))
 
 
+def _calibration_line(t: dict) -> str:
+    line = f"temperature {t.get('temperature', 1.0):.3f} ({t.get('temperature_note', 'not fitted')})"
+    if t.get("val_ece_before") is not None:
+        line += f"; val ECE {t['val_ece_before']:.3f} -> {t['val_ece_after']:.3f} (10 bins); threshold on calibrated P"
+    return line
+
+
 def format_train_summary(t: dict) -> str:
     auc = "n/a" if t["val_auc"] is None else f"{t['val_auc']:.3f}"
     lines = ["", f"cxr-batch train: {t['epochs']} epochs in {t['seconds']:.0f} s"
              f" ({t['images_per_s_per_worker']:.1f} images/s per worker)",
              f"  best epoch    {t['best_epoch']}: val AUC {auc}, val accuracy {t['val_acc']:.3f}, threshold {t['threshold']:.3f}",
-             f"  validation    {t['validation']}",
+             f"  validation    {t['validation']} (files: {t.get('val_files', 'n/a')})",
+             f"  calibration   {_calibration_line(t)}",
              f"  checkpoint    {t['best_checkpoint']}"]
     if t.get("registered_as_default"):
         lines.append("  registered    as the default model of `cxr-batch score` (--no-register to skip)")
@@ -54,5 +62,21 @@ def format_eval_summary(m: dict, out: str) -> str:
     pt = (m.get("pointing") or {}).get("true_positives")
     if pt:
         lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion")
-    lines.append(f"  report        {out}/report.md (metrics.json, roc.png, confusion.png, training_curves.png, errors_montage.png)")
+    lines += _eval_calibration_lines(m)
+    lines.append(f"  report        {out}/report.html (open it in a browser; also report.md, metrics.json and the PNG plots)")
     return "\n".join(lines)
+
+
+def _eval_calibration_lines(m: dict) -> list[str]:
+    lines = []
+    c = m.get("calibration")
+    if c:
+        lines.append(f"  calibration   ECE (10 bins) {c['ece_before']:.3f} [{c['ece_before_ci95'][0]:.3f}, {c['ece_before_ci95'][1]:.3f}]"
+                     f" at T=1 -> {c['ece_after']:.3f} [{c['ece_after_ci95'][0]:.3f}, {c['ece_after_ci95'][1]:.3f}]"
+                     f" at T={c['temperature']:.2f}")
+    d = m.get("deletion")
+    if d and d.get("n_images"):
+        lines.append(f"  CAM deletion  area {d['auc_cam']:.3f} (CAM order) vs {d['auc_random']:.3f} (random), gap"
+                     f" {d['auc_difference']:.3f} [{d['auc_difference_ci95'][0]:.3f}, {d['auc_difference_ci95'][1]:.3f}]"
+                     f" on {d['n_images']} PNEUMONIA images")
+    return lines

@@ -32,7 +32,7 @@ from .summaries import format_eval_summary, format_train_summary
 @click.option("--target-sensitivity", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Choose the threshold reaching this sensitivity on val (default: Youden's J).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
-              help="Stratified share of train/ used for validation when val/ is missing or tiny.")
+              help="Share of train/ used for validation when val/ is missing or tiny: whole patients, stratified by class.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--register/--no-register", default=None,
               help="Make best.ckpt the default model of `cxr-batch score` on this machine when the run finishes."
@@ -72,22 +72,30 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
 @click.command()
 @click.argument("checkpoint")
 @click.argument("folder")
-@click.option("--out", "-o", required=True, help="Report folder: metrics.json, report.md, PNG plots, predictions.")
+@click.option("--out", "-o", required=True, help="Report folder: report.html, report.md, metrics.json, PNG plots, predictions.")
 @click.option("--truth", default=None, help="truth.csv of lesion positions (default: looked up in FOLDER and its parents).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=1000, show_default=True, help="Resamples for the 95% CIs.")
+@click.option("--deletion-images", type=click.IntRange(min=0), default=32, show_default=True,
+              help="PNEUMONIA images (a seeded sample) for the CAM deletion curves; 0 = skip them.")
+@click.option("--deletion-steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Steps from nothing to everything greyed out (2 x steps + 1 forward passes per image).")
 @cluster_options
 @output_options
 @friendly
-def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, address, wait_for_gpus, wait_timeout, as_json, verbose):
-    """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots.
+def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, address, wait_for_gpus,
+             wait_timeout, as_json, verbose):
+    """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots: accuracy, AUC and
+    the rest with CIs, calibration (ECE before/after temperature scaling, reliability diagram), CAM
+    deletion curves against random ones, and CAM pointing when a truth.csv is found.
 
     Example: cxr-batch evaluate runs/r101/best.ckpt /data/chest_xray/test --out runs/r101/test-report
     """
     from ..jobs.evaluate import EvaluateSettings, run_evaluate
     from ..jobs.ray_env import ray_for_job
 
-    s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot)
+    s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot,
+                         deletion_images=deletion_images, deletion_steps=deletion_steps)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,

@@ -1,9 +1,13 @@
 """``cxr-batch evaluate``: score a labelled folder through the scoring job, then measure.
 
 Writes to the report folder: predictions.parquet/ (the scoring table), cams/, metrics.json
-(each metric with a bootstrap 95% CI, the confusion matrix, the threshold used and, when the
-archive has a truth.csv of lesion positions, the CAM pointing rate), roc.png, confusion.png,
-training_curves.png, errors_montage.png and report.md tying them together.
+(each metric with a bootstrap 95% CI, the confusion matrix, the threshold used, calibration: ECE
+before and after temperature scaling with CIs (reports.metrics), deletion curves of the CAM
+(reports.faithfulness, run by jobs.deletion) and, when the archive has a truth.csv of lesion
+positions, the CAM pointing rate), roc.png, confusion.png, reliability.png, deletion.png,
+training_curves.png, errors_montage.png, report.md tying them together (reports.markdown), and
+report.html: the same in one page a browser opens from disk, with the most confident errors' CAMs
+(reports/html/evaluate.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ class EvaluateSettings:
     n_boot: int = 1000  # bootstrap resamples for the 95% CIs
     pointing_tolerance: float = 1.5  # a CAM peak within this many lesion radii of the centre is a hit
     montage_size: int = 8  # most confident errors shown
+    # Deletion curves cost (2 x steps + 1) forward passes per image: a bounded, seeded sample of the
+    # PNEUMONIA images. 32 x 21 = 672 passes: ~75 s for ResNet-101 in fp32 on 2 quiet CPUs (9.3
+    # images/s bare forward, docs/benchmark.md); the tests' ResNet-18 at 128 px: 16 x 17 in 13 s. 0 = skip.
+    deletion_images: int = 32
+    deletion_steps: int = 10
 
 
 def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
@@ -44,8 +53,9 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
 
     ck = load_checkpoint(s.checkpoint)
     pred_out = storage.join(s.out, "predictions.parquet")
-    summary = run_score(ScoreSettings(archive=s.folder, out=pred_out, model=s.checkpoint, batch_size=s.batch_size,
-                                      cam_dir=storage.join(s.out, "cams")), progress=progress, echo=echo)
+    score_settings = ScoreSettings(archive=s.folder, out=pred_out, model=s.checkpoint, batch_size=s.batch_size,
+                                   cam_dir=storage.join(s.out, "cams"))
+    summary = run_score(score_settings, progress=progress, echo=echo)
     rows = read_table(pred_out).to_pylist()
     scored = [r for r in rows if r["error"] is None and r["label"] is not None]
     if not scored or len({r["label"] for r in scored}) < 1:
@@ -65,6 +75,8 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     truth = _load_truth(s.folder, s.truth)
     if truth:
         metrics["pointing"] = _pointing(scored, truth, s.pointing_tolerance)
+    metrics["calibration"] = _calibration(scored, y, float(summary.model.get("temperature", 1.0)), s.n_boot)
+    metrics["deletion"] = _deletion(scored, score_settings, summary.model, s)
     history = ck.ckpt.get("history", [])
     with tempfile.TemporaryDirectory() as tmp:
         _plots(tmp, y, p, threshold, metrics, history, scored, s.montage_size)
@@ -75,13 +87,45 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
         for name in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, name), "rb") as f:
                 storage.write_bytes_atomic(storage.join(s.out, name), f.read())
+    from ..reports.html.evaluate import write_evaluate_report
+
+    write_evaluate_report(s.out)  # built from the folder just written: it shows whatever is there
     return metrics
 
 
+def _calibration(scored, y, temperature: float, n_boot: int) -> dict:
+    """ECE before (T = 1) and after (the checkpoint's T), from the table's raw logit column; tables
+    written before that column existed give it back from the probability (prob = sigmoid(logit / T))."""
+    from ..model.calibration import margin_from_prob
+    from ..reports.metrics import calibration_report
+
+    logits = [r.get("logit_pneumonia") for r in scored]
+    if all(v is not None and np.isfinite(v) for v in logits):
+        margin, source = np.asarray(logits, np.float64), "logit_pneumonia column"
+    else:
+        margin = margin_from_prob([r["prob_pneumonia"] for r in scored], temperature)
+        source = "recovered from prob_pneumonia and the temperature"
+    return {**calibration_report(y, margin, temperature, n_boot=n_boot, seed=0), "source": source}
+
+
+def _deletion(scored, score_settings, model: dict, s: EvaluateSettings) -> dict | None:
+    from .deletion import run_deletion
+
+    if s.deletion_images < 1:
+        return None
+    return run_deletion(scored, score_settings, model, n_images=s.deletion_images, steps=s.deletion_steps,
+                        n_boot=s.n_boot)
+
+
 def _plots(tmp, y, p, threshold, metrics, history, scored, montage_size):
-    from ..reports.plots import plot_confusion, plot_montage, plot_roc, plot_training_curves
+    from ..reports.plots import plot_confusion, plot_deletion, plot_montage, plot_reliability, plot_roc, plot_training_curves
 
     plot_roc(y, p, threshold, os.path.join(tmp, "roc.png"), title=f"ROC ({metrics['n_scored']} images)")
+    cal = metrics["calibration"]
+    plot_reliability(cal["reliability_before"], cal["reliability_after"], os.path.join(tmp, "reliability.png"),
+                     temperature=cal["temperature"])
+    if metrics.get("deletion"):
+        plot_deletion(metrics["deletion"], os.path.join(tmp, "deletion.png"))
     plot_confusion(metrics["metrics"]["confusion"], os.path.join(tmp, "confusion.png"))
     plot_training_curves(history, os.path.join(tmp, "training_curves.png"))
     errors = [r for r in scored if (r["prob_pneumonia"] >= threshold) != (r["label"] == CLASSES[POSITIVE])]

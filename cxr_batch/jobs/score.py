@@ -22,7 +22,7 @@ import pyarrow as pa
 from .. import CLASSES
 from ..archive import storage
 from ..archive.discover import discover
-from ..archive.results import PartWriter, done_paths
+from ..archive.results import PartWriter, default_cam_dir, done_paths
 from ..errors import InputError
 from ..model.registry import ModelInfo, describe
 from ..pixels.decode import DEFAULT_MAX_PIXELS
@@ -66,11 +66,7 @@ class ScoreSettings:
             raise InputError("--batch-size and --actors must be at least 1.")
 
     def resolved_cam_dir(self) -> str:
-        if self.cam_dir:
-            return self.cam_dir
-        base = self.out.rstrip("/")
-        stem = base[: -len(".parquet")] if base.endswith(".parquet") else base
-        return stem + "-cams"
+        return self.cam_dir or default_cam_dir(self.out)
 
 
 @dataclass(frozen=True)

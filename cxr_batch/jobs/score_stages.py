@@ -95,7 +95,8 @@ def prepare_model(model, device, *, channels_last: bool, compile: bool):
 
 
 class Scorer:
-    """Loads the model once per actor; ``__call__`` adds ``prob_pneumonia`` and ``cam`` to a batch."""
+    """Loads the model once per actor; ``__call__`` adds ``prob_pneumonia`` (softmax(logits / T), T the
+    model's temperature), ``logit_pneumonia`` (the raw margin) and ``cam`` to a batch."""
 
     def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool):
         import torch
@@ -110,6 +111,7 @@ class Scorer:
         self.autocast = precision == "bf16"
         self.channels_last = channels_last
         model = load(ModelInfo(**info)).to(self.device)
+        self.temperature = float(info.get("temperature", 1.0))
         self.weight = fc_weight(model).float()
         self.model = prepare_model(model, self.device, channels_last=channels_last, compile=compile)
         self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
@@ -121,7 +123,7 @@ class Scorer:
         torch = self.torch
         ok = np.array([e is None for e in _strings(batch["error"])], dtype=bool)
         n = len(ok)
-        prob = np.full(n, np.nan, np.float32)
+        prob, margin = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
         cams = None
         if ok.any():
             pixels = np.ascontiguousarray(batch["pixels"][ok])
@@ -132,12 +134,13 @@ class Scorer:
             x = normalize(torch.from_numpy(pixels).to(self.device, non_blocking=True), channels_last=self.channels_last)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits, features = self.model(x)
-            logits, features = logits[:m], features[:m]
-            prob[ok] = torch.softmax(logits.float(), dim=1)[:, POSITIVE].cpu().numpy()
+            logits, features = logits[:m].float(), features[:m]
+            prob[ok] = torch.softmax(logits / self.temperature, dim=1)[:, POSITIVE].cpu().numpy()
+            margin[ok] = (logits[:, POSITIVE] - logits[:, 1 - POSITIVE]).cpu().numpy()
             good_cams = class_activation_maps(features.float(), self.weight, POSITIVE).cpu().numpy()
             cams = np.zeros((n,) + good_cams.shape[1:], np.float32)
             cams[ok] = good_cams
-        batch["prob_pneumonia"] = prob
+        batch["prob_pneumonia"], batch["logit_pneumonia"] = prob, margin
         batch["cam"] = cams if cams is not None else np.zeros((n, 1, 1), np.float32)
         # Text columns come in as float NaN where a whole block was None: hand them on as None, or the
         # next stage cannot concatenate this block with one holding strings ("string vs float").
@@ -175,6 +178,8 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
     out = {k: batch[k] for k in ("width", "height", "bytes")}
     out.update({k: np.asarray(_strings(batch[k]), dtype=object) for k in TEXT_COLUMNS if k in batch})
     out.update(error=np.asarray(error, dtype=object), pred=np.asarray(pred, dtype=object), prob_pneumonia=prob,
+               logit_pneumonia=batch.get("logit_pneumonia", np.full(n, np.nan, np.float32)),
+               temperature=np.full(n, info.get("temperature", 1.0), np.float32),
                cam_path=np.asarray(cam_path, dtype=object), cam_peak_x=peak_x, cam_peak_y=peak_y,
                threshold=np.full(n, info["threshold"], np.float32),
                model=np.asarray([info["model_id"]] * n, dtype=object))

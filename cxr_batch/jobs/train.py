@@ -50,6 +50,7 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
     _check_shared_storage(s)
     storage.makedirs(s.out)
     storage.write_bytes_atomic(storage.join(s.out, "settings.json"), json.dumps(asdict(s), indent=2).encode())
+    storage.write_bytes_atomic(storage.join(s.out, "val_files.json"), json.dumps(split.record(), indent=1).encode())
     counts = np.bincount([y for _, y in split.train], minlength=2)
     echo(f"train: {len(split.train)} images (NORMAL {counts[0]}, PNEUMONIA {counts[1]}); validation: {split.val_note}")
     echo(f"model: {s.arch}, weights {s.weights}; {s.epochs} epochs ({s.n_warmup} warm-up), {s.workers} "
@@ -60,16 +61,24 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
         raise TrainingError(f"Training ended without finishing an epoch; nothing was written to {s.out}. See the"
                             " workers' notes above (unreadable images?).")
     history = json.loads(storage.read_bytes(storage.join(s.out, "history.json")))
-    best = best_epoch(history)  # the rule the workers used for best.ckpt
-    summary = {"out": s.out, "best_checkpoint": storage.join(s.out, "best.ckpt"), "best_epoch": best["epoch"],
-               "epochs": len(history), "val_auc": best["val_auc"], "val_acc": best["val_acc"],
-               "threshold": best["threshold"], "seconds": time.perf_counter() - t0, "validation": split.val_note,
-               "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history]))}
+    summary = _summary(s, history, split.val_note, time.perf_counter() - t0)
     if register and len(history) == s.epochs:
         from ..model.registry import register_default
 
         summary["registered_as_default"] = str(register_default(summary["best_checkpoint"]))
     return summary
+
+
+def _summary(s: TrainSettings, history: list, validation: str, seconds: float) -> dict:
+    best = best_epoch(history)  # the rule the workers used for best.ckpt
+    return {"out": s.out, "best_checkpoint": storage.join(s.out, "best.ckpt"), "best_epoch": best["epoch"],
+            "epochs": len(history), "val_auc": best["val_auc"], "val_acc": best["val_acc"],
+            "threshold": best["threshold"], "seconds": seconds, "validation": validation,
+            "val_files": storage.join(s.out, "val_files.json"),
+            # rows of runs begun before calibration existed lack these: T = 1 there
+            "temperature": best.get("temperature", 1.0), "temperature_note": best.get("temperature_note", "not fitted"),
+            "val_ece_before": best.get("val_ece_before"), "val_ece_after": best.get("val_ece_after"),
+            "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history]))}
 
 
 def _fit(s: TrainSettings, split: Split, counts, use_gpu: bool, on_epoch) -> None:
@@ -86,7 +95,8 @@ def _fit(s: TrainSettings, split: Split, counts, use_gpu: bool, on_epoch) -> Non
     ray_path, ray_fs = _ray_storage(s.out)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"settings": asdict(s), "train": split.train, "val": split.val, "class_counts": counts.tolist()},
+        train_loop_config={"settings": asdict(s), "train": split.train, "val": split.val, "class_counts": counts.tolist(),
+                           "validation": {"files": [rel for rel, _ in split.val], "grouping": split.val_note}},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=use_gpu, placement_strategy=s.placement,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=RunConfig(

@@ -1,5 +1,6 @@
 """What the training driver (train.py) and its workers (train_worker.py) share: the settings, the
-learning-rate schedule, how the decision threshold is chosen, and which epoch is "best".
+learning-rate schedule, how the decision threshold is chosen (on the validation margins, mapped
+onto the calibrated probabilities), and which epoch is "best".
 
 One rule for the best epoch (``best_epoch``): the worker uses it to decide when to write
 ``best.ckpt``, the driver to report that epoch, so the two can never name different epochs.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from ..model.calibration import calibrated
 from ..model.network import check_arch
 from ..pixels.decode import DEFAULT_MAX_PIXELS
 
@@ -39,7 +41,7 @@ class TrainSettings:
     # Ray placement group strategy for the workers: PACK fills one node first (fast all-reduce);
     # SPREAD prefers one worker per node, STRICT_SPREAD refuses to start without it.
     placement: str = "PACK"
-    val_fraction: float = 0.1  # of train/, stratified, when val/ is missing or tiny
+    val_fraction: float = 0.1  # of train/, by patient, stratified, when val/ is missing or tiny (jobs/patients.py)
     target_sensitivity: float | None = None  # None: threshold by Youden's J on val
     seed: int = 0
     max_failures: int = 1  # worker-group restarts (from the last checkpoint) before giving up
@@ -87,6 +89,16 @@ def choose_threshold(y, p, target_sensitivity: float | None) -> tuple[float, str
     if target_sensitivity is not None:
         return float(threshold_for_sensitivity(y, p, target_sensitivity)), f"sensitivity >= {target_sensitivity:g} on val"
     return float(youden_threshold(y, p)), "Youden's J on val"
+
+
+def calibrated_threshold(y, margin, temperature: float, target_sensitivity: float | None) -> tuple[float, str]:
+    """The decision threshold on the calibrated P = sigmoid(margin / T): chosen on the margins (the
+    rule needs only an order) and mapped through that same monotone transform, so the decisions
+    are the raw margins' decisions whatever T is."""
+    threshold, rule = choose_threshold(y, margin, target_sensitivity)
+    if len(set(np.asarray(y).tolist())) == 2:  # else the default 0.5, already a probability
+        threshold = float(calibrated(threshold, temperature))
+    return threshold, rule
 
 
 def best_epoch(history: list[dict]) -> dict:

@@ -21,12 +21,13 @@ from torch import nn
 from .. import POSITIVE
 from ..archive import storage
 from ..errors import InputError
+from ..model.calibration import calibrated, fit_temperature
 from ..model.checkpoint import make_checkpoint, save_checkpoint
 from ..model.network import build_model
 from ..model.weights import load_state_file
 from ..pixels.transforms import normalize
-from ..reports.metrics import roc_auc
-from .train_config import TrainSettings, best_epoch, choose_threshold, lr_at
+from ..reports.metrics import ece, roc_auc
+from .train_config import TrainSettings, best_epoch, calibrated_threshold, lr_at
 from .trainset import augment, load_pixels, shard
 
 
@@ -66,7 +67,7 @@ def train_loop(config: dict) -> None:
         row = _epoch_row(epoch, phase, lr, tr, va, train_seconds, len(train_y))
         history = history + [row]
         if rank == 0:
-            _save(model, opt, s, row, history, phase)
+            _save(model, opt, s, row, history, phase, config.get("validation"))
         _report(row, notes, rank)
         notes = []  # said once per start of the worker group
         if s.stop_after_epoch is not None and epoch >= s.stop_after_epoch:
@@ -162,41 +163,53 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, phase):
 
 @torch.no_grad()
 def _evaluate(model, x, y, s, device, loss_fn):
-    """Val metrics over ALL ranks' shards: gather every probability, then compute once."""
+    """Val metrics over ALL ranks' shards: gather every logit margin, then compute once.
+
+    The temperature is fitted here, every epoch, on these gathered margins, and the threshold is
+    that of the calibrated probabilities: best.ckpt then carries its own epoch's pair."""
     on_gpu = device.type == "cuda"
     model.eval()
-    probs, losses = [], 0.0
+    margins, losses = [], 0.0
     for i in range(0, len(y), s.batch_size):
         xb = normalize(torch.from_numpy(x[i:i + s.batch_size]).to(device), channels_last=on_gpu)
         yb = torch.from_numpy(y[i:i + s.batch_size]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits, _ = model(xb)
         losses += float(loss_fn(logits.float(), yb)) * len(yb)
-        probs.append(torch.softmax(logits.float(), 1)[:, POSITIVE].cpu().numpy())
-    p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
-    gathered = _all_gather((p.tolist(), y.tolist(), losses))
-    p_all = np.concatenate([np.asarray(g[0]) for g in gathered])
+        logits = logits.float()
+        margins.append((logits[:, POSITIVE] - logits[:, 1 - POSITIVE]).cpu().numpy())
+    m = np.concatenate(margins) if margins else np.zeros(0, np.float32)
+    gathered = _all_gather((m.tolist(), y.tolist(), losses))
+    m_all = np.concatenate([np.asarray(g[0], np.float64) for g in gathered])
     y_all = np.concatenate([np.asarray(g[1], np.int64) for g in gathered])
     loss = sum(g[2] for g in gathered) / max(1, len(y_all))
-    threshold, rule = choose_threshold(y_all, p_all, s.target_sensitivity)
+    fit = fit_temperature(m_all, y_all)
+    p_all = calibrated(m_all, fit["temperature"])
+    threshold, rule = calibrated_threshold(y_all, m_all, fit["temperature"], s.target_sensitivity)
     auc = roc_auc(y_all, p_all) if len(set(y_all.tolist())) == 2 else float("nan")
+    eces = [ece(y_all, calibrated(m_all, t)) if len(y_all) else None for t in (1.0, fit["temperature"])]
     return {"loss": loss, "acc": float(((p_all >= threshold) == y_all).mean()) if len(y_all) else float("nan"),
             "acc_at_0.5": float(((p_all >= 0.5) == y_all).mean()) if len(y_all) else float("nan"),
             "auc": None if np.isnan(auc) else float(auc), "threshold": threshold, "threshold_rule": rule,
-            "n": int(len(y_all))}
+            "n": int(len(y_all)), "temperature": fit["temperature"], "temperature_note": fit["note"],
+            "ece_before": eces[0], "ece_after": eces[1]}
 
 
 def _epoch_row(epoch, phase, lr, tr, va, seconds, n_local):
     return {"epoch": epoch, "phase": phase, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
             "val_loss": va["loss"], "val_acc": va["acc"], "val_acc_at_0.5": va["acc_at_0.5"], "val_auc": va["auc"],
             "threshold": va["threshold"], "threshold_rule": va["threshold_rule"], "val_n": va["n"],
+            "temperature": va["temperature"], "temperature_note": va["temperature_note"],
+            "val_ece_before": va["ece_before"], "val_ece_after": va["ece_after"],
             "epoch_seconds": seconds, "images_per_s_per_worker": n_local / seconds if seconds > 0 else 0.0}
 
 
-def _save(model, opt, s, row, history, phase):
-    """last.ckpt every epoch; best.ckpt when this epoch is the best so far (train_config.best_epoch)."""
+def _save(model, opt, s, row, history, phase, validation):
+    """last.ckpt every epoch; best.ckpt when this epoch is the best so far (train_config.best_epoch).
+    ``validation``: which files validated (and how they were grouped), kept in the checkpoint."""
     ck = make_checkpoint(model, arch=s.arch, image_size=s.image_size, threshold=row["threshold"], settings=asdict(s),
-                         cam_stride=s.cam_stride, epoch=row["epoch"], metrics=row, history=history,
+                         cam_stride=s.cam_stride, temperature=row["temperature"], validation=validation,
+                         epoch=row["epoch"], metrics=row, history=history,
                          optimizer={"phase": phase, "state": opt.state_dict()})
     if best_epoch(history)["epoch"] == row["epoch"]:
         save_checkpoint({**ck, "optimizer": None}, storage.join(s.out, "best.ckpt"))  # scoring needs no optimizer state

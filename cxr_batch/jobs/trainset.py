@@ -20,6 +20,7 @@ from ..pixels.decode import decode_image
 from ..archive.discover import discover, label_from_path
 from ..errors import DecodeError, InputError
 from ..pixels.transforms import to_model_pixels
+from .patients import split_by_patient
 
 MIN_VAL_IMAGES = 50  # below this (the public set's val/ has 16) AUC and a threshold are noise
 MIN_VAL_PER_CLASS = 10
@@ -30,6 +31,16 @@ class Split:
     train: list  # [(path relative to the data folder, label index)]
     val: list
     val_note: str  # how val was chosen, for the summary
+    val_groups: tuple = ()  # patient key of each val item when val was split off by patient
+    grouping: str = ""  # "grouped N images into M patients (...)"; "" when val/ was used as given
+
+    def record(self) -> dict:
+        """What the run keeps of it (val_files.json, the checkpoint; paths relative to the data
+        folder): no patient ID in clear."""
+        groups = list(self.val_groups) or [None] * len(self.val)
+        return {"validation": self.val_note, "grouping": self.grouping or "val/ as given",
+                "files": [rel for rel, _ in self.val],
+                "val": [{"file": rel, "label": CLASSES[y], "patient": g} for (rel, y), g in zip(self.val, groups)]}
 
 
 def labelled_files(data: str, split: str) -> list[tuple[str, int]]:
@@ -58,17 +69,12 @@ def make_split(data: str, *, val_fraction: float, seed: int) -> Split:
     vcounts = np.bincount([y for _, y in val], minlength=2)
     if len(val) >= MIN_VAL_IMAGES and vcounts.min() >= MIN_VAL_PER_CLASS:
         return Split(train, val, f"val/ ({len(val)} images)")
-    rng = random.Random(seed)
-    new_train, new_val = [], []
-    for cls in range(len(CLASSES)):
-        items = [t for t in train if t[1] == cls]
-        rng.shuffle(items)
-        k = max(1, round(len(items) * val_fraction))
-        new_val += items[:k]
-        new_train += items[k:]
+    # Never by image: the public set has several images per patient (see jobs/patients.py).
+    ps = split_by_patient(data, train, val_fraction, seed)
     why = "missing" if not val else f"has only {len(val)} images"
-    return Split(sorted(new_train), sorted(new_val),
-                 f"a stratified {val_fraction:.0%} of train/ ({len(new_val)} images), because val/ {why}")
+    return Split(ps.train, ps.val,
+                 f"{len(ps.val)} images of {ps.n_val_patients} patients from train/ (about {val_fraction:.0%}, whole"
+                 f" patients, stratified by class), because val/ {why}; {ps.grouping}", tuple(ps.val_groups), ps.grouping)
 
 
 def shard(items: list, rank: int, world: int, seed: int) -> list:

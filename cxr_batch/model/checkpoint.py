@@ -1,8 +1,8 @@
 """The checkpoint format shared by training and scoring (safe loading of the file: weights.py).
 
 A checkpoint is one ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts), so it
-loads with ``torch.load(weights_only=True)``: a file that would need to unpickle a Python object
-(and could run code doing so) is refused, not executed.
+loads with ``torch.load(weights_only=True)`` (``weights.load_state_file_bytes``): a file that would
+need to unpickle a Python object (and could run code doing so) is refused, not executed.
 """
 
 from __future__ import annotations
@@ -25,11 +25,17 @@ VERSION = 1
 
 def make_checkpoint(model: CamResNet, *, arch: str, image_size: int, threshold: float, settings: dict, cam_stride: int = 32,
                     epoch: int = 0, metrics: dict | None = None, optimizer: dict | None = None,
-                    history: list | None = None) -> dict:
+                    history: list | None = None, temperature: float = 1.0, validation: dict | None = None) -> dict:
+    """``temperature``: scoring reports softmax(logits / T); ``threshold`` is on that calibrated scale.
+    ``validation``: {"files": [...], "grouping": "..."}, which files validated this model and how
+    they were grouped (stored as "val_files" and "val_grouping")."""
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    validation = validation or {}
     return {
         "format": FORMAT, "version": VERSION, "arch": arch, "classes": list(CLASSES),
         "image_size": int(image_size), "cam_stride": int(cam_stride), "threshold": float(threshold), "settings": settings,
+        "temperature": float(temperature), "val_files": list(validation.get("files", [])),
+        "val_grouping": str(validation.get("grouping", "")),
         "epoch": int(epoch), "metrics": metrics or {}, "history": history or [],
         "state_dict": state, "optimizer": optimizer,
     }

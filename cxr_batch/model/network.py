@@ -9,7 +9,7 @@ from torchvision import models
 
 from .. import CLASSES
 from ..errors import InputError
-from .weights import load_state_file
+from .weights import imagenet_state, load_weights_file
 
 ARCHS = ("resnet18", "resnet50", "resnet101")
 WEIGHTS = ("imagenet", "none")  # or a path to a local file
@@ -49,9 +49,10 @@ CAM_STRIDES = (32, 16)
 
 
 def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0, cam_stride: int = 32) -> CamResNet:
-    """A fresh model. ``weights``: "imagenet" (torchvision's, downloaded or from the torch hub cache),
-    "none" (random, seeded so the same spec gives the same model), or a path to a local file holding
-    an ImageNet ResNet state dict (a torchvision ``.pth``).
+    """A fresh model. ``weights``: "imagenet" (torchvision's file, downloaded or from the torch hub
+    cache, sha256-checked, loaded without unpickling: see weights.py), "none" (random, seeded so the
+    same spec gives the same model), or a path to a file holding an ImageNet ResNet state dict (a
+    torchvision ``.pth``; checked against the sha256 prefix its name carries, if any).
 
     ``cam_stride`` 16 removes the last stride-2 of the network (in layer4), as Zhou et al. removed
     VGG's last pooling layers: the CAM becomes 14x14 instead of 7x7 at 224 px, so its peak can say
@@ -62,9 +63,9 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     torch.manual_seed(seed)
     net = torchvision_resnet(arch, cam_stride)
     if weights == "imagenet":
-        net.load_state_dict(_imagenet_state(arch, tv_weights))
+        net.load_state_dict(imagenet_state(tv_weights.url))
     elif weights != "none":
-        state = load_state_file(weights)
+        state = load_weights_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the 1000-class head is replaced
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if not k.startswith("fc.")]:
@@ -92,14 +93,3 @@ def torchvision_resnet(arch: str, cam_stride: int = 32) -> nn.Module:
         net.layer4[0].conv1.stride = (1, 1)
         net.layer4[0].downsample[0].stride = (1, 1)
     return net
-
-
-def _imagenet_state(arch: str, tv_weights) -> dict:
-    try:
-        return tv_weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # offline: URLError, or a hash mismatch on a partial download
-        cache = torch.hub.get_dir() + "/checkpoints/" + tv_weights.url.rsplit("/", 1)[-1]
-        raise InputError(
-            f"ImageNet weights for {arch} could not be loaded ({type(e).__name__}). Put {tv_weights.url}"
-            f" at {cache}, or pass --weights FILE or --weights none."
-        ) from None

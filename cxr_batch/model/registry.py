@@ -28,6 +28,7 @@ class ModelInfo:
     threshold: float  # P(PNEUMONIA) at or above which the prediction is PNEUMONIA
     trained: bool  # False for ARCH:WEIGHTS: the 2-class head is random
     cam_stride: int = 32  # 16 when layer4 runs without its stride (every trained model; see model.build_model)
+    temperature: float = 1.0  # P(PNEUMONIA) = softmax(logits / T): fitted on validation (model/calibration.py); 1 = none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +87,7 @@ def describe(spec: str | None) -> ModelInfo:
     ck = loaded.ckpt
     model_from_checkpoint(ck, spec)  # weights that do not fit fail here, in one line, not in every actor
     return ModelInfo(spec, ck["arch"], loaded.model_id, int(ck["image_size"]), float(ck["threshold"]), True,
-                     int(ck.get("cam_stride", 32)))
+                     int(ck.get("cam_stride", 32)), float(ck.get("temperature", 1.0)))  # older checkpoints: T = 1
 
 
 def load(info: ModelInfo) -> CamResNet:

@@ -31,7 +31,36 @@ def report_markdown(metrics: dict, ckpt: dict) -> str:
         g = pt["true_positives"]
         lines += [f"CAM pointing game (peak within {g['tolerance']} lesion radii of the planted lesion): "
                   f"{g['hits']}/{g['n']} = {g['rate']:.1%} of correctly flagged PNEUMONIA images.", ""]
+    lines += _calibration_md(metrics["calibration"]) + _deletion_md(metrics.get("deletion"))
     lines += ["![ROC](roc.png)", "", "![Confusion matrix](confusion.png)", "",
               "![Training curves](training_curves.png)", "", "![Most confident errors](errors_montage.png)", "",
               "Per-image predictions: `predictions.parquet/`; CAM overlays: `cams/`.", ""]
     return "\n".join(lines)
+
+
+def _calibration_md(c: dict) -> list:
+    def ci(key):
+        return f"{c[key][0]:.3f}-{c[key][1]:.3f}"
+
+    return ["## Calibration", "",
+            f"Temperature T = {c['temperature']:.3f}, fitted on the validation data at training time; scoring reports"
+            f" softmax(logits / T). Expected calibration error (ECE) of {c['binning']}, 95% bootstrap CI:", "",
+            "| | ECE | NLL |", "|---|---|---|",
+            f"| before (T = 1) | {c['ece_before']:.3f} ({ci('ece_before_ci95')}) | {c['nll_before']:.3f} |",
+            f"| after (T = {c['temperature']:.2f}) | {c['ece_after']:.3f} ({ci('ece_after_ci95')}) | {c['nll_after']:.3f} |",
+            "", f"Change after - before: {c['ece_after'] - c['ece_before']:+.3f} (paired 95% CI"
+            f" {c['ece_change_ci95'][0]:+.3f} to {c['ece_change_ci95'][1]:+.3f})."
+            f" Logits: {c['source']}.", "", "![Reliability diagram](reliability.png)", ""]
+
+
+def _deletion_md(d: dict | None) -> list:
+    if not d or not d.get("n_images"):
+        return []
+    lo, hi = d["auc_difference_ci95"]
+    return ["## Faithfulness of the CAM (deletion curves)", "",
+            f"{d['n_images']} PNEUMONIA images (a seeded sample): {d['regions']} ({'x'.join(map(str, d['grid']))}),"
+            f" greyed out in {d['steps']} steps with {d['fill']}, against {d['order_random']}. Area under mean"
+            f" P(PNEUMONIA) over the share deleted: CAM order {d['auc_cam']:.3f}, random order {d['auc_random']:.3f};"
+            f" gap (random - CAM) {d['auc_difference']:.3f} (95% CI {lo:.3f} to {hi:.3f}; larger = the CAM finds"
+            f" the evidence sooner; the CAM order falls faster on {d['share_of_images_cam_faster']:.0%} of images)."
+            f" {d['seconds']:.0f} s.", "", "![Deletion curves](deletion.png)", ""]

@@ -1,4 +1,5 @@
-"""Scores -> numbers: ROC, operating points, confusion-based metrics, bootstrap CIs, pointing game.
+"""Scores -> numbers: ROC, operating points, confusion-based metrics, bootstrap CIs, calibration
+(ECE, reliability), pointing game.
 
 Pure numpy/scipy; no plotting, no Ray, no torch. Conventions shared with the rest of the package:
 label 1 is PNEUMONIA (the positive class), 0 is NORMAL; ``score`` is the PNEUMONIA probability
@@ -14,8 +15,11 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from ..model.calibration import calibrated, nll
+
 RATIO_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 CI_METRICS = RATIO_METRICS + ("roc_auc",)
+ECE_BINS = 10
 
 
 # ---------------------------------------------------------------- validation
@@ -209,6 +213,81 @@ def bootstrap_ci(y_true, score, threshold, *, n_boot: int = 1000, seed: int = 0,
         vals = vals[~np.isnan(vals)]
         out[m] = [float(v) for v in np.percentile(vals, q)] if vals.size else None
     return out
+
+
+# ---------------------------------------------------------------- calibration
+# ECE (expected calibration error) here is that of P(PNEUMONIA): 10 equal-width bins on [0, 1]
+# (the last one closed), ECE = sum over bins of (share of cases in the bin) x |mean P(PNEUMONIA) -
+# share of PNEUMONIA|. It is the reliability diagram's gap, weighted by how many cases sit where.
+
+def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
+    return np.minimum((p * n_bins).astype(np.int64), n_bins - 1)  # p = 1.0 belongs to the last bin
+
+
+def _probs(y, p) -> tuple[np.ndarray, np.ndarray]:
+    y, p = _pair(y, p)
+    if not ((p >= 0).all() and (p <= 1).all()):
+        raise ValueError("score must hold probabilities in [0, 1].")
+    return y.astype(np.float64), p
+
+
+def reliability(y, p, n_bins: int = ECE_BINS) -> dict:
+    """Per bin: edges, count, mean P(PNEUMONIA), share of PNEUMONIA (None where empty), and the ECE."""
+    y, p = _probs(y, p)
+    b = _bin_index(p, n_bins)
+    count = np.bincount(b, minlength=n_bins)
+    sum_p = np.bincount(b, weights=p, minlength=n_bins)
+    sum_y = np.bincount(b, weights=y, minlength=n_bins)
+
+    def mean(s):
+        return [float(v / c) if c else None for v, c in zip(s, count)]
+
+    return {"edges": np.linspace(0, 1, n_bins + 1).tolist(), "count": count.tolist(), "mean_p": mean(sum_p),
+            "frac_pos": mean(sum_y), "ece": float(np.abs(sum_p - sum_y).sum() / y.size)}
+
+
+def ece(y, p, n_bins: int = ECE_BINS) -> float:
+    return reliability(y, p, n_bins)["ece"]
+
+
+def _ece_resamples(y, p, idx, n_bins) -> np.ndarray:
+    """ECE of each resample (rows of ``idx``): sum over bins of |sum (p - y)| / n."""
+    d = (p - y)[idx]
+    b = _bin_index(p, n_bins)[idx] + n_bins * np.arange(idx.shape[0])[:, None]
+    s = np.bincount(b.ravel(), weights=d.ravel(), minlength=idx.shape[0] * n_bins)
+    return np.abs(s.reshape(idx.shape[0], n_bins)).sum(1) / idx.shape[1]
+
+
+def ece_bootstrap(y, p_before, p_after, *, n_boot: int = 1000, seed: int = 0, n_bins: int = ECE_BINS,
+                  alpha: float = 0.05) -> dict:
+    """Percentile CIs for the ECE before and after calibration and for their change (after - before),
+    from the same case resamples (paired: the change's CI is narrower than the two apart)."""
+    y, pb = _probs(y, p_before)
+    _, pa = _probs(y, p_after)
+    rng = np.random.default_rng(seed)
+    block = max(1, 4_000_000 // y.size)
+    before, after = [], []
+    for start in range(0, int(n_boot), block):
+        idx = rng.integers(0, y.size, size=(min(block, int(n_boot) - start), y.size))
+        before.append(_ece_resamples(y, pb, idx, n_bins))
+        after.append(_ece_resamples(y, pa, idx, n_bins))
+    before, after = np.concatenate(before), np.concatenate(after)
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    return {k: [float(v) for v in np.percentile(a, q)] for k, a in
+            (("before", before), ("after", after), ("change", after - before))}
+
+
+def calibration_report(y, margin, temperature: float, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """What evaluate reports: ECE before (T = 1) and after (the model's T), CIs, and both diagrams."""
+    p_before, p_after = calibrated(margin, 1.0), calibrated(margin, temperature)
+    rb, ra = reliability(y, p_before), reliability(y, p_after)
+    ci = ece_bootstrap(y, p_before, p_after, n_boot=n_boot, seed=seed)
+    return {"temperature": float(temperature), "bins": ECE_BINS,
+            "binning": f"P(PNEUMONIA) in {ECE_BINS} equal-width bins on [0, 1]",
+            "ece_before": rb["ece"], "ece_before_ci95": ci["before"], "ece_after": ra["ece"],
+            "ece_after_ci95": ci["after"], "ece_change_ci95": ci["change"],
+            "nll_before": nll(margin, y, 1.0), "nll_after": nll(margin, y, temperature),
+            "reliability_before": rb, "reliability_after": ra}
 
 
 # ---------------------------------------------------------------- localisation

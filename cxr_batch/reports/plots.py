@@ -1,4 +1,5 @@
-"""Numbers -> PNGs for the reports: ROC, confusion matrix, training curves, a montage of errors.
+"""Numbers -> PNGs for the reports: ROC, confusion matrix, training curves, a montage of errors,
+reliability diagram and deletion curves.
 
 Each function writes one PNG at ``path`` (parent folders created) and returns it as a ``Path``.
 
@@ -172,4 +173,48 @@ def plot_montage(items: list[dict], path, *, title: str = "Most confident errors
         ax.set_axis_off()
     for ax in axes[len(items):]:
         ax.set_axis_off()
+    return _save(fig, path)
+
+
+def plot_reliability(before: dict, after: dict, path, *, temperature: float) -> Path:
+    """Reliability diagram: per bin of P(PNEUMONIA), the share that is PNEUMONIA against the mean
+    predicted P, before (T = 1) and after temperature scaling; the diagonal is perfect calibration.
+    ``before``/``after`` are calibration.reliability() dicts; marker area follows the bin's count."""
+    fig = _figure(5.6, 5.4)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="0.6", label="perfect calibration")
+    total = max(1, sum(before["count"]))
+    for rel, colour, label in ((before, "C3", "before (T = 1)"), (after, "C0", f"after (T = {temperature:.2f})")):
+        pts = [(m, f, c) for m, f, c in zip(rel["mean_p"], rel["frac_pos"], rel["count"]) if c]
+        if not pts:
+            continue
+        m, f, c = (np.array(v, float) for v in zip(*pts))
+        ax.plot(m, f, "-", color=colour, lw=1.5, label=f"{label}: ECE {rel['ece']:.3f}")
+        ax.scatter(m, f, s=20 + 400 * c / total, color=colour, alpha=0.6, edgecolors="white")
+    for edge in before["edges"][1:-1]:
+        ax.axvline(edge, color="0.92", lw=0.8, zorder=0)
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
+           xlabel="mean predicted P(PNEUMONIA) in the bin", ylabel="share of PNEUMONIA in the bin",
+           title=f"Reliability ({len(before['count'])} equal-width bins, n = {total})")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_deletion(deletion: dict, path) -> Path:
+    """Mean P(PNEUMONIA) as the top CAM regions, or random regions, are greyed out step by step."""
+    if not deletion or not deletion.get("n_images"):
+        return _message(path, "Deletion curves", "no PNEUMONIA images sampled")
+    x = np.asarray(deletion["fraction_deleted"])
+    fig = _figure(6, 4.4)
+    ax = fig.add_subplot()
+    ax.plot(x, deletion["cam_curve"], "o-", ms=3, color="C3", label=f"CAM order: area {deletion['auc_cam']:.3f}")
+    ax.plot(x, deletion["random_curve"], "o-", ms=3, color="0.4", label=f"random order: area {deletion['auc_random']:.3f}")
+    ax.fill_between(x, deletion["cam_curve"], deletion["random_curve"], color="C3", alpha=0.12)
+    lo, hi = deletion["auc_difference_ci95"]
+    grid = "x".join(map(str, deletion["grid"]))
+    ax.set(xlim=(0, 1), ylim=(-0.01, 1.01), xlabel=f"share of the image greyed out ({grid} blocks, mean grey fill)",
+           ylabel="mean P(PNEUMONIA)",
+           title=f"Deletion, {deletion['n_images']} PNEUMONIA images: gap {deletion['auc_difference']:.3f} [{lo:.3f}, {hi:.3f}]")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
     return _save(fig, path)
