@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 
 import click
 
@@ -46,6 +47,10 @@ from .summaries import format_summary
                    " throttling, no space, a dead worker). What still fails has status 'retry': exit code 3.")
 @click.option("--retry-backoff", type=click.FloatRange(min=0), default=2.0, hidden=True, metavar="S",
               help="Seconds before the first retry pass, doubled for each next one.")
+@click.option("--engine", type=click.Choice(["auto", "ray", "local"]), default="auto", show_default=True,
+              help="ray: Ray Data (tasks, an actor pool; any cluster). local: this process and a process pool, no"
+                   " Ray start-up. auto: local on one machine with at most one GPU (and for up to 20,000 files on"
+                   " a CPU machine of more than 8 CPUs), ray when joining a cluster (--address, RAY_ADDRESS).")
 @click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
               help="Rows per published Parquet part: small values make tests see parts early.")
 @click.option("--lease-timeout", type=click.FloatRange(min=1), default=None, hidden=True,
@@ -56,7 +61,8 @@ from .summaries import format_summary
 @friendly
 def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
           compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, max_bytes, retries,
-          retry_backoff, rows_per_part, lease_timeout, report_, address, wait_for_gpus, wait_timeout, as_json, verbose):
+          retry_backoff, engine, rows_per_part, lease_timeout, report_, address, wait_for_gpus, wait_timeout, as_json,
+          verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
@@ -77,14 +83,15 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
                       overwrite=overwrite, limit=limit, manifest=manifest, follow_symlinks=follow_symlinks,
                       rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,
                       lease_timeout_s=lease_timeout or DEFAULT_TIMEOUT_S, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
-                      retries=retries, retry_backoff_s=retry_backoff)
+                      retries=retries, retry_backoff_s=retry_backoff, engine=_engine(engine, address, wait_for_gpus))
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     _, info = prepare(s)  # fails on a bad model or output folder before Ray starts
     warn_if_untrained(info, console)
-    with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
-                     echo=console.note):
-        summary = run_score(s, progress=console.score_progress(), echo=console.note)
+    # Ray starts only if the engine needs it (run_score decides once it knows the number of files).
+    ray = partial(ray_for_job, address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
+                  echo=console.note)
+    summary = run_score(s, progress=console.score_progress(), echo=console.note, ray_context=ray)
     console.summary(format_summary(summary), asdict(summary))
     if report_:
         from ..reports.html.score import ReportSettings, write_score_report
@@ -92,6 +99,19 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
         console.note(f"  report        {write_score_report(ReportSettings(results=summary.out)).path}")
     if summary.retry:  # finished, but not every file got its verdict: a re-run retries exactly those
         click.get_current_context().exit(EXIT_INCOMPLETE)
+
+
+def _engine(engine: str, address: str | None, wait_for_gpus: int) -> str:
+    """A cluster to join or GPUs to wait for mean Ray; --engine local with either is a contradiction."""
+    from ..errors import InputError
+    from ..jobs.ray_env import joining_a_cluster
+
+    if joining_a_cluster(address) or wait_for_gpus:
+        if engine == "local":
+            raise InputError("--engine local runs without Ray: drop --address/RAY_ADDRESS and --wait-for-gpus,"
+                             " or use --engine ray.")
+        return "ray"
+    return engine
 
 
 def warn_if_untrained(info, console: Console) -> None:

@@ -16,8 +16,7 @@ def format_summary(sm) -> str:
         f"  time          {sm.seconds:.1f} s  ({sm.images_per_s:.1f} images/s)",
         f"  model         {m['spec']}  (id {m['model_id']}, {m['arch']}, {m['image_size']} px, threshold {m['threshold']:.3f})"
         + ("" if m["trained"] else "  UNTRAINED HEAD"),
-        f"  model actors  {sm.plan['actors']} x {sm.plan['cpus_per_actor']:g} CPU" + (
-            f" + {sm.plan['gpus_per_actor']:g} GPU" if sm.plan.get("gpus_per_actor") else ""),
+        _engine_line(sm.plan),
         f"  predictions   {sm.out}",
         f"  CAM PNGs      {sm.cam_dir or '(not written: --no-cams)'}",
     ]
@@ -42,6 +41,14 @@ def _failure_lines(sm) -> list[str]:
                      " no space, a dead worker) and have status 'retry': run the same command again to retry exactly"
                      " those (exit code 3)")
     return lines
+
+
+def _engine_line(plan: dict) -> str:
+    if plan.get("engine") == "local":
+        return (f"  engine        local (no Ray): the model in this process, {plan['torch_threads']} threads;"
+                f" {plan['workers']} decode/finish process(es)")
+    return (f"  model actors  {plan['actors']} x {plan['cpus_per_actor']:g} CPU"
+            + (f" + {plan['gpus_per_actor']:g} GPU" if plan.get("gpus_per_actor") else ""))
 
 
 def _calibration_line(t: dict) -> str:

@@ -11,6 +11,7 @@ finish workers import no torch: Scorer and the CAM maths import it inside, where
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +23,19 @@ from ..errors import DecodeError, TransientError, one_line
 from ..pixels.decode import decode_image
 from ..pixels.gray import to_u8
 from ..pixels.transforms import to_model_pixels
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What the stage callables are given, whichever engine schedules them (Ray Data or the local
+    engine): keyword arguments for each, and the batch sizes. Built once by the driver."""
+
+    decode: dict = field(default_factory=dict)  # decode_batch(batch, **decode)
+    scorer: dict = field(default_factory=dict)  # Scorer(**scorer)
+    finish: dict = field(default_factory=dict)  # finish_batch(batch, **finish)
+    batch_size: int = 16  # images per forward pass
+    # Rows per decode and finish call: a multiple of batch_size, so that no forward pass is cut short.
+    decode_rows: int = 32
 
 
 # ---------------------------------------------------------------- stage 1: decode (CPU tasks)
