@@ -113,7 +113,8 @@ Image.register_open("POISON", Poison, lambda prefix: prefix[:6] == b"POISON")
 '''
 
 
-def test_a_file_that_kills_its_worker_is_its_own_error_row_and_the_job_finishes(archive, tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_file_that_kills_its_worker_is_its_own_error_row_and_the_job_finishes(archive, tmp_path, engine):
     (archive / "b" / "img3.png").write_bytes(b"POISON" + bytes(200))  # listed as a PNG like its neighbours
     (archive / "d" / "huge.png").write_bytes(bytes(5000))  # over --max-bytes: refused from the listing's size
     plugin = tmp_path / "plugin"
@@ -124,7 +125,7 @@ def test_a_file_that_kills_its_worker_is_its_own_error_row_and_the_job_finishes(
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, "-m", "cxr_batch.cli", "score", str(archive), "--out", str(out), "--model",
                         "resnet18:none", "--batch-size", "8", "--retry-backoff", "0.1", "--max-bytes", "4000",
-                        "--no-cams"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+                        "--no-cams", "--engine", engine], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     got = rows(out)
     assert sorted(got) == listed(archive)

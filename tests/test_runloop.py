@@ -78,6 +78,12 @@ def test_a_file_lost_until_the_passes_run_out_is_left_to_retry():
     assert outcome.left == 1
 
 
-def test_a_job_that_loses_everything_blames_no_file():
-    with pytest.raises(WorkersFailed, match="all 40 files were lost"):
-        run(Engine(poison={f"f{i:03d}.png" for i in range(0, 40, 4)}), 40)
+@pytest.mark.parametrize("n", [40, 3])
+def test_a_job_that_loses_everything_blames_no_file(n):
+    with pytest.raises(WorkersFailed, match=f"all {n} files were lost in the workers"):
+        run(Engine(poison={f"f{i:03d}.png" for i in range(n)}), n)
+
+
+def test_a_small_batch_with_one_poison_file_is_not_taken_for_a_broken_job():
+    got, outcome, _ = run(Engine(poison={"f001.png"}), 3)
+    assert outcome.poison == ["f001.png"] and got["f000.png"]["status"] == got["f002.png"]["status"] == "scored"

@@ -45,6 +45,10 @@ class Outcome:
     left: int = 0  # files written with status "retry"
 
 
+_NONE_BACK = ("all {n:,} files were lost in the workers, none came back, not even when read one at a time:"
+              " see the workers' errors above (--verbose).")
+
+
 class WorkersFailed(CxrError):
     """Every batch of a pass was lost: the job is broken (not the files), so no file is blamed."""
 
@@ -58,8 +62,8 @@ def drive(todo: pa.Table, engine, publish, failed_rows, policy: RetryPolicy = Re
     # Nothing at all came back from more than a batch's worth of files: the code or the cluster is
     # broken, and blaming every file as poison would be a lie.
     if todo.num_rows > 32 and not held and lost.num_rows == todo.num_rows:
-        raise WorkersFailed(f"all {todo.num_rows:,} files were lost in the workers (none came back): see the"
-                            " workers' errors above (--verbose).")
+        raise WorkersFailed(_NONE_BACK.format(n=todo.num_rows))
+    came_back = bool(held) or lost.num_rows < todo.num_rows
     for k in range(1, policy.passes + 1):
         if not held and not lost.num_rows:
             break
@@ -72,6 +76,10 @@ def drive(todo: pa.Table, engine, publish, failed_rows, policy: RetryPolicy = Re
         held, lost_again = _pass(engine, _rows_of(todo, held), False, publish)
         if lost.num_rows:
             held_alone, still = _pass(engine, lost, True, publish)
+            # Not one file ever came back, not even alone: a broken model or cluster, not poison files.
+            if not came_back and not held_alone and still.num_rows == lost.num_rows > 1:
+                raise WorkersFailed(_NONE_BACK.format(n=todo.num_rows))
+            came_back = came_back or bool(held_alone) or still.num_rows < lost.num_rows
             held += held_alone
             lost = _poison(still, deaths, policy, publish, failed_rows, outcome)
         lost = pa.concat_tables([lost, lost_again])
