@@ -11,23 +11,39 @@ Pure work lives in pixels/ and model/cam.py; score_stages.py holds what the work
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
+import uuid
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import CLASSES
 from ..archive import storage
-from ..archive.discover import discover
-from ..archive.results import PartWriter, default_cam_dir, done_paths
+from ..archive.discover import check_archive, label_from_path, list_archive, read_manifest
+from ..archive.lease import DEFAULT_TIMEOUT_S, Lease
+from ..archive.outdir import check_placement, clear_output
+from ..archive.results import (ERROR, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, default_cam_dir, done_path_batches,
+                               drop_retry_rows, pending)
+from ..archive.storage import too_big
 from ..errors import InputError
 from ..model.cam import SCALES as CAM_SCALES
 from ..model.registry import ModelInfo, describe
 from ..pixels.decode import DEFAULT_MAX_PIXELS
-from .score_stages import Scorer, decode_batch, finish_batch
+from .ray_env import check_shared_storage
+from .runloop import Outcome, RetryPolicy, drive
+from .score_stages import Scorer, StageConfig, decode_batch, finish_batch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
+ENGINES = ("auto", "ray", "local")
+# The largest input file read (--max-bytes). Chest radiographs are 0.1-50 MB (a DICOM of a 3000 x 3000
+# 16-bit detector image is 18 MB); 1 GiB leaves room for odd multi-frame objects while one decode
+# worker holding a few such files still fits a 4 GB worker.
+DEFAULT_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,9 +69,18 @@ class ScoreSettings:
     overwrite: bool = False
     rows_per_part: int = 2000
     limit: int | None = None  # score only the first N files (sorted by path): smoke tests
+    manifest: str | None = None  # CSV/txt/Parquet list of paths relative to the archive, read instead of listing it
+    follow_symlinks: bool = False  # False: a symlink whose target lies outside the archive is neither listed nor read
+    lease_timeout_s: float = DEFAULT_TIMEOUT_S  # a run silent this long on --out is taken for dead (see archive/lease.py)
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger files get an error row from the listing's size, unread
+    retries: int = 3  # retry passes for transient failures and files whose worker died (see jobs/runloop.py)
+    retry_backoff_s: float = 2.0  # wait before retry pass k: retry_backoff_s * 2**(k-1)
+    engine: str = "auto"  # ray | local (no Ray: this process + a process pool) | auto (see choose_engine)
     stall_timeout_s: float = 900  # Ray Data raises instead of hanging this long without progress
 
     def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise InputError(f"Invalid engine {self.engine!r}. Only {', '.join(ENGINES)} are supported.")
         if self.precision not in PRECISIONS:
             raise InputError(f"Invalid precision {self.precision!r}. Only {', '.join(PRECISIONS)} are supported.")
         if self.cam_scale not in CAM_SCALES:
@@ -76,6 +101,8 @@ class ResourcePlan:
     gpus_per_actor: float
     torch_threads: int
     task_cpus: float  # per decode / finish task
+    engine: str = "ray"
+    workers: int = 0  # local engine: decode/finish processes beside the model
 
 
 def plan_resources(cluster_cpus: float, cluster_gpus: float, s: ScoreSettings) -> ResourcePlan:
@@ -117,63 +144,221 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, s: ScoreSettings) -
 
 @dataclass
 class ScoreSummary:
-    seen: int = 0
+    seen: int = 0  # files this run is responsible for (the listing, cut by --limit)
     already_done: int = 0
     scored: int = 0
     errors: int = 0
+    skipped: int = 0  # extensionless files that turned out not to be DICOM (status "skipped")
+    retry: int = 0  # files left with status "retry" (the environment failed them): the run is incomplete
+    retried: int = 0  # files that failed transiently (or lost their worker) and were scored on a retry pass
+    poison: int = 0  # files that killed their worker each time they were read alone (among errors)
+    redone: int = 0  # "retry" rows of earlier runs scored again by this one
+    listed: int = 0  # files in the listing or manifest, before --limit
     seconds: float = 0.0
     out: str = ""
     cam_dir: str | None = None
+    run_id: str = ""
     model: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
+    listing: dict = field(default_factory=dict)  # Listing.stats(): source, requests, outside_links, ...
+    notes: list = field(default_factory=list)  # lines for the user (what --overwrite left, links not followed)
+    # Start-up, in seconds: first_rows_s (since run_score began, any engine); ray_start_s (a Ray this
+    # run started); the local engine's engine_start_s (since run_score began) and, from its
+    # LocalStats, pool_start_s, torch_import_s, model_build_s (durations), first_decode_s and
+    # first_batch_s (since the engine started), workers_lost.
+    startup: dict = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
-        return (self.scored + self.errors) / self.seconds if self.seconds > 0 else 0.0
+        return (self.scored + self.errors + self.skipped) / self.seconds if self.seconds > 0 else 0.0
 
 
-def run_score(s: ScoreSettings, *, progress=None, echo=None) -> ScoreSummary:
-    """Score ``s.archive`` into ``s.out``. Ray must be initialised (see ``ray_env.ray_running``).
-
-    ``progress(summary, total)`` is called as rows arrive (at most every 2 s, and at the end);
-    ``echo(line)`` gets one line per stage of the job."""
-    import ray
-
-    t0 = time.perf_counter()
+def prepare(s: ScoreSettings) -> tuple[ScoreSettings, ModelInfo]:
+    """-> (settings with absolute paths and the model's resolved spec, its ModelInfo). Refuses a bad
+    model or an --out / CAM folder in the wrong place; the CLI calls it before it starts Ray."""
     info = describe(s.model)
     s = replace(s, model=info.spec, archive=storage.absolute(s.archive), out=storage.absolute(s.out),
-                cam_dir=storage.absolute(s.cam_dir) if s.cam_dir else None)
+                cam_dir=storage.absolute(s.cam_dir) if s.cam_dir else None,
+                manifest=storage.absolute(s.manifest) if s.manifest else None)
+    check_archive(s.archive)
+    check_placement(s.archive, s.out, s.resolved_cam_dir() if s.cams else None, overwrite=s.overwrite)
+    return s, info
+
+
+def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None) -> ScoreSummary:
+    """Score ``s.archive`` into ``s.out``.
+
+    Order: refuse a bad model or an --out in the wrong place before anything is written; take the
+    lease on --out; list; start Ray if the engine (``choose_engine``) needs it and none is up
+    (``ray_context()``, default a local Ray) and refuse node-local paths on a multi-node cluster;
+    clear (--overwrite); skip what is done; run the stages under the retry policy (jobs/runloop.py).
+    ``progress(summary, total)`` is called as rows arrive (at most every 2 s, and at the end);
+    ``echo(line)`` gets one line per stage of the job."""
+    t0 = time.perf_counter()
+    s, info = prepare(s)
     cam_dir = s.resolved_cam_dir() if s.cams else None
-    if s.overwrite:
-        storage.delete_dir(s.out)
-        if cam_dir:
-            storage.delete_dir(cam_dir)
-    files = discover(s.archive)[: s.limit]
-    done = done_paths(s.out, info.model_id)
-    todo = [f.path for f in files if f.path not in done]
-    res = ray.cluster_resources()
-    plan = plan_resources(res.get("CPU", 0), res.get("GPU", 0), s)
-    summary = ScoreSummary(seen=len(files), already_done=len(files) - len(todo), out=s.out, cam_dir=cam_dir,
-                           model=info.to_dict(), plan=asdict(plan))
-    metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
-                "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    writer = PartWriter(s.out, metadata, s.rows_per_part)
-    if echo:
-        echo(f"score: {len(files):,} files, {len(todo):,} to score"
-             + (f" ({summary.already_done:,} have a row from an earlier run)" if summary.already_done else "")
-             + f"; {plan.actors} model actor(s) x {plan.cpus_per_actor:g} CPU"
-             + (f" + {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else ""))
-    if todo:
-        _stream(_pipeline(todo, s, info, plan, cam_dir), writer, summary, len(todo), t0, progress)
-    writer.flush()
+    run_id = uuid.uuid4().hex[:8]
+    with Lease(s.out, run_id=run_id, timeout_s=s.lease_timeout_s, details={"archive": s.archive}) as lease:
+        summary = ScoreSummary(out=s.out, cam_dir=cam_dir, run_id=run_id, model=info.to_dict())
+        files = _listing(s, summary)
+        engine = choose_engine(s.engine, files.num_rows)
+        t_ray = time.perf_counter()
+        with nullcontext() if engine == "local" or ray_is_up() else (ray_context or _local_ray)():
+            if engine == "ray":
+                summary.startup["ray_start_s"] = round(time.perf_counter() - t_ray, 2)
+                check_shared_storage({"ARCHIVE": s.archive, "--out": s.out, "--cam-dir": cam_dir},
+                                     job="the decode and CAM tasks")
+            plan = _plan(engine, s)
+            summary.plan = asdict(plan)
+            if s.overwrite:
+                summary.notes += clear_output(s.out, cam_dir).notes()
+            todo = pending(files, done_path_batches(s.out, info.model_id, archive=s.archive))
+            summary.already_done = files.num_rows - todo.num_rows
+            metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
+                        "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
+            writer = PartWriter(s.out, metadata, s.rows_per_part, run=run_id, before_publish=lease.check)
+            if echo:
+                echo(_start_line(summary, todo.num_rows, plan))
+            if todo.num_rows:
+                # Old "retry" rows of these files go first (parts rewritten whole), so no reader sees two rows.
+                summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), before_publish=lease.check)
+                publish = _publisher(writer, summary, todo.num_rows, t0, progress)
+                outcome = _score(todo, s, engine, stage_config(s, info, plan, cam_dir), plan, info, summary, t0,
+                                 publish, echo)
+                summary.retried, summary.poison = outcome.retried, len(outcome.poison)
+            writer.flush()
+        lease.check()
     summary.seconds = time.perf_counter() - t0
     if progress:
-        progress(summary, len(todo))
+        progress(summary, todo.num_rows)
     return summary
 
 
-def _pipeline(paths: list[str], s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir: str | None):
-    """The Ray Data stream of the three stages over ``paths``, sized by ``plan``."""
+def _start_line(summary: ScoreSummary, todo: int, plan: ResourcePlan) -> str:
+    return (f"score: {summary.seen:,} files, {todo:,} to score"
+            + (f" ({summary.already_done:,} have a row from an earlier run)" if summary.already_done else "")
+            + f"; {_describe_plan(plan)}")
+
+
+def _listing(s: ScoreSettings, summary: ScoreSummary) -> pa.Table:
+    """The listing (or manifest), cut to --limit: (path, size, sniff), sorted by path."""
+    if s.manifest:
+        listing = read_manifest(s.manifest, s.archive)
+    else:
+        listing = list_archive(s.archive, follow_symlinks=s.follow_symlinks)
+    summary.listed = listing.files.num_rows
+    summary.listing = listing.stats()
+    if listing.outside_links:
+        summary.notes.append(f"symlinks to outside the archive, not followed: {listing.outside_links:,}"
+                             " (--follow-symlinks reads them)")
+    files = listing.first(s.limit).files
+    summary.seen = files.num_rows
+    return files
+
+
+# ---------------------------------------------------------------- engines
+
+def ray_is_up() -> bool:
+    """Ray initialised in this process (without importing ray, ~1 s, when it is not even loaded)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def choose_engine(engine: str, n_files: int, *, cpus: int | None = None, gpus: int | None = None,
+                  connected: bool | None = None) -> str:
+    """``auto``: the local engine for a run that would start its own single-node Ray; Ray otherwise.
+
+    Ray when this process is already connected to Ray or RAY_ADDRESS names a cluster (the work
+    should go where the user put it), when the node has several GPUs (one model actor per GPU; the
+    local engine drives one), and on a CPU node of more than LOCAL_MAX_CPUS CPUs for archives of
+    more than LOCAL_MAX_FILES files (there several model actors of a few threads each beat one
+    process with every thread, and Ray's ~10 s of start-up is small beside the run).
+    Measured on 2 CPUs (docs/benchmark.md): the local engine is faster at every archive size.
+    """
+    if engine != "auto":
+        return engine
+    from .local_engine import node_cpus, node_gpus
+
+    connected = ray_is_up() if connected is None else connected
+    if connected or os.environ.get("RAY_ADDRESS"):
+        return "ray"
+    gpus = node_gpus() if gpus is None else gpus
+    cpus = node_cpus() if cpus is None else cpus
+    if gpus > 1 or (gpus == 0 and cpus > LOCAL_MAX_CPUS and n_files > LOCAL_MAX_FILES):
+        return "ray"
+    return "local"
+
+
+LOCAL_MAX_CPUS = 8
+LOCAL_MAX_FILES = 20_000
+
+
+def _local_ray():
+    from .ray_env import ray_running
+
+    return ray_running(None)
+
+
+def _plan(engine: str, s: ScoreSettings) -> ResourcePlan:
+    if engine == "local":
+        from .local_engine import node_cpus
+
+        cpus = node_cpus()
+        # The model gets every CPU: the pool's decode and finish work is ~12 CPU-ms per image against
+        # ~100-180 for ResNet-101, and a pool process only runs when there is work.
+        return ResourcePlan(1, float(cpus), 0.0, s.cpus_per_actor and int(s.cpus_per_actor) or cpus, 1.0,
+                            engine="local", workers=max(1, cpus - 1))
+    import ray
+
+    res = ray.cluster_resources()
+    return plan_resources(res.get("CPU", 0), res.get("GPU", 0), s)
+
+
+def _describe_plan(plan: ResourcePlan) -> str:
+    if plan.engine == "local":
+        return (f"local engine (no Ray): model in this process with {plan.torch_threads} threads,"
+                f" {plan.workers} decode/finish process(es)")
+    return (f"{plan.actors} model actor(s) x {plan.cpus_per_actor:g} CPU"
+            + (f" + {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else ""))
+
+
+def stage_config(s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir: str | None) -> StageConfig:
+    """The stage callables' arguments, the same for every engine."""
+    info_d = info.to_dict()
+    # A map task batches only the rows of the blocks it is given: blocks of 33 rows reached the
+    # model as 16 + 16 + 1 (a third of all forward passes held 1-2 images, and each new size
+    # recompiles under torch.compile). So blocks and decode batches are multiples of the batch.
+    return StageConfig(
+        decode=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels,
+                    follow_symlinks=s.follow_symlinks, max_bytes=s.max_bytes),
+        scorer=dict(info=info_d, threads=plan.torch_threads, precision=s.precision, compile=s.compile,
+                    channels_last=s.channels_last),
+        finish=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive, max_pixels=s.max_pixels,
+                    cam_scale=s.cam_scale),
+        batch_size=s.batch_size, decode_rows=s.batch_size * max(1, 32 // s.batch_size))
+
+
+def _rows(engine: str, todo: pa.Table, s: ScoreSettings, stages: StageConfig, plan: ResourcePlan,
+          summary: ScoreSummary, t0: float, isolate: bool = False):
+    """One pass of the engine over ``todo``. ``isolate``: one file per decode call (and, on Ray, per
+    block), so that a file that kills its worker loses only itself."""
+    todo = todo.select(["path", "sniff"])  # sizes stay on the driver (--max-bytes was checked there)
+    if isolate:
+        stages = replace(stages, decode_rows=1)
+    if engine == "local":
+        from .local_engine import LocalStats, run_local
+
+        stats = LocalStats()
+        summary.startup.setdefault("engine_start_s", round(time.perf_counter() - t0, 3))
+        try:
+            yield from run_local(todo, stages, workers=plan.workers, stats=stats)
+        finally:
+            summary.startup.update({k: v for k, v in asdict(stats).items() if k != "events"})
+        return
+    yield from _pipeline(todo, s, stages, plan).iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _pipeline(todo: pa.Table, s: ScoreSettings, stages: StageConfig, plan: ResourcePlan):
+    """The Ray Data stream of the three stages over ``todo`` (path, sniff), sized by ``plan``."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -181,34 +366,72 @@ def _pipeline(paths: list[str], s: ScoreSettings, info: ModelInfo, plan: Resourc
     ctx.execution_no_progress_timeout_s = s.stall_timeout_s
     ctx.enable_progress_bars = False  # our own one-line progress reads better in logs
     ctx.print_on_execution_start = False
-    info_d = info.to_dict()
-    # A map task batches only the rows of the blocks it is given: blocks of 33 rows reached the
-    # model as 16 + 16 + 1 (a third of all forward passes held 1-2 images, and each new size
-    # recompiles under torch.compile). So blocks and decode batches are multiples of the batch.
-    decode_rows = s.batch_size * max(1, 32 // s.batch_size)
-    block_rows = decode_rows * max(1, math.ceil(len(paths) / 4096 / decode_rows))  # <= ~4096 blocks
-    ds = ray.data.from_arrow([pa.table({"path": paths[i: i + block_rows]}) for i in range(0, len(paths), block_rows)])
-    ds = ds.map_batches(decode_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
-                        fn_kwargs=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels))
-    ds = ds.map_batches(
-        Scorer, batch_size=s.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=plan.actors),
-        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
-        fn_constructor_kwargs=dict(info=info_d, threads=plan.torch_threads, precision=s.precision,
-                                   compile=s.compile, channels_last=s.channels_last))
-    return ds.map_batches(finish_batch, batch_size=decode_rows, num_cpus=plan.task_cpus, batch_format="numpy",
-                          fn_kwargs=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive,
-                                         max_pixels=s.max_pixels, cam_scale=s.cam_scale))
+    # A block whose task failed (its worker died: a crashing decoder, the OOM killer) is dropped, not
+    # retried by Ray without end (tasks default to max_retries=-1): the run loop finds its files
+    # missing from the output and retries them itself, one file per task (jobs/runloop.py).
+    ctx.max_errored_blocks = -1
+    rows = stages.decode_rows
+    block_rows = rows * max(1, math.ceil(todo.num_rows / 4096 / rows))  # <= ~4096 blocks
+    ds = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
+    ds = ds.map_batches(decode_batch, batch_size=rows, num_cpus=plan.task_cpus, batch_format="numpy",
+                        ray_remote_args_fn=_no_ray_retries, fn_kwargs=stages.decode)
+    ds = ds.map_batches(Scorer, batch_size=stages.batch_size, batch_format="numpy",
+                        compute=ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
+                        num_gpus=plan.gpus_per_actor, fn_constructor_kwargs=stages.scorer)
+    return ds.map_batches(finish_batch, batch_size=rows, num_cpus=plan.task_cpus, batch_format="numpy",
+                          ray_remote_args_fn=_no_ray_retries, fn_kwargs=stages.finish)
 
 
-def _stream(ds, writer: PartWriter, summary: ScoreSummary, total: int, t0: float, progress) -> None:
-    """Publish rows as they arrive and count them; report progress at most every 2 s."""
-    last = 0.0
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+def _no_ray_retries() -> dict:
+    """Remote args of the decode and finish tasks: the run loop retries lost files, not Ray. (Ray
+    2.60 has no named map_batches parameter for task retries; ray_remote_args_fn, deprecated for
+    2.64, is the way until then.)"""
+    return {"max_retries": 0}
+
+
+def _score(todo: pa.Table, s: ScoreSettings, engine: str, stages: StageConfig, plan: ResourcePlan,
+           info: ModelInfo, summary: ScoreSummary, t0: float, publish, echo) -> Outcome:
+    """The run loop: files over --max-bytes get their row from the listing; the rest go through the
+    engine with the retry policy of jobs/runloop.py."""
+    failed = _failed_rows(info)
+    big = pc.greater(todo["size"], s.max_bytes)
+    if pc.any(big).as_py():
+        publish(failed(todo.filter(big)["path"], too_big(s.max_bytes), ERROR))
+        todo = todo.filter(pc.invert(big))
+
+    def run(rows: pa.Table, isolate: bool):
+        return _rows(engine, rows, s, stages, plan, summary, t0, isolate)
+
+    return drive(todo, run, publish, failed, RetryPolicy(passes=s.retries, backoff_s=s.retry_backoff_s), note=echo)
+
+
+def _failed_rows(info: ModelInfo):
+    """-> ``rows(paths, error, status)``: whole-schema rows for files that never reached the stages."""
+    def rows(paths, error: str, status: str) -> pa.Table:
+        paths = paths.to_pylist() if hasattr(paths, "to_pylist") else list(paths)
+        n = len(paths)
+        cols = {f.name: pa.nulls(n, f.type) for f in SCHEMA}
+        cols.update(path=pa.array(paths, pa.string()), label=pa.array([label_from_path(p) for p in paths], pa.string()),
+                    error=pa.array([error] * n, pa.string()), status=pa.array([status] * n, pa.string()),
+                    model=pa.array([info.model_id] * n, pa.string()))
+        return pa.table(cols, schema=SCHEMA)
+    return rows
+
+
+def _publisher(writer: PartWriter, summary: ScoreSummary, total: int, t0: float, progress):
+    """``publish(table)``: write final rows and count them by status; progress at most every 2 s."""
+    last = [0.0]
+
+    def publish(table: pa.Table) -> None:
+        summary.startup.setdefault("first_rows_s", round(time.perf_counter() - t0, 3))
         writer.add(table)
-        ok = table.column("error").null_count  # error is null exactly for scored rows
-        summary.scored += ok
-        summary.errors += table.num_rows - ok
+        counts = {d["values"]: d["counts"] for d in pc.value_counts(table["status"].cast(pa.string())).to_pylist()}
+        summary.scored += counts.get(SCORED, 0)
+        summary.skipped += counts.get(SKIPPED, 0)
+        summary.retry += counts.get(RETRY, 0)
+        summary.errors += table.num_rows - counts.get(SCORED, 0) - counts.get(SKIPPED, 0) - counts.get(RETRY, 0)
         summary.seconds = time.perf_counter() - t0
-        if progress and time.perf_counter() - last > 2:
-            last = time.perf_counter()
+        if progress and time.perf_counter() - last[0] > 2:
+            last[0] = time.perf_counter()
             progress(summary, total)
+    return publish
