@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
@@ -188,50 +188,66 @@ def prepare(s: ScoreSettings) -> tuple[ScoreSettings, ModelInfo]:
 def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None) -> ScoreSummary:
     """Score ``s.archive`` into ``s.out``.
 
-    Order: refuse a bad model or an --out in the wrong place before anything is written; take the
-    lease on --out; list; start Ray if the engine (``choose_engine``) needs it and none is up
-    (``ray_context()``, default a local Ray) and refuse node-local paths on a multi-node cluster;
-    clear (--overwrite); skip what is done; run the stages under the retry policy (jobs/runloop.py).
+    Order: refuse a bad model or an --out in the wrong place before anything is written; when the
+    engine (``choose_engine``) is Ray whatever the archive's size, start Ray (the one this process is
+    connected to, else ``ray_context()``, default a local Ray) and refuse node-local paths on a
+    multi-node cluster; take the lease on --out; list; start Ray now if the archive's size made the
+    engine Ray; clear (--overwrite); skip what is done; run the stages under the retry policy
+    (jobs/runloop.py).
     ``progress(summary, total)`` is called as rows arrive (at most every 2 s, and at the end);
     ``echo(line)`` gets one line per stage of the job."""
     t0 = time.perf_counter()
     s, info = prepare(s)
     cam_dir = s.resolved_cam_dir() if s.cams else None
     run_id = uuid.uuid4().hex[:8]
-    with Lease(s.out, run_id=run_id, timeout_s=s.lease_timeout_s, details={"archive": s.archive}) as lease:
-        summary = ScoreSummary(out=s.out, cam_dir=cam_dir, run_id=run_id, model=info.to_dict())
+    summary = ScoreSummary(out=s.out, cam_dir=cam_dir, run_id=run_id, model=info.to_dict())
+    with ExitStack() as stack:
+        # Ray is needed whatever the archive's size (a cluster to join, several GPUs, --engine ray):
+        # start it and refuse node-local paths before the lease writes anything to --out.
+        early = choose_engine(s.engine, 0) == "ray"
+        if early:
+            stack.enter_context(_ray_engine(s, cam_dir, summary, ray_context))
+        lease = stack.enter_context(Lease(s.out, run_id=run_id, timeout_s=s.lease_timeout_s,
+                                          details={"archive": s.archive}))
         files = _listing(s, summary)
         engine = choose_engine(s.engine, files.num_rows)
-        t_ray = time.perf_counter()
-        with nullcontext() if engine == "local" or ray_is_up() else (ray_context or _local_ray)():
-            if engine == "ray":
-                summary.startup["ray_start_s"] = round(time.perf_counter() - t_ray, 2)
-                check_shared_storage({"ARCHIVE": s.archive, "--out": s.out, "--cam-dir": cam_dir},
-                                     job="the decode and CAM tasks")
-            plan = _plan(engine, s)
-            summary.plan = asdict(plan)
-            if s.overwrite:
-                summary.notes += clear_output(s.out, cam_dir).notes()
-            todo = pending(files, done_path_batches(s.out, info.model_id, archive=s.archive))
-            summary.already_done = files.num_rows - todo.num_rows
-            metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
-                        "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
-            writer = PartWriter(s.out, metadata, s.rows_per_part, run=run_id, before_publish=lease.check)
-            if echo:
-                echo(_start_line(summary, todo.num_rows, plan))
-            if todo.num_rows:
-                # Old "retry" rows of these files go first (parts rewritten whole), so no reader sees two rows.
-                summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), before_publish=lease.check)
-                publish = _publisher(writer, summary, todo.num_rows, t0, progress)
-                outcome = _score(todo, s, engine, stage_config(s, info, plan, cam_dir), plan, info, summary, t0,
-                                 publish, echo)
-                summary.retried, summary.poison = outcome.retried, len(outcome.poison)
-            writer.flush()
+        if engine == "ray" and not early:
+            stack.enter_context(_ray_engine(s, cam_dir, summary, ray_context))
+        plan = _plan(engine, s)
+        summary.plan = asdict(plan)
+        if s.overwrite:
+            summary.notes += clear_output(s.out, cam_dir).notes()
+        todo = pending(files, done_path_batches(s.out, info.model_id, archive=s.archive))
+        summary.already_done = files.num_rows - todo.num_rows
+        metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
+                    "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
+        writer = PartWriter(s.out, metadata, s.rows_per_part, run=run_id, before_publish=lease.check)
+        if echo:
+            echo(_start_line(summary, todo.num_rows, plan))
+        if todo.num_rows:
+            # Old "retry" rows of these files go first (parts rewritten whole), so no reader sees two rows.
+            summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), before_publish=lease.check)
+            publish = _publisher(writer, summary, todo.num_rows, t0, progress)
+            outcome = _score(todo, s, engine, stage_config(s, info, plan, cam_dir), plan, info, summary, t0,
+                             publish, echo)
+            summary.retried, summary.poison = outcome.retried, len(outcome.poison)
+        writer.flush()
         lease.check()
     summary.seconds = time.perf_counter() - t0
     if progress:
         progress(summary, todo.num_rows)
     return summary
+
+
+@contextmanager
+def _ray_engine(s: ScoreSettings, cam_dir: str | None, summary: ScoreSummary, ray_context):
+    """Ray for the Ray engine: the one this process is connected to, else ``ray_context()`` (default a
+    local Ray). On several nodes every path the workers touch must be on shared storage."""
+    t = time.perf_counter()
+    with nullcontext() if ray_is_up() else (ray_context or _local_ray)():
+        summary.startup["ray_start_s"] = round(time.perf_counter() - t, 2)
+        check_shared_storage({"ARCHIVE": s.archive, "--out": s.out, "--cam-dir": cam_dir}, job="the decode and CAM tasks")
+        yield
 
 
 def _start_line(summary: ScoreSummary, todo: int, plan: ResourcePlan) -> str:
