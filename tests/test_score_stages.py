@@ -83,3 +83,25 @@ def test_scoring_applies_the_checkpoint_temperature_and_old_checkpoints_mean_t_1
         assert np.allclose(out["logit_pneumonia"], margin, atol=1e-3)
         assert np.allclose(out["prob_pneumonia"], calibrated(margin, temperature or 1.0), atol=1e-4)
         assert out["prob_pneumonia"].min() < 0.4 and out["prob_pneumonia"].max() > 0.6
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
+    from cxr_batch.jobs.score_stages import auto_precision
+
+    assert auto_precision("cpu", True) == "bf16" and auto_precision("cuda", True) == "bf16"
+    assert auto_precision("cpu", False) == "fp32" and auto_precision("cuda", False) == "fp32"
+    assert auto_precision("mps", True) == "fp32"  # autocast there is not what was measured
+
+
+def test_native_bf16_matches_the_cpu_flags_and_the_scorer_uses_it():
+    """oneDNN's check against the kernel's own view of the CPU: AVX512-BF16 or AMX-BF16 flags."""
+    from cxr_batch.jobs.score_stages import Scorer, native_bf16
+    from cxr_batch.model.registry import describe
+
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    native = native_bf16(torch.device("cpu"))
+    assert native == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    scorer = Scorer(describe("resnet18:none").to_dict(), threads=1, precision="auto", compile=False, channels_last=False)
+    assert scorer.precision == ("bf16" if native else "fp32") and scorer.autocast == native
+    assert Scorer(describe("resnet18:none").to_dict(), threads=1, precision="fp32", compile=False,
+                  channels_last=False).autocast is False

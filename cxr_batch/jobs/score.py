@@ -45,7 +45,7 @@ class ScoreSettings:
     actors: int | None = None  # model replicas; None = one per GPU, or as many CPU actors as fit
     cpus_per_actor: float | None = None  # None: sized from the cluster (see plan_resources)
     device: str = "auto"
-    precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"  # auto = bf16 autocast where native (GPU sm80+, CPU AVX512-BF16/AMX), else fp32
     compile: bool = False  # torch.compile the model in each actor (slow start, faster steady state)
     channels_last: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
