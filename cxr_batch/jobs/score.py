@@ -128,7 +128,8 @@ class ScoreSummary:
     cam_dir: str | None = None
     model: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
-    # Start-up, in seconds: first_rows_s (since run_score began, any engine); ray_start_s (a Ray this
+    # Start-up, in seconds: model_check_s (describe() on the driver: torch import, checkpoint read and
+    # a model build, before any engine); first_rows_s (since run_score began, any engine); ray_start_s (a Ray this
     # run started); the local engine's engine_start_s (since run_score began) and, from its
     # LocalStats, pool_start_s, torch_import_s, model_build_s (durations), first_decode_s and
     # first_batch_s (since the engine started), workers_lost.
@@ -147,7 +148,8 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None) -
     engine, which needs no Ray. ``progress(summary, total)`` is called as rows arrive (at most every
     2 s, and at the end); ``echo(line)`` gets one line per stage of the job."""
     t0 = time.perf_counter()
-    info = describe(s.model)
+    info = describe(s.model)  # imports torch and builds the model once, to fail fast on a bad one
+    t_described = time.perf_counter() - t0
     s = replace(s, model=info.spec, archive=storage.absolute(s.archive), out=storage.absolute(s.out),
                 cam_dir=storage.absolute(s.cam_dir) if s.cam_dir else None)
     cam_dir = s.resolved_cam_dir() if s.cams else None
@@ -160,7 +162,7 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None) -
     todo = [f.path for f in files if f.path not in done]
     engine = choose_engine(s.engine, len(todo))
     summary = ScoreSummary(seen=len(files), already_done=len(files) - len(todo), out=s.out, cam_dir=cam_dir,
-                           model=info.to_dict())
+                           model=info.to_dict(), startup={"model_check_s": round(t_described, 3)})
     t_ray = time.perf_counter()
     with nullcontext() if engine == "local" or ray_is_up() else (ray_context or _local_ray)():
         if engine == "ray":
