@@ -8,7 +8,7 @@ jobs turn per-file failures into an ``error`` value on that file's row instead o
 EXIT_OK = 0
 EXIT_ERROR = 1  # a CxrError: one line "Error: ..." on stderr
 EXIT_USAGE = 2  # click's own: an unknown option, a value out of range, a missing argument
-EXIT_INCOMPLETE = 3  # reserved: a run that finished with retryable failures left to retry
+EXIT_INCOMPLETE = 3  # the run finished, but some files failed for a transient reason: run it again
 
 
 class CxrError(Exception):
@@ -26,6 +26,12 @@ class CheckpointError(CxrError):
 
 class DecodeError(CxrError):
     """One image that cannot be read or turned into pixels. Its message becomes the row's ``error``."""
+
+
+class TransientError(DecodeError):
+    """A file that could not be read for a reason outside the file (an I/O error, a folder that
+    vanished, a timeout, throttling, no space, out of memory). Never a final verdict: the run retries
+    it, and what still fails gets status "retry", which the next run scores again."""
 
 
 class TrainingError(CxrError):

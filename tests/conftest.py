@@ -38,6 +38,13 @@ def phantoms(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def ray_address(ray_session):
+    """The session Ray's address, for `cxr-batch` subprocesses that join it as second drivers (a
+    second Ray on 2 CPUs would be slow to start)."""
+    return ray_session.get_runtime_context().gcs_address
+
+
 @pytest.fixture(scope="session")
 def browser():
     """One headless Chromium (Debian's) for the session's page tests, driven by Playwright."""

@@ -49,6 +49,22 @@ def upload_tree(env: dict, local: Path, prefix: str, bucket: str = BUCKET) -> st
     return f"s3://{bucket}/{prefix}"
 
 
+def put_many(env: dict, bucket: str, objects) -> None:
+    """Create ``bucket`` over HTTP and put ``(key, bytes)`` pairs straight into the server's store.
+
+    For archives of tens of thousands of keys: moto serves a PUT in about 6 ms of Python, so 50,000
+    of them over HTTP take 5 minutes on 2 CPUs; its own put_object takes 3 s. Everything the code
+    under test does (listing, reading, writing) still goes over HTTP. The server must run in this
+    process (``s3_server`` does)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    client(env).create_bucket(Bucket=bucket)
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    for key, data in objects:
+        backend.put_object(bucket, key, data)
+
+
 def keys(env: dict, prefix: str, bucket: str = BUCKET) -> list[str]:
     out = []
     for page in client(env).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

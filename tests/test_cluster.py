@@ -109,6 +109,20 @@ def test_multi_node_training_refuses_a_node_local_out(cluster, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("where", ["archive", "cam-dir"])
+def test_multi_node_scoring_refuses_node_local_paths(cluster, tmp_path, where):
+    local = tmp_path / where
+    local.mkdir()
+    args = [str(local), "--out", f"s3://{BUCKET}/scores/refused"] if where == "archive" else \
+        [f"{cluster[2]}/test", "--out", f"s3://{BUCKET}/scores/refused", "--cam-dir", str(local)]
+    p = submit(cluster, "score.py", *args, "--model", "resnet18:none", timeout=240)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0
+    name = "ARCHIVE" if where == "archive" else "--cam-dir"
+    assert f"{name} {local} is a node-local path, but the Ray cluster has 2 nodes" in text, text[-3000:]
+    assert "CXR_BATCH_SHARED_FS=1" in text
+    assert not s3server.keys(cluster[1], "scores/refused")  # refused before anything was written
+
 
 def test_the_job_api_refuses_a_cli_without_token_auth(cluster):
     import subprocess

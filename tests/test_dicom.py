@@ -304,16 +304,35 @@ def test_random_bytes_are_not_a_dicom():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns as it reads the damage
-def test_garbage_after_the_preamble_is_refused():
-    noise = b"\0" * 128 + b"DICM" + random.Random(1).randbytes(600)
-    assert "DICOM" in refused(noise)
+def test_garbage_after_the_preamble_is_refused_and_not_called_truncated():
+    for seed in range(8):
+        msg = refused(b"\0" * 128 + b"DICM" + random.Random(seed).randbytes(600))
+        assert msg.startswith("DICOM has no pixel data") and "truncated" not in msg, msg
+
+
+def element_layout(data: bytes) -> list[tuple[int, int]]:
+    """(start of value, end of value) of each dataset element, as pydicom's own parser places them:
+    an oracle independent of dicom_layout's walk."""
+    ds = dcmread(io.BytesIO(data))
+    return [(e.value_tell, e.value_tell + e.length) for e in ds._dict.values() if e.length]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns as it reads the damage
-def test_file_cut_inside_the_header_reads_as_truncated():
+def test_a_file_cut_inside_an_element_reads_as_truncated_and_one_cut_between_elements_does_not():
     data = to_bytes(make_ds(ramp()))
-    for cut in range(160, len(data) - 100, 30):
-        assert refused(data[:cut]).startswith("truncated pixel data"), cut
+    layout = element_layout(data)
+    pixels_at = layout[-1][0]
+    for start, end in layout[:-1]:  # every element before the pixel data
+        for cut in (start - 3, start + (end - start) // 2):  # inside its header, inside its value
+            assert refused(data[:cut]).startswith("truncated DICOM file: it ends inside"), cut
+        # Cut exactly between two elements, a file cannot be told from a header-only object: no
+        # "copy it again", but never "not an image" either.
+        assert refused(data[:end]).startswith("DICOM has no pixel data: a header-only"), end
+    for cut in (pixels_at - 5, pixels_at + 3):
+        assert refused(data[:cut]).startswith("truncated"), cut
+    for cut in (140, 160, 190):  # inside the file meta
+        assert refused(data[:cut]).startswith("truncated DICOM file: it ends inside"), cut
+    assert refused(data[:132]) == "truncated DICOM file: it ends before its file meta information, before any pixel data; copy it again"
 
 
 def test_dicom_without_pixel_data():
@@ -321,15 +340,37 @@ def test_dicom_without_pixel_data():
     for keyword in ("PixelData", "Rows", "Columns"):
         delattr(ds, keyword)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
-    assert refused(to_bytes(ds)) == (
-        "DICOM has no pixel data (SOP class: Basic Text SR Storage): not an image object, or a damaged file"
-    )
+    assert refused(to_bytes(ds)) == "DICOM has no pixel data (SOP class: Basic Text SR Storage): not an image object"
+    cut = to_bytes(ds)[:-3]
+    assert refused(cut).startswith("DICOM has no pixel data (SOP class: Basic Text SR Storage): not an image object;"
+                                   " the file is also cut short (inside")
 
 
-def test_image_header_without_pixel_data_reads_as_truncated():
+def test_image_header_without_pixel_data_is_not_called_truncated():
+    """A DICOMDIR's stub images and exports without pixels are whole files: copying them again is no cure."""
     ds = make_ds(ramp())
     del ds.PixelData
-    assert refused(to_bytes(ds)).startswith("truncated pixel data")
+    msg = refused(to_bytes(ds))
+    assert msg.startswith("DICOM has no pixel data: a header-only Computed Radiography Image Storage object")
+    assert "truncated" not in msg and "copy" not in msg
+
+
+def test_whole_file_whose_pixel_data_is_shorter_than_its_header_says():
+    ds = make_ds(ramp(16, 16))
+    ds.Rows = 20  # the writer's mistake: 256 bytes of pixels for a 20 x 16 image
+    msg = refused(to_bytes(ds))
+    assert msg.startswith("pixel data shorter than its header says: 256 of 320 bytes, though no element is cut short")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_damaged_codestream_in_a_whole_file_is_not_called_truncated():
+    ds = make_ds(smooth_12bit(), bits_stored=12)
+    ds.compress(JPEG2000Lossless)
+    data = bytearray(to_bytes(ds))
+    start, end = element_layout(bytes(data))[-1]
+    data[start + 40: start + 200] = random.Random(2).randbytes(160)  # same length: every element still whole
+    msg = refused(bytes(data))
+    assert msg.startswith("cannot decode pixel data (JPEG 2000 Image Compression (Lossless Only)), though no element is cut")
 
 
 def test_truncated_pixel_data():
@@ -345,6 +386,7 @@ def test_truncated_compressed_pixel_data():
     data = to_bytes(ds)
     for cut in (8, 100, len(data) // 2):  # inside the end marker, the last fragment, the middle
         assert refused(data[:-cut]).startswith("truncated pixel data"), cut
+        assert "the file ends inside element (7FE0,0010)" in refused(data[:-cut]), cut
 
 
 def test_oversized_image_is_refused_from_the_header_without_allocating():

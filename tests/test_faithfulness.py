@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
+from cxr_batch.model.cam import CamGrid
 from cxr_batch.reports.faithfulness import deletion_curves, deletion_stack, sample_positives, summarize
 
 SIZE, GRID = 32, 4  # 4 x 4 blocks of 8 px
+CELLS = CamGrid(stride=8, offset=3.5, input_size=SIZE)  # the toy CAM's cell j is block j, centred on pixel 8j + 3.5
 
 
 def _images(n, seed=0):
@@ -36,7 +38,7 @@ def _model(cam_sign):
 def test_a_cam_on_the_evidence_falls_faster_than_random_regions():
     pixels, _ = _images(24)
     honest = _model(1)
-    curves = deletion_curves(honest, pixels, steps=8, seed=0)
+    curves = deletion_curves(honest, pixels, cells=CELLS, steps=8, seed=0)
     s = summarize(curves, n_boot=200)
     assert s["cam_curve"][0] > 0.99 and s["cam_curve"][1] < 0.05  # the lesion block goes in step 1 (2 of 16 blocks)
     assert s["auc_difference"] > 0.2 and s["auc_difference_ci95"][0] > 0
@@ -47,7 +49,7 @@ def test_a_cam_on_the_evidence_falls_faster_than_random_regions():
 def test_a_cam_that_points_elsewhere_does_no_better_than_random():
     pixels, _ = _images(24)
     liar = _model(-1)  # the lesion goes last
-    s = summarize(deletion_curves(liar, pixels, steps=8, seed=0), n_boot=200)
+    s = summarize(deletion_curves(liar, pixels, cells=CELLS, steps=8, seed=0), n_boot=200)
     assert s["auc_difference"] < -0.2 and s["auc_difference_ci95"][1] < 0
 
 

@@ -187,22 +187,25 @@ def build(root) -> tuple[str, dict]:
     expect["names/r\\xe9sum\\xe9.png"] = ("ok", (80, 96))
 
     # An unreadable file. As root, chmod 000 does not stop a read (CAP_DAC_OVERRIDE), so that
-    # case only runs as a normal user; a link to /proc/self/mem fails to read (EIO) for anyone.
-    os.symlink("/proc/self/mem", archive / "bad" / "io_error.jpeg")
-    expect["bad/io_error.jpeg"] = ("error", "unreadable file: ")
+    # case only runs as a normal user (test_an_io_error_is_a_row_error reads /proc/self/mem instead).
     if os.geteuid() != 0:
         put("bad/no_permission.jpeg", png)
         os.chmod(archive / "bad" / "no_permission.jpeg", 0)
         expect["bad/no_permission.jpeg"] = ("error", "unreadable file: permission denied")
 
+    # A file without an extension is a candidate; the decode stage finds it is not DICOM.
+    put("bad/notdicom_noext", b"plain text, no DICM marker")
+    expect["bad/notdicom_noext"] = ("error", "skipped: no file extension and not DICOM")
+
     # Not inputs, so no rows: a folder loop (its files are listed once), a link to itself,
-    # a dangling link, hidden files, other extensions.
+    # a dangling link, links to outside the archive, hidden files, other extensions.
     os.symlink(archive, archive / "odd" / "loop")
     os.symlink("self.jpeg", archive / "bad" / "self.jpeg")
     os.symlink(root / "nowhere.png", archive / "bad" / "dangling.png")
+    os.symlink("/proc/self/mem", archive / "bad" / "io_error.jpeg")
+    os.symlink("/", archive / "bad" / "root")
     put("bad/.hidden.jpeg", png)
     put("bad/readme.txt", b"hello")
-    put("bad/notdicom_noext", b"plain text, no DICM marker")
     return str(archive), expect
 
 
@@ -288,8 +291,9 @@ def test_monochrome1_is_shown_inverted(scored):
 
 def test_no_output_identifies_the_patient(scored):
     texts = [json.dumps(list(scored["rows"].values()), default=str), scored["result"].output]
-    for part in scored["out"].iterdir():
-        texts.append(json.dumps({k.decode(): v.decode() for k, v in (pq.read_schema(part).metadata or {}).items()}))
+    for part in scored["out"].iterdir():  # the parts, and the lease's files
+        if part.suffix == ".parquet":
+            texts.append(json.dumps({k.decode(): v.decode() for k, v in (pq.read_schema(part).metadata or {}).items()}))
         texts.append(part.read_bytes().decode("latin-1"))
     for d, _, files in os.walk(scored["cam_dir"]):
         texts += [os.path.join(d, f) for f in files]

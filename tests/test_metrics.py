@@ -201,6 +201,15 @@ def test_pointing_game_hits_and_misses():
     assert m.pointing_game(peaks, truth, tolerance=1.0)["hits"] == 1
 
 
+def test_pointing_game_mean_offset_is_signed_and_in_radii():
+    """Peaks all below the lesion add up; misses to either side cancel."""
+    truth = [[0.5, 0.5, 0.1], [0.3, 0.3, 0.05], [0.6, 0.4, 0.1]]
+    peaks = [[0.55, 0.6], [0.25, 0.35], [0.6, 0.45]]  # dx +0.5, -1, 0 radii; dy +1, +1, +0.5 radii
+    r = m.pointing_game(peaks, truth)
+    assert r["mean_dx_in_radii"] == pytest.approx(-0.5 / 3) and r["mean_dy_in_radii"] == pytest.approx(2.5 / 3)
+    assert m.pointing_game([], [])["mean_dy_in_radii"] is None
+
+
 def test_pointing_game_aspect_scales_vertical_distance():
     # On an image twice as wide as tall, 0.2 of the height is 0.1 of the width: 1 radius.
     r = m.pointing_game([[0.5, 0.7]], [[0.5, 0.5, 0.1]], tolerance=1.0, aspect=2.0)

@@ -6,7 +6,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from cxr_batch.archive.results import (SCHEMA, TEXT_COLUMNS, PartWriter, cam_uri, done_paths, read_metadata,
+from cxr_batch.archive.results import (SCHEMA, TEXT_COLUMNS, PartWriter, cam_uri, done_path_batches, read_metadata,
                                        read_table, safe_relpath)
 from cxr_batch.errors import InputError
 
@@ -29,10 +29,11 @@ def test_part_writer_publishes_whole_parts_and_resume_reads_them(tmp_path):
     w.flush()
     names = sorted(os.listdir(out))
     assert len(names) == 3 and all(n.startswith("part-") and n.endswith(".parquet") for n in names)
-    assert done_paths(out, "m1") == {r["path"] for r in rows}
+    assert sorted(p for a in done_path_batches(out, "m1") for p in a.to_pylist()) == sorted(r["path"] for r in rows)
+    assert [len(a) for a in done_path_batches(out, "m1", batch_rows=4)] == [6, 1]  # whole parts of 3, 3 | 1
     assert read_table(out).num_rows == 7
     with pytest.raises(InputError, match="--overwrite"):
-        done_paths(out, "another-model")
+        list(done_path_batches(out, "another-model"))
 
 
 def test_metadata_of_the_parts_reads_back(tmp_path):
@@ -48,3 +49,46 @@ def test_text_columns_are_the_schema_s_string_columns():
     assert set(TEXT_COLUMNS) == {f.name for f in SCHEMA if f.type == pa.string()}
     assert {"path", "label", "pred", "error", "sop_instance_uid"} <= set(TEXT_COLUMNS)
     assert "prob_pneumonia" not in TEXT_COLUMNS
+
+
+def write_part(out, rows, *, run, archive="/a", model_id="m1"):
+    w = PartWriter(out, {"model_id": model_id, "settings": {"archive": archive}}, rows_per_part=len(rows), run=run)
+    w.add(pa.Table.from_pylist(rows, schema=SCHEMA))
+    w.flush()
+
+
+def test_retry_rows_are_not_done_and_are_dropped_before_their_files_are_scored_again(tmp_path):
+    from cxr_batch.archive.results import drop_retry_rows
+
+    out = str(tmp_path / "res")
+    write_part(out, [{"path": "a.png", "status": "scored"}, {"path": "b.png", "status": "retry", "error": "file vanished"},
+                     {"path": "c.png", "status": "error"}, {"path": "old.png"}], run="0000000a")  # old: no status
+    write_part(out, [{"path": "d.png", "status": "retry"}, {"path": "e.png", "status": "skipped"}], run="0000000b")
+    done = sorted(p for a in done_path_batches(out, "m1", archive="/a") for p in a.to_pylist())
+    assert done == ["a.png", "c.png", "e.png", "old.png"]
+    # Only b is scored again now (d is, say, beyond --limit): b's retry row goes, d's stays.
+    assert drop_retry_rows(out, pa.array(["b.png", "a.png"])) == 1
+    table = read_table(out)
+    assert sorted(table["path"].to_pylist()) == ["a.png", "c.png", "d.png", "e.png", "old.png"]
+    assert read_metadata(out)["model_id"] == "m1"  # the rewritten part keeps its metadata
+    assert len(os.listdir(out)) == 2  # rewritten in place, no temp files left
+
+
+def test_resume_is_bound_to_the_archive(tmp_path):
+    out = str(tmp_path / "res")
+    write_part(out, [{"path": "a.png", "status": "scored"}], run="0000000a", archive="/data/site-a")
+    assert [a.to_pylist() for a in done_path_batches(out, "m1", archive="/data/site-a/")] == [["a.png"]]
+    with pytest.raises(InputError, match=r"already holds results of archive /data/site-a, not /data/site-b: pass --overwrite"):
+        list(done_path_batches(out, "m1", archive="/data/site-b"))
+
+
+def test_part_names_past_99999_are_still_parts(tmp_path):
+    from cxr_batch.archive.results import part_files
+
+    out = str(tmp_path / "res")
+    w = PartWriter(out, {"model_id": "m1"}, rows_per_part=1, run="0000000a")
+    w.seq = 99_999
+    for p in ("a.png", "b.png"):
+        w.add(pa.Table.from_pylist([{"path": p}], schema=SCHEMA))
+    assert [os.path.basename(p) for p in part_files(out)] == ["part-0000000a-100000.parquet", "part-0000000a-99999.parquet"]
+    assert sorted(read_table(out)["path"].to_pylist()) == ["a.png", "b.png"]

@@ -110,3 +110,35 @@ def test_score_with_a_checkpoint_on_s3_writes_parquet_and_pngs_to_s3(s3, s3_arch
         with Image.open(io.BytesIO(s3server.get(s3, r["cam_path"]))) as im:
             assert im.format == "PNG" and im.size == (64, 64)
     assert len([k for k in s3server.keys(s3, "scores/test-cams/") if k.endswith(".png")]) == 16
+
+
+@pytest.fixture(scope="module")
+def pacs(s3):
+    """A PACS export on S3: 50,000 extensionless DICOM keys (studies/NNNNN/seriesK/IMnnnn), one
+    extensionless text file among the first by path, and hidden keys that are not inputs."""
+    import numpy as np
+    from test_dicom import make_ds, to_bytes
+
+    dicom = to_bytes(make_ds(np.arange(256, dtype=np.uint16).reshape(16, 16)))
+    names = [f"studies/{s:05d}/series{k}/IM{n:04d}" for s in range(500) for k in range(2) for n in range(50)]
+    extra = [("studies/00000/series0/NOTES", b"exported by PACS v2\n"), ("studies/.DS_Store", b"x"),
+             ("studies/00001/.trash/IM0000", dicom)]
+    s3server.put_many(s3, "pacs", [(k, dicom) for k in names] + extra)
+    return "s3://pacs/studies", sorted(n[len("studies/"):] for n in names + ["studies/00000/series0/NOTES"])
+
+
+@pytest.mark.slow
+def test_50000_extensionless_keys_are_listed_in_parallel_and_sniffed_by_the_decoders(s3, pacs):
+    archive, paths = pacs
+    assert len(paths) == 50_001
+    summary = run_job(s3, "score.py", archive, "--out", f"s3://{BUCKET}/scores/pacs", "--model", "resnet18:none",
+                      "--limit", "64", "--no-cams", "--batch-size", "16", "--stall-timeout", "300", timeout=600)
+    assert summary["listed"] == 50_001 and summary["seen"] == 64
+    listing = summary["listing"]
+    assert listing["max_in_flight"] > 1 and listing["requests"] > 1
+    table, _ = s3server.read_parquet_folder(s3, "scores/pacs")
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert sorted(rows) == paths[:64]  # --limit: the first 64 by path, each once
+    assert rows["00000/series0/NOTES"]["error"].startswith("skipped: no file extension and not DICOM")
+    assert all(r["error"] is None and r["format"] == "DICOM" for p, r in rows.items() if p != "00000/series0/NOTES")
+    assert (summary["scored"], summary["skipped"], summary["errors"]) == (63, 1, 0)

@@ -41,10 +41,13 @@ def test_one_row_per_input_file_and_errors_only_for_bad_files(scored):
     errors = {r["path"]: r["error"] for r in rows if r["error"] is not None}
     assert set(errors) == {f"test/NORMAL/{n}" for n in broken()}
     assert "empty file" in errors["test/NORMAL/empty.jpeg"] and "not an image" in errors["test/NORMAL/text.jpeg"]
+    assert table.schema.field("cam_max").type == "float"
     for r in rows:
         if r["error"] is None:
             assert r["pred"] in ("NORMAL", "PNEUMONIA") and 0 <= r["prob_pneumonia"] <= 1
             assert 0 <= r["cam_peak_x"] <= 1 and 0 <= r["cam_peak_y"] <= 1
+            # The CAM is in logit units and averages to the image's raw logit, so its maximum is at least that.
+            assert r["cam_max"] >= r["logit_pneumonia"] - 1e-3
             assert r["width"] == 192 and r["height"] == 192 and len(r["sha256"]) == 64
             assert r["model"] == "resnet18:none"
             assert r["label"] == (None if r["path"].startswith("unlabelled") else r["path"].split("/")[1])

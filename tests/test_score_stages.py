@@ -4,6 +4,7 @@ columns Ray Data hands on, and workers that must start without torch."""
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from cxr_batch.model.network import build_model
@@ -42,11 +43,48 @@ def test_a_block_of_good_images_is_not_read_as_errors(tmp_path):
              "width": np.full(n, 8, np.int32), "height": np.full(n, 8, np.int32), "bytes": np.full(n, 9, np.int64),
              "pixels": np.zeros((n, 16, 16), np.uint8), "cam": np.random.default_rng(0).random((n, 4, 4), np.float32),
              "prob_pneumonia": np.array([0.2, 0.6, 0.9], np.float32)}
-    out = finish_batch(batch, info={"threshold": 0.5, "model_id": "m"}, cam_dir=str(tmp_path), cam_size=None,
-                       archive=str(tmp_path), max_pixels=10**6)
+    info = {"threshold": 0.5, "model_id": "m", "cam_stride": 4, "cam_offset": 0.0, "image_size": 16}
+    out = finish_batch(batch, info=info, cam_dir=str(tmp_path), cam_size=None, archive=str(tmp_path),
+                       max_pixels=10**6, cam_scale="relative")
     assert list(out["error"]) == [None] * n and list(out["label"]) == [None] * n
     assert list(out["pred"]) == ["NORMAL", "PNEUMONIA", "PNEUMONIA"]
     assert all(os.path.exists(p) for p in out["cam_path"])
+
+
+def nan_checkpoint(tmp_path, name: str, poison) -> str:
+    """A real resnet18 checkpoint whose weights ``poison`` breaks in place."""
+    from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
+
+    net = build_model("resnet18", "none", cam_stride=16)
+    with torch.no_grad():
+        poison(net)
+    uri = str(tmp_path / name)
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16), uri)
+    return uri
+
+
+def test_non_finite_model_outputs_fail_closed(tmp_path):
+    """A NaN or infinite logit must never become pred = NORMAL (NaN >= threshold is False): every such
+    row is an error row without a prediction, through the real decode, model and finish stages."""
+    from cxr_batch.jobs.score_stages import NON_FINITE, Scorer, decode_batch, finish_batch
+    from cxr_batch.model.registry import describe
+    from cxr_batch.synth.archive import make_archive
+
+    archive = make_archive(tmp_path / "a", n_train=0, n_val=0, n_test=4, size=64, seed=1)
+    paths = sorted(p.relative_to(archive).as_posix() for p in archive.rglob("*.jpeg"))
+    cases = {"nan-weights.ckpt": lambda net: net.fc.weight.fill_(float("nan")),
+             "inf-bias.ckpt": lambda net: net.fc.bias.fill_(float("inf")),
+             "nan-conv.ckpt": lambda net: net.trunk[-1][0].conv1.weight.view(-1)[0].fill_(float("nan"))}
+    for name, poison in cases.items():
+        info = describe(nan_checkpoint(tmp_path, name, poison)).to_dict()
+        batch = decode_batch({"path": np.array(paths, dtype=object)}, archive=str(archive), image_size=64,
+                             max_pixels=10**6)
+        scored = Scorer(info, threads=1, precision="fp32", compile=False, channels_last=True)(batch)
+        out = finish_batch(scored, info=info, cam_dir=str(tmp_path / "cams"), cam_size=None, archive=str(archive),
+                           max_pixels=10**6, cam_scale="absolute")
+        assert list(out["error"]) == [NON_FINITE] * len(paths), name
+        assert list(out["pred"]) == [None] * len(paths) and np.isnan(out["prob_pneumonia"]).all(), name
+        assert list(out["cam_path"]) == [None] * len(paths), name
 
 
 def test_scoring_applies_the_checkpoint_temperature_and_old_checkpoints_mean_t_1(tmp_path):
@@ -81,8 +119,47 @@ def test_scoring_applies_the_checkpoint_temperature_and_old_checkpoints_mean_t_1
         assert info.temperature == (temperature or 1.0)
         out = Scorer(info.to_dict(), threads=1, precision="fp32", compile=False, channels_last=True)(dict(batch))
         assert np.allclose(out["logit_pneumonia"], margin, atol=1e-3)
+        # The CAM is the log-odds map: in logit units, averaging to the image's raw (uncalibrated) logit.
+        assert np.allclose(out["cam"].mean((1, 2)), margin, atol=1e-3)
         assert np.allclose(out["prob_pneumonia"], calibrated(margin, temperature or 1.0), atol=1e-4)
         assert out["prob_pneumonia"].min() < 0.4 and out["prob_pneumonia"].max() > 0.6
+
+
+def test_an_io_error_is_a_row_error_and_outside_links_are_not_read(tmp_path):
+    from cxr_batch.errors import DecodeError
+    from cxr_batch.jobs.score_stages import _read
+
+    os.symlink("/proc/self/mem", tmp_path / "io_error.jpeg")  # fails to read (EIO) for anyone, root too
+    with pytest.raises(DecodeError, match="^unreadable file: "):
+        _read(str(tmp_path), "io_error.jpeg", sniff=False, follow_symlinks=True)
+    with pytest.raises(DecodeError, match="^symlink to outside the archive: not read"):
+        _read(str(tmp_path), "io_error.jpeg", sniff=False, follow_symlinks=False)
+
+
+def test_each_failure_gets_the_status_that_says_whether_a_rerun_helps(tmp_path):
+    """The file's own fault is final ("error", "skipped"); the environment's is "retry"."""
+    from images import encode
+    from PIL import Image
+
+    from cxr_batch.jobs.score_stages import decode_batch
+
+    good = encode(Image.new("L", (64, 64), 128), "PNG")
+    (tmp_path / "ok.png").write_bytes(good)
+    (tmp_path / "big.png").write_bytes(good + b"\0" * 4000)  # grew past --max-bytes after the listing
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "NOTES").write_bytes(b"exported by PACS")
+    os.symlink("/proc/self/mem", tmp_path / "eio.png")
+    paths = ["ok.png", "big.png", "broken.png", "NOTES", "gone.png", "eio.png"]
+    out = decode_batch({"path": np.array(paths, dtype=object), "sniff": np.array([p == "NOTES" for p in paths])},
+                       archive=str(tmp_path), image_size=32, max_pixels=10**6, follow_symlinks=True,
+                       max_bytes=len(good) + 100)
+    got = dict(zip(paths, zip(out["status"], out["error"])))
+    assert got["ok.png"] == (None, None)  # the finish stage says "scored"
+    assert got["big.png"][0] == "error" and got["big.png"][1].startswith("file larger than --max-bytes")
+    assert got["broken.png"][0] == "error"
+    assert got["NOTES"][0] == "skipped"
+    assert got["gone.png"] == ("retry", "file vanished after it was listed")
+    assert got["eio.png"][0] == "retry" and got["eio.png"][1].startswith("unreadable file: ")
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_it():

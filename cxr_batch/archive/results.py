@@ -14,8 +14,10 @@ import posixpath
 import re
 import unicodedata
 import uuid
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import storage
@@ -32,6 +34,7 @@ SCHEMA = pa.schema([
     ("cam_path", pa.string()),
     ("cam_peak_x", pa.float32()),  # CAM maximum as a fraction of the width (0 = left edge)
     ("cam_peak_y", pa.float32()),  # ... and of the height (0 = top)
+    ("cam_max", pa.float32()),  # the map's maximum in its own units (logits; cam.log_odds_map), before any display scaling
     ("width", pa.int32()),  # the file's own pixel size
     ("height", pa.int32()),
     ("format", pa.string()),
@@ -42,20 +45,30 @@ SCHEMA = pa.schema([
     ("sop_instance_uid", pa.string()),
     ("model", pa.string()),
     ("error", pa.string()),  # null when scored; else one line saying what is wrong
+    ("status", pa.string()),  # one of STATUSES; null in tables written before it existed (read as done)
 ])
+
+# What a row's file came to. "retry" rows are the environment's fault (an I/O error, a vanished
+# file, no space, out of memory): a re-run scores those files again and its rows replace these.
+SCORED, ERROR, SKIPPED, RETRY = "scored", "error", "skipped", "retry"
+STATUSES = (SCORED, ERROR, SKIPPED, RETRY)
 
 # The string columns, as the scoring stages carry them (None, never NaN; see score_stages._strings).
 TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_string(f.type))
 
-_PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")
+# Sequence numbers are zero-padded to 5 digits for a readable sort, and grow past 99999 (200 M rows
+# of 2,000): the pattern takes any length, or a 6-digit part would be ignored and its files rescored.
+_PART = re.compile(r"^part-[0-9a-f]{8}-\d{5,}\.parquet$")
 
 
 class PartWriter:
     """Collects row tables and publishes them as ``part-<run>-<seq>.parquet`` files."""
 
-    def __init__(self, out: str, metadata: dict, rows_per_part: int = 2000):
+    def __init__(self, out: str, metadata: dict, rows_per_part: int = 2000, *, run: str | None = None,
+                 before_publish=None):
         self.out, self.rows_per_part = out, rows_per_part
-        self.run = uuid.uuid4().hex[:8]
+        self.run = run or uuid.uuid4().hex[:8]
+        self.before_publish = before_publish  # e.g. Lease.check: a run that lost --out must not publish
         self.seq, self.rows, self.pending = 0, 0, []
         self.schema = SCHEMA.with_metadata({b"cxr_batch": json.dumps(metadata, default=str).encode()})
         storage.makedirs(out)
@@ -72,6 +85,8 @@ class PartWriter:
         table = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
+        if self.before_publish:
+            self.before_publish()
         storage.write_bytes_atomic(storage.join(self.out, f"part-{self.run}-{self.seq:05d}.parquet"), buf.getvalue())
         self.seq += 1
         self.pending = []
@@ -81,21 +96,75 @@ def part_files(out: str) -> list[str]:
     return sorted(storage.join(out, n) for n in storage.list_dir(out) if _PART.match(n))
 
 
-def done_paths(out: str, model_id: str) -> set[str]:
-    """Paths that already have a row in ``out``; refuses to mix two models' rows in one table."""
-    done: set[str] = set()
+def done_path_batches(out: str, model_id: str, *, archive: str | None = None,
+                      batch_rows: int = 1 << 20) -> Iterator[pa.Array]:
+    """Paths that are done in ``out`` (a row whose status is not "retry"), as Arrow string arrays of
+    about ``batch_rows`` paths (10 M done paths never sit in memory at once, nor as 10 M Python
+    objects); refuses to mix two models' or two archives' rows in one table."""
+    done, rows = [], 0
     for part in part_files(out):
         fs, path = storage.resolve(part)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            meta = json.loads((pf.schema_arrow.metadata or {}).get(b"cxr_batch", b"{}"))
-            if meta.get("model_id") not in (None, model_id):
-                raise InputError(
-                    f"{out} already holds results of model {meta.get('model_id')}, not {model_id}:"
-                    " pass --overwrite to start over, or a new --out."
-                )
-            done.update(pf.read(columns=["path"]).column("path").to_pylist())
-    return done
+            _check_same_job(out, json.loads((pf.schema_arrow.metadata or {}).get(b"cxr_batch", b"{}")), model_id, archive)
+            table = pf.read(columns=[c for c in ("path", "status") if c in pf.schema_arrow.names])
+            if "status" in table.column_names:
+                table = table.filter(pc.fill_null(pc.not_equal(table["status"], RETRY), True))
+            chunks = table.column("path").chunks
+        done += chunks
+        rows += sum(len(c) for c in chunks)
+        if rows >= batch_rows:
+            yield pa.concat_arrays(done)
+            done, rows = [], 0
+    if done:
+        yield pa.concat_arrays(done)
+
+
+def _check_same_job(out: str, meta: dict, model_id: str, archive: str | None) -> None:
+    """Resume is bound to the model and to the archive: the same relative path in another archive
+    is another file, and must not be skipped as done."""
+    if meta.get("model_id") not in (None, model_id):
+        raise InputError(f"{out} already holds results of model {meta.get('model_id')}, not {model_id}:"
+                         " pass --overwrite to start over, or a new --out.")
+    theirs = (meta.get("settings") or {}).get("archive")
+    if archive and theirs and theirs.rstrip("/") != archive.rstrip("/"):
+        raise InputError(f"{out} already holds results of archive {theirs}, not {archive}: pass --overwrite"
+                         " to start over, or a new --out.")
+
+
+def drop_retry_rows(out: str, paths: pa.Array, *, before_publish=None) -> int:
+    """Rewrite each part that holds "retry" rows for any of ``paths`` without those rows (the new
+    part replaces the old one atomically, under the same name), so that when those files are
+    scored again no reader sees two rows for one file. -> the number of rows dropped."""
+    dropped = 0
+    for part in part_files(out):
+        fs, path = storage.resolve(part)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if "status" not in pf.schema_arrow.names:
+                continue
+            keys = pf.read(columns=["path", "status"])
+            drop = pc.and_(pc.fill_null(pc.equal(keys["status"], RETRY), False), pc.is_in(keys["path"], value_set=paths))
+            n = pc.sum(drop).as_py() or 0
+            if not n:
+                continue
+            table = pf.read().filter(pc.invert(drop))
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        if before_publish:
+            before_publish()
+        storage.write_bytes_atomic(part, buf.getvalue())
+        dropped += n
+    return dropped
+
+
+def pending(files: pa.Table, done: Iterable[pa.Array]) -> pa.Table:
+    """The rows of a listing whose path is in none of the ``done`` arrays (an anti-join, one batch
+    of done paths at a time; order kept)."""
+    for paths in done:
+        if len(paths) and files.num_rows:
+            files = files.filter(pc.invert(pc.is_in(files["path"], value_set=paths)))
+    return files
 
 
 def read_metadata(out: str) -> dict:

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import pyarrow.fs as pafs
 
-from ..errors import DecodeError, one_line
+from ..errors import DecodeError, TransientError, one_line
 
 
 def is_uri(path: str) -> bool:
@@ -72,19 +72,37 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def read_file(root: str, rel: str) -> bytes:
+def read_file(root: str, rel: str, *, check_head=None, max_bytes: int | None = None) -> bytes:
     """The bytes of archive file ``rel`` (a path as ``discover`` returns it) under ``root``: the one
-    way scoring, training and the benchmark read an input. A failure is a ``DecodeError`` whose
-    one-line message goes into that file's row (or the list of skipped training images)."""
+    way scoring, training and the benchmark read an input. A failure is a ``TransientError`` whose
+    one-line message goes into that file's row (or the list of skipped training images).
+    ``check_head(first 132 bytes)`` may raise a DecodeError before the rest is read: a 2 GB
+    extensionless file that is not DICOM costs one small read, not 2 GB. ``max_bytes``: a file that
+    grew past the cap after it was listed (or whose size the manifest did not give) is refused
+    after reading one byte more than the cap, never read whole."""
+    limit = -1 if max_bytes is None else max_bytes + 1
+    # Every OSError here is the environment's, not the file's (a decoder's own OSError, such as
+    # Pillow's "image file is truncated", comes later and is a DecodeError): a permission can be
+    # fixed, a remounted share comes back, S3 throttling passes. So all of them are transient.
     try:
         with open_file(root, rel) as f:
-            return f.read()
+            head = f.read(132) if check_head else b""
+            if check_head:
+                check_head(head)
+            data = head + f.read(limit - len(head) if limit >= 0 else None)
     except PermissionError:
-        raise DecodeError("unreadable file: permission denied") from None
+        raise TransientError("unreadable file: permission denied") from None
     except FileNotFoundError:
-        raise DecodeError("file vanished after it was listed") from None
+        raise TransientError("file vanished after it was listed") from None
     except OSError as e:
-        raise DecodeError(f"unreadable file: {one_line(e, 160)}") from None
+        raise TransientError(f"unreadable file: {one_line(e, 160)}") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DecodeError(too_big(max_bytes))
+    return data
+
+
+def too_big(max_bytes: int) -> str:
+    return f"file larger than --max-bytes {max_bytes:,}: not read (raise --max-bytes to score it)"
 
 
 def open_file(root: str, rel: str, *, random_access: bool = False):
@@ -100,6 +118,8 @@ def open_file(root: str, rel: str, *, random_access: bool = False):
 def text_name(name: str) -> str:
     """A local file name as text that any UTF-8 writer takes: os.scandir gives undecodable bytes as
     lone surrogates, and those become ``\\xNN`` escapes here (``local_path`` undoes it)."""
+    if name.isascii():  # nearly every name: skip the encode (listing 10 M names calls this 10 M times)
+        return name
     try:
         name.encode("utf-8")
         return name

@@ -22,7 +22,7 @@ EXIT_CODES = f"""Exit codes:
   {EXIT_OK}  success
   {EXIT_ERROR}  an error you can fix, printed as one line "Error: ..." (a bad path, model or option value)
   {EXIT_USAGE}  a usage error: an unknown option, a value out of range, a missing argument
-  {EXIT_INCOMPLETE}  reserved: a run that finished with retryable failures left to retry
+  {EXIT_INCOMPLETE}  score finished, but some files failed for a transient reason (status 'retry'): run it again
 """
 
 

@@ -83,7 +83,7 @@ class ScoreProgress:
         self.console, self.what, self.first = console, what, None
 
     def __call__(self, summary, total: int) -> None:
-        done, now = summary.scored + summary.errors, time.monotonic()
+        done, now = summary.scored + summary.errors + getattr(summary, "skipped", 0), time.monotonic()
         if self.first is None and done:
             self.first = (now, done)
         rate = summary.images_per_s or None  # start-up included, until a second point gives the steady rate

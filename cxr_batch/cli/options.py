@@ -35,6 +35,15 @@ def cluster_options(fn):
     return fn
 
 
+def cam_scale_option(fn):
+    """--cam-scale: how the overlay PNGs show heat (score and evaluate)."""
+    return click.option(
+        "--cam-scale", type=click.Choice(["absolute", "relative"]), default="absolute", show_default=True,
+        help="Overlay heat. absolute: one fixed range of the map's logit units for every image, so a confident"
+             " NORMAL stays cold and heat says how strong; relative: min-max per image (always a hot spot)."
+             " The raw maximum is in the cam_max column either way.")(fn)
+
+
 def output_options(fn):
     """--json, --verbose: what the console shows."""
     fn = click.option("--verbose", "-v", is_flag=True,

@@ -8,7 +8,7 @@ from functools import partial
 import click
 
 from .console import Console
-from .options import cluster_options, friendly, output_options
+from .options import cam_scale_option, cluster_options, friendly, output_options
 from .summaries import format_summary
 
 
@@ -22,6 +22,7 @@ from .summaries import format_summary
 @click.option("--cams/--no-cams", default=True, show_default=True, help="Write a CAM overlay PNG per image.")
 @click.option("--cam-size", type=click.IntRange(min=0), default=None,
               help="Overlay side in px. Default: the model's input size; 0 = the image's own resolution (slow).")
+@cam_scale_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
 @click.option("--actors", type=click.IntRange(min=1), default=None, help="Model replicas. Default: one per GPU, else fit to CPUs.")
 @click.option("--cpus-per-actor", type=click.FloatRange(min=0.5), default=None, help="CPUs per model actor (torch threads).")
@@ -30,44 +31,64 @@ from .summaries import format_summary
               help="auto: bf16 autocast where the hardware has native bf16 (GPU sm80+, CPU with AVX512-BF16 or AMX), else fp32.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model in each actor.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Refuse images above this many pixels (decompression bombs). Default 100M.")
-@click.option("--overwrite", is_flag=True, help="Delete the output and CAMs first. Default: resume, scoring only files with no row yet.")
+@click.option("--overwrite", is_flag=True, help="First delete what earlier runs wrote to the output and CAM folder (only"
+              " cxr-batch's own files). Default: resume, scoring only files with no row yet.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N files (sorted by path).")
+@click.option("--manifest", default=None, metavar="FILE",
+              help="Score the files this CSV (`path`, optional `size` column), .txt (one path per line) or Parquet"
+                   " file lists, relative to ARCHIVE, instead of listing ARCHIVE.")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Also read symlinks whose target lies outside ARCHIVE. Default: such links are not followed.")
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=900, show_default=True, metavar="S",
               help="Fail after this many seconds without progress (Ray Data would otherwise wait for resources forever).")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Files larger than this (by the listing's size) get an error row and are not read. Default 1 GiB.")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Retry passes, with backoff, for files that failed for a transient reason (I/O, a vanished folder,"
+                   " throttling, no space, a dead worker). What still fails has status 'retry': exit code 3.")
+@click.option("--retry-backoff", type=click.FloatRange(min=0), default=2.0, hidden=True, metavar="S",
+              help="Seconds before the first retry pass, doubled for each next one.")
 @click.option("--engine", type=click.Choice(["auto", "ray", "local"]), default="auto", show_default=True,
               help="ray: Ray Data (tasks, an actor pool; any cluster). local: this process and a process pool, no"
                    " Ray start-up. auto: local on one machine with at most one GPU (and for up to 20,000 files on"
                    " a CPU machine of more than 8 CPUs), ray when joining a cluster (--address, RAY_ADDRESS).")
 @click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
               help="Rows per published Parquet part: small values make tests see parts early.")
+@click.option("--lease-timeout", type=click.FloatRange(min=1), default=None, hidden=True,
+              help="Seconds without a heartbeat after which this run's lease on --out may be taken over (default 120).")
 @click.option("--report", "report_", is_flag=True, help="Also write an HTML report beside the output (see `cxr-batch report`).")
 @cluster_options
 @output_options
 @friendly
-def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus_per_actor, device, precision,
-          compile_, max_pixels, overwrite, limit, stall_timeout, engine, rows_per_part, report_, address,
-          wait_for_gpus, wait_timeout, as_json, verbose):
+def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, actors, cpus_per_actor, device, precision,
+          compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, max_bytes, retries,
+          retry_backoff, engine, rows_per_part, lease_timeout, report_, address, wait_for_gpus, wait_timeout, as_json,
+          verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
-    cam_peak_x/y, width, height, sha256, model, error. A re-run with the same --out scores only
-    what is missing.
+    cam_peak_x/y, cam_max, width, height, sha256, model, error, status. A re-run with the same --out scores only
+    what is missing, and again what had failed for a transient reason (exit code 3 says so).
 
     Example: cxr-batch score /data/chest_xray/test --out results.parquet
     """
     from ..jobs.ray_env import ray_for_job
-    from ..jobs.score import ScoreSettings, run_score
-    from ..model.registry import describe
+    from ..archive.lease import DEFAULT_TIMEOUT_S
+    from ..errors import EXIT_INCOMPLETE
+    from ..jobs.score import DEFAULT_MAX_BYTES, ScoreSettings, prepare, run_score
     from ..pixels.decode import DEFAULT_MAX_PIXELS
 
     s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
-                      batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
+                      cam_scale=cam_scale, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
                       precision=precision, compile=compile_, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                      overwrite=overwrite, limit=limit, rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,
-                      engine=_engine(engine, address, wait_for_gpus))
+                      overwrite=overwrite, limit=limit, manifest=manifest, follow_symlinks=follow_symlinks,
+                      rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,
+                      lease_timeout_s=lease_timeout or DEFAULT_TIMEOUT_S, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
+                      retries=retries, retry_backoff_s=retry_backoff, engine=_engine(engine, address, wait_for_gpus))
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
-    warn_if_untrained(describe(model), console)  # also fails on a bad model before Ray starts
+    _, info = prepare(s)  # fails on a bad model or output folder before Ray starts
+    warn_if_untrained(info, console)
     # Ray starts only if the engine needs it (run_score decides once it knows the number of files).
     ray = partial(ray_for_job, address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
                   echo=console.note)
@@ -77,6 +98,8 @@ def score(archive, out, model, cam_dir, cams, cam_size, batch_size, actors, cpus
         from ..reports.html.score import ReportSettings, write_score_report
 
         console.note(f"  report        {write_score_report(ReportSettings(results=summary.out)).path}")
+    if summary.retry:  # finished, but not every file got its verdict: a re-run retries exactly those
+        click.get_current_context().exit(EXIT_INCOMPLETE)
 
 
 def _engine(engine: str, address: str | None, wait_for_gpus: int) -> str:

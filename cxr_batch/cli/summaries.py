@@ -8,7 +8,11 @@ def format_summary(sm) -> str:
     lines = [
         "",
         f"cxr-batch score: {sm.seen:,} files seen, {sm.scored:,} scored, {sm.errors:,} errors"
+        + (f", {sm.skipped:,} skipped (no extension, not DICOM)" if sm.skipped else "")
+        + (f", {sm.retry:,} to retry" if getattr(sm, "retry", 0) else "")
         + (f", {sm.already_done:,} already in the output (resumed)" if sm.already_done else ""),
+        f"  input         {sm.listed:,} files from the {sm.listing.get('source', 'listing')}"
+        + (f" (--limit: the first {sm.seen:,} by path)" if sm.seen < sm.listed else ""),
         f"  time          {sm.seconds:.1f} s  ({sm.images_per_s:.1f} images/s)",
         f"  model         {m['spec']}  (id {m['model_id']}, {m['arch']}, {m['image_size']} px, threshold {m['threshold']:.3f})"
         + ("" if m["trained"] else "  UNTRAINED HEAD"),
@@ -19,7 +23,24 @@ def format_summary(sm) -> str:
     if sm.errors:
         lines.append(f"  errors        rows with a non-null `error` column, e.g. "
                      f"pandas.read_parquet('{sm.out}').query('error.notna()')")
+    lines += _failure_lines(sm)
+    lines += [f"  note          {n}" for n in sm.notes]
     return "\n".join(lines)
+
+
+def _failure_lines(sm) -> list[str]:
+    lines = []
+    if getattr(sm, "retried", 0) or getattr(sm, "redone", 0):
+        lines.append(f"  retried       {sm.retried:,} files scored on a retry pass after a transient failure"
+                     + (f"; {sm.redone:,} 'retry' rows of earlier runs replaced" if sm.redone else ""))
+    if getattr(sm, "poison", 0):
+        lines.append(f"  poison        {sm.poison:,} files killed their worker each time they were read alone:"
+                     " error rows, not retried")
+    if getattr(sm, "retry", 0):
+        lines.append(f"  INCOMPLETE    {sm.retry:,} files failed for a transient reason (I/O, a vanished folder, throttling,"
+                     " no space, a dead worker) and have status 'retry': run the same command again to retry exactly"
+                     " those (exit code 3)")
+    return lines
 
 
 def _engine_line(plan: dict) -> str:
@@ -61,7 +82,8 @@ def format_eval_summary(m: dict, out: str) -> str:
              f"  sensitivity {f('sensitivity')}   specificity {f('specificity')}"]
     pt = (m.get("pointing") or {}).get("true_positives")
     if pt:
-        lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion")
+        lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion;"
+                     f" mean offset dx {pt['mean_dx_in_radii']:+.2f}, dy {pt['mean_dy_in_radii']:+.2f} lesion radii")
     lines += _eval_calibration_lines(m)
     lines.append(f"  report        {out}/report.html (open it in a browser; also report.md, metrics.json and the PNG plots)")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .console import Console
-from .options import cluster_options, friendly, output_options
+from .options import cam_scale_option, cluster_options, friendly, output_options
 from .summaries import format_eval_summary, format_train_summary
 
 
@@ -33,6 +33,9 @@ from .summaries import format_eval_summary, format_train_summary
               help="Choose the threshold reaching this sensitivity on val (default: Youden's J).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
               help="Share of train/ used for validation when val/ is missing or tiny: whole patients, stratified by class.")
+@click.option("--cam-consistency", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of the CAM flip-consistency loss: each image trains beside its mirror image and their"
+                   " CAMs must mirror too, so the network cannot learn its evidence off the lesion. 0 = off.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--register/--no-register", default=None,
               help="Make best.ckpt the default model of `cxr-batch score` on this machine when the run finishes."
@@ -42,7 +45,7 @@ from .summaries import format_eval_summary, format_train_summary
 @output_options
 @friendly
 def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image_size, workers, gpu, cpus_per_worker,
-          placement, max_failures, target_sensitivity, val_fraction, seed, register, address, wait_for_gpus,
+          placement, max_failures, target_sensitivity, val_fraction, cam_consistency, seed, register, address, wait_for_gpus,
           wait_timeout, as_json, verbose):
     """Fine-tune a ResNet on DATA/train (NORMAL/ and PNEUMONIA/ folders), validate on DATA/val.
 
@@ -58,7 +61,8 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
     s = TrainSettings(data=data, out=out, arch=arch, weights=weights, epochs=epochs, warmup_epochs=warmup_epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, workers=workers, gpu=gpu,
                       cpus_per_worker=cpus_per_worker, placement=placement, max_failures=max_failures,
-                      target_sensitivity=target_sensitivity, val_fraction=val_fraction, seed=seed)
+                      target_sensitivity=target_sensitivity, val_fraction=val_fraction,
+                      cam_consistency=cam_consistency, seed=seed)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     if register is None:
@@ -80,11 +84,12 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
               help="PNEUMONIA images (a seeded sample) for the CAM deletion curves; 0 = skip them.")
 @click.option("--deletion-steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Steps from nothing to everything greyed out (2 x steps + 1 forward passes per image).")
+@cam_scale_option
 @cluster_options
 @output_options
 @friendly
-def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, address, wait_for_gpus,
-             wait_timeout, as_json, verbose):
+def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, cam_scale, address,
+             wait_for_gpus, wait_timeout, as_json, verbose):
     """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots: accuracy, AUC and
     the rest with CIs, calibration (ECE before/after temperature scaling, reliability diagram), CAM
     deletion curves against random ones, and CAM pointing when a truth.csv is found.
@@ -95,7 +100,7 @@ def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images
     from ..jobs.ray_env import ray_for_job
 
     s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot,
-                         deletion_images=deletion_images, deletion_steps=deletion_steps)
+                         deletion_images=deletion_images, deletion_steps=deletion_steps, cam_scale=cam_scale)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,

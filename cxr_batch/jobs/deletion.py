@@ -15,7 +15,7 @@ import numpy as np
 
 from ..archive import storage
 from ..reports.faithfulness import deletion_curves, sample_positives, summarize
-from .score_stages import Scorer, decode_batch
+from .score_stages import Scorer, cam_grid_of, decode_batch
 
 
 def _scorer_fn(scorer, template: dict):
@@ -40,8 +40,8 @@ def deletion_task(paths: list, *, archive: str, info: dict, plan: dict, score_se
     scorer = Scorer(info, threads=plan["torch_threads"], precision=score_settings["precision"], compile=False,
                     channels_last=score_settings["channels_last"])
     template = {k: v[ok] for k, v in batch.items()}
-    curves = deletion_curves(_scorer_fn(scorer, template), template["pixels"], steps=steps, seed=seed,
-                             batch_size=score_settings["batch_size"])
+    curves = deletion_curves(_scorer_fn(scorer, template), template["pixels"], cells=cam_grid_of(info), steps=steps,
+                             seed=seed, batch_size=score_settings["batch_size"])
     out = summarize(curves, n_boot=n_boot, seed=seed)
     out.update(seconds=time.perf_counter() - t0, paths=[p for p, good in zip(paths, ok) if good],
                p_start=curves["cam"][:, 0].tolist())

@@ -172,3 +172,30 @@ def ray_for_job(address: str | None = None, *, wait_for_gpus: int = 0, wait_time
     """Ray up (joined, or started in this process) and, when asked, the GPUs the job sizes itself by."""
     with ray_running(address, verbose=verbose), gpus_requested(wait_for_gpus, timeout_s=wait_timeout, echo=echo):
         yield
+
+
+def check_shared_storage(paths: dict[str, str | None], *, job: str) -> None:
+    """Refuse node-local paths on a multi-node cluster: every node's workers read and write them, so
+    they must be on storage all nodes see (``s3://``, or a mount every node has: then set
+    CXR_BATCH_SHARED_FS=1). ``paths`` maps an option name to its value (None: not used)."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    message = node_local_problem(paths, nodes, shared_fs=bool(os.environ.get("CXR_BATCH_SHARED_FS")), job=job)
+    if message:
+        from ..errors import InputError
+
+        raise InputError(message)
+
+
+def node_local_problem(paths: dict[str, str | None], nodes: int, *, shared_fs: bool, job: str) -> str | None:
+    """The refusal for the first node-local path in ``paths``, or None when there is nothing to refuse."""
+    from ..archive.storage import is_uri
+
+    if nodes <= 1 or shared_fs:
+        return None
+    for option, path in paths.items():
+        if path is not None and not is_uri(path):
+            return (f"{option} {path} is a node-local path, but the Ray cluster has {nodes} nodes: {job} on every node"
+                    " must see it. Use s3://bucket/... (or set CXR_BATCH_SHARED_FS=1 if every node mounts it at that path).")
+    return None

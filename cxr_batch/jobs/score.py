@@ -14,23 +14,36 @@ import math
 import os
 import sys
 import time
+import uuid
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .. import CLASSES
 from ..archive import storage
-from ..archive.discover import discover
-from ..archive.results import PartWriter, default_cam_dir, done_paths
+from ..archive.discover import check_archive, label_from_path, list_archive, read_manifest
+from ..archive.lease import DEFAULT_TIMEOUT_S, Lease
+from ..archive.outdir import check_placement, clear_output
+from ..archive.results import (ERROR, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, default_cam_dir, done_path_batches,
+                               drop_retry_rows, pending)
+from ..archive.storage import too_big
 from ..errors import InputError
+from ..model.cam import SCALES as CAM_SCALES
 from ..model.registry import ModelInfo, describe
 from ..pixels.decode import DEFAULT_MAX_PIXELS
+from .ray_env import check_shared_storage
+from .runloop import Outcome, RetryPolicy, drive
 from .score_stages import Scorer, StageConfig, decode_batch, finish_batch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
 ENGINES = ("auto", "ray", "local")
+# The largest input file read (--max-bytes). Chest radiographs are 0.1-50 MB (a DICOM of a 3000 x 3000
+# 16-bit detector image is 18 MB); 1 GiB leaves room for odd multi-frame objects while one decode
+# worker holding a few such files still fits a 4 GB worker.
+DEFAULT_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +54,10 @@ class ScoreSettings:
     cam_dir: str | None = None  # None: "<out>-cams" beside the output
     cams: bool = True
     cam_size: int | None = None  # overlay side in px; None = the model's input size (fast); 0 = original size
+    # absolute: heat through one fixed range of the map's logit units (cam.ABSOLUTE_RANGE), so a
+    # confident NORMAL stays cold and heat says how strong; relative: min-max per image (every
+    # image, NORMAL too, shows a hot spot: where the model looked, however weakly).
+    cam_scale: str = "absolute"
     batch_size: int = 16  # images per forward pass
     actors: int | None = None  # model replicas; None = one per GPU, or as many CPU actors as fit
     cpus_per_actor: float | None = None  # None: sized from the cluster (see plan_resources)
@@ -52,14 +69,22 @@ class ScoreSettings:
     overwrite: bool = False
     rows_per_part: int = 2000
     limit: int | None = None  # score only the first N files (sorted by path): smoke tests
-    stall_timeout_s: float = 900  # Ray Data raises instead of hanging this long without progress
+    manifest: str | None = None  # CSV/txt/Parquet list of paths relative to the archive, read instead of listing it
+    follow_symlinks: bool = False  # False: a symlink whose target lies outside the archive is neither listed nor read
+    lease_timeout_s: float = DEFAULT_TIMEOUT_S  # a run silent this long on --out is taken for dead (see archive/lease.py)
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger files get an error row from the listing's size, unread
+    retries: int = 3  # retry passes for transient failures and files whose worker died (see jobs/runloop.py)
+    retry_backoff_s: float = 2.0  # wait before retry pass k: retry_backoff_s * 2**(k-1)
     engine: str = "auto"  # ray | local (no Ray: this process + a process pool) | auto (see choose_engine)
+    stall_timeout_s: float = 900  # Ray Data raises instead of hanging this long without progress
 
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise InputError(f"Invalid engine {self.engine!r}. Only {', '.join(ENGINES)} are supported.")
         if self.precision not in PRECISIONS:
             raise InputError(f"Invalid precision {self.precision!r}. Only {', '.join(PRECISIONS)} are supported.")
+        if self.cam_scale not in CAM_SCALES:
+            raise InputError(f"Invalid --cam-scale {self.cam_scale}. Only {', '.join(CAM_SCALES)} are supported.")
         if self.device not in DEVICES:
             raise InputError(f"Invalid device {self.device!r}. Only {', '.join(DEVICES)} are supported.")
         if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
@@ -119,17 +144,26 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, s: ScoreSettings) -
 
 @dataclass
 class ScoreSummary:
-    seen: int = 0
+    seen: int = 0  # files this run is responsible for (the listing, cut by --limit)
     already_done: int = 0
     scored: int = 0
     errors: int = 0
+    skipped: int = 0  # extensionless files that turned out not to be DICOM (status "skipped")
+    retry: int = 0  # files left with status "retry" (the environment failed them): the run is incomplete
+    retried: int = 0  # files that failed transiently (or lost their worker) and were scored on a retry pass
+    poison: int = 0  # files that killed their worker each time they were read alone (among errors)
+    redone: int = 0  # "retry" rows of earlier runs scored again by this one
+    listed: int = 0  # files in the listing or manifest, before --limit
     seconds: float = 0.0
     out: str = ""
     cam_dir: str | None = None
+    run_id: str = ""
     model: dict = field(default_factory=dict)
     plan: dict = field(default_factory=dict)
-    # Start-up, in seconds: model_check_s (describe() on the driver: torch import, checkpoint read and
-    # a model build, before any engine); first_rows_s (since run_score began, any engine); ray_start_s (a Ray this
+    listing: dict = field(default_factory=dict)  # Listing.stats(): source, requests, outside_links, ...
+    notes: list = field(default_factory=list)  # lines for the user (what --overwrite left, links not followed)
+    # Start-up, in seconds: model_check_s (prepare(): describe() on the driver, a checkpoint read and a
+    # model build, to fail fast on a bad model); first_rows_s (since run_score began, any engine); ray_start_s (a Ray this
     # run started); the local engine's engine_start_s (since run_score began) and, from its
     # LocalStats, pool_start_s, torch_import_s, model_build_s (durations), first_decode_s and
     # first_batch_s (since the engine started), workers_lost.
@@ -137,53 +171,92 @@ class ScoreSummary:
 
     @property
     def images_per_s(self) -> float:
-        return (self.scored + self.errors) / self.seconds if self.seconds > 0 else 0.0
+        return (self.scored + self.errors + self.skipped) / self.seconds if self.seconds > 0 else 0.0
+
+
+def prepare(s: ScoreSettings) -> tuple[ScoreSettings, ModelInfo]:
+    """-> (settings with absolute paths and the model's resolved spec, its ModelInfo). Refuses a bad
+    model or an --out / CAM folder in the wrong place; the CLI calls it before it starts Ray."""
+    info = describe(s.model)
+    s = replace(s, model=info.spec, archive=storage.absolute(s.archive), out=storage.absolute(s.out),
+                cam_dir=storage.absolute(s.cam_dir) if s.cam_dir else None,
+                manifest=storage.absolute(s.manifest) if s.manifest else None)
+    check_archive(s.archive)
+    check_placement(s.archive, s.out, s.resolved_cam_dir() if s.cams else None, overwrite=s.overwrite)
+    return s, info
 
 
 def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None) -> ScoreSummary:
     """Score ``s.archive`` into ``s.out``.
 
-    The engine (``choose_engine``) runs the stages: Ray Data on the Ray this process is connected
-    to, or started with ``ray_context()`` (default: a local Ray) when there is none; or the local
-    engine, which needs no Ray. ``progress(summary, total)`` is called as rows arrive (at most every
-    2 s, and at the end); ``echo(line)`` gets one line per stage of the job."""
+    Order: refuse a bad model or an --out in the wrong place before anything is written; take the
+    lease on --out; list; start Ray if the engine (``choose_engine``) needs it and none is up
+    (``ray_context()``, default a local Ray) and refuse node-local paths on a multi-node cluster;
+    clear (--overwrite); skip what is done; run the stages under the retry policy (jobs/runloop.py).
+    ``progress(summary, total)`` is called as rows arrive (at most every 2 s, and at the end);
+    ``echo(line)`` gets one line per stage of the job."""
     t0 = time.perf_counter()
-    info = describe(s.model)  # imports torch and builds the model once, to fail fast on a bad one
-    t_described = time.perf_counter() - t0
-    s = replace(s, model=info.spec, archive=storage.absolute(s.archive), out=storage.absolute(s.out),
-                cam_dir=storage.absolute(s.cam_dir) if s.cam_dir else None)
+    s, info = prepare(s)
+    t_prepared = time.perf_counter() - t0
     cam_dir = s.resolved_cam_dir() if s.cams else None
-    if s.overwrite:
-        storage.delete_dir(s.out)
-        if cam_dir:
-            storage.delete_dir(cam_dir)
-    files = discover(s.archive)[: s.limit]
-    done = done_paths(s.out, info.model_id)
-    todo = [f.path for f in files if f.path not in done]
-    engine = choose_engine(s.engine, len(todo))
-    summary = ScoreSummary(seen=len(files), already_done=len(files) - len(todo), out=s.out, cam_dir=cam_dir,
-                           model=info.to_dict(), startup={"model_check_s": round(t_described, 3)})
-    t_ray = time.perf_counter()
-    with nullcontext() if engine == "local" or ray_is_up() else (ray_context or _local_ray)():
-        if engine == "ray":
-            summary.startup["ray_start_s"] = round(time.perf_counter() - t_ray, 2)
-        plan = _plan(engine, s)
-        summary.plan = asdict(plan)
-        metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
-                    "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        writer = PartWriter(s.out, metadata, s.rows_per_part)
-        if echo:
-            echo(f"score: {len(files):,} files, {len(todo):,} to score"
-                 + (f" ({summary.already_done:,} have a row from an earlier run)" if summary.already_done else "")
-                 + f"; {_describe_plan(plan)}")
-        if todo:
-            stages = stage_config(s, info, plan, cam_dir)
-            _stream(_rows(engine, todo, s, stages, plan, summary, t0), writer, summary, len(todo), t0, progress)
-        writer.flush()
+    run_id = uuid.uuid4().hex[:8]
+    with Lease(s.out, run_id=run_id, timeout_s=s.lease_timeout_s, details={"archive": s.archive}) as lease:
+        summary = ScoreSummary(out=s.out, cam_dir=cam_dir, run_id=run_id, model=info.to_dict(),
+                               startup={"model_check_s": round(t_prepared, 3)})
+        files = _listing(s, summary)
+        engine = choose_engine(s.engine, files.num_rows)
+        t_ray = time.perf_counter()
+        with nullcontext() if engine == "local" or ray_is_up() else (ray_context or _local_ray)():
+            if engine == "ray":
+                summary.startup["ray_start_s"] = round(time.perf_counter() - t_ray, 2)
+                check_shared_storage({"ARCHIVE": s.archive, "--out": s.out, "--cam-dir": cam_dir},
+                                     job="the decode and CAM tasks")
+            plan = _plan(engine, s)
+            summary.plan = asdict(plan)
+            if s.overwrite:
+                summary.notes += clear_output(s.out, cam_dir).notes()
+            todo = pending(files, done_path_batches(s.out, info.model_id, archive=s.archive))
+            summary.already_done = files.num_rows - todo.num_rows
+            metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
+                        "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
+            writer = PartWriter(s.out, metadata, s.rows_per_part, run=run_id, before_publish=lease.check)
+            if echo:
+                echo(_start_line(summary, todo.num_rows, plan))
+            if todo.num_rows:
+                # Old "retry" rows of these files go first (parts rewritten whole), so no reader sees two rows.
+                summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), before_publish=lease.check)
+                publish = _publisher(writer, summary, todo.num_rows, t0, progress)
+                outcome = _score(todo, s, engine, stage_config(s, info, plan, cam_dir), plan, info, summary, t0,
+                                 publish, echo)
+                summary.retried, summary.poison = outcome.retried, len(outcome.poison)
+            writer.flush()
+        lease.check()
     summary.seconds = time.perf_counter() - t0
     if progress:
-        progress(summary, len(todo))
+        progress(summary, todo.num_rows)
     return summary
+
+
+def _start_line(summary: ScoreSummary, todo: int, plan: ResourcePlan) -> str:
+    return (f"score: {summary.seen:,} files, {todo:,} to score"
+            + (f" ({summary.already_done:,} have a row from an earlier run)" if summary.already_done else "")
+            + f"; {_describe_plan(plan)}")
+
+
+def _listing(s: ScoreSettings, summary: ScoreSummary) -> pa.Table:
+    """The listing (or manifest), cut to --limit: (path, size, sniff), sorted by path."""
+    if s.manifest:
+        listing = read_manifest(s.manifest, s.archive)
+    else:
+        listing = list_archive(s.archive, follow_symlinks=s.follow_symlinks)
+    summary.listed = listing.files.num_rows
+    summary.listing = listing.stats()
+    if listing.outside_links:
+        summary.notes.append(f"symlinks to outside the archive, not followed: {listing.outside_links:,}"
+                             " (--follow-symlinks reads them)")
+    files = listing.first(s.limit).files
+    summary.seen = files.num_rows
+    return files
 
 
 # ---------------------------------------------------------------- engines
@@ -258,30 +331,37 @@ def stage_config(s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir:
     # model as 16 + 16 + 1 (a third of all forward passes held 1-2 images, and each new size
     # recompiles under torch.compile). So blocks and decode batches are multiples of the batch.
     return StageConfig(
-        decode=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels),
+        decode=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels,
+                    follow_symlinks=s.follow_symlinks, max_bytes=s.max_bytes),
         scorer=dict(info=info_d, threads=plan.torch_threads, precision=s.precision, compile=s.compile,
                     channels_last=s.channels_last),
-        finish=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive, max_pixels=s.max_pixels),
+        finish=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive, max_pixels=s.max_pixels,
+                    cam_scale=s.cam_scale),
         batch_size=s.batch_size, decode_rows=s.batch_size * max(1, 32 // s.batch_size))
 
 
-def _rows(engine: str, todo: list[str], s: ScoreSettings, stages: StageConfig, plan: ResourcePlan,
-          summary: ScoreSummary, t0: float):
+def _rows(engine: str, todo: pa.Table, s: ScoreSettings, stages: StageConfig, plan: ResourcePlan,
+          summary: ScoreSummary, t0: float, isolate: bool = False):
+    """One pass of the engine over ``todo``. ``isolate``: one file per decode call (and, on Ray, per
+    block), so that a file that kills its worker loses only itself."""
+    todo = todo.select(["path", "sniff"])  # sizes stay on the driver (--max-bytes was checked there)
+    if isolate:
+        stages = replace(stages, decode_rows=1)
     if engine == "local":
         from .local_engine import LocalStats, run_local
 
         stats = LocalStats()
-        summary.startup["engine_start_s"] = round(time.perf_counter() - t0, 3)
+        summary.startup.setdefault("engine_start_s", round(time.perf_counter() - t0, 3))
         try:
-            yield from run_local(pa.table({"path": todo}), stages, workers=plan.workers, stats=stats)
+            yield from run_local(todo, stages, workers=plan.workers, stats=stats)
         finally:
             summary.startup.update({k: v for k, v in asdict(stats).items() if k != "events"})
         return
     yield from _pipeline(todo, s, stages, plan).iter_batches(batch_size=None, batch_format="pyarrow")
 
 
-def _pipeline(paths: list[str], s: ScoreSettings, stages: StageConfig, plan: ResourcePlan):
-    """The Ray Data stream of the three stages over ``paths``, sized by ``plan``."""
+def _pipeline(todo: pa.Table, s: ScoreSettings, stages: StageConfig, plan: ResourcePlan):
+    """The Ray Data stream of the three stages over ``todo`` (path, sniff), sized by ``plan``."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -289,28 +369,72 @@ def _pipeline(paths: list[str], s: ScoreSettings, stages: StageConfig, plan: Res
     ctx.execution_no_progress_timeout_s = s.stall_timeout_s
     ctx.enable_progress_bars = False  # our own one-line progress reads better in logs
     ctx.print_on_execution_start = False
+    # A block whose task failed (its worker died: a crashing decoder, the OOM killer) is dropped, not
+    # retried by Ray without end (tasks default to max_retries=-1): the run loop finds its files
+    # missing from the output and retries them itself, one file per task (jobs/runloop.py).
+    ctx.max_errored_blocks = -1
     rows = stages.decode_rows
-    block_rows = rows * max(1, math.ceil(len(paths) / 4096 / rows))  # <= ~4096 blocks
-    ds = ray.data.from_arrow([pa.table({"path": paths[i: i + block_rows]}) for i in range(0, len(paths), block_rows)])
+    block_rows = rows * max(1, math.ceil(todo.num_rows / 4096 / rows))  # <= ~4096 blocks
+    ds = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
     ds = ds.map_batches(decode_batch, batch_size=rows, num_cpus=plan.task_cpus, batch_format="numpy",
-                        fn_kwargs=stages.decode)
+                        ray_remote_args_fn=_no_ray_retries, fn_kwargs=stages.decode)
     ds = ds.map_batches(Scorer, batch_size=stages.batch_size, batch_format="numpy",
                         compute=ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
                         num_gpus=plan.gpus_per_actor, fn_constructor_kwargs=stages.scorer)
     return ds.map_batches(finish_batch, batch_size=rows, num_cpus=plan.task_cpus, batch_format="numpy",
-                          fn_kwargs=stages.finish)
+                          ray_remote_args_fn=_no_ray_retries, fn_kwargs=stages.finish)
 
 
-def _stream(rows, writer: PartWriter, summary: ScoreSummary, total: int, t0: float, progress) -> None:
-    """Publish rows as they arrive and count them; report progress at most every 2 s."""
-    last = 0.0
-    for table in rows:
+def _no_ray_retries() -> dict:
+    """Remote args of the decode and finish tasks: the run loop retries lost files, not Ray. (Ray
+    2.60 has no named map_batches parameter for task retries; ray_remote_args_fn, deprecated for
+    2.64, is the way until then.)"""
+    return {"max_retries": 0}
+
+
+def _score(todo: pa.Table, s: ScoreSettings, engine: str, stages: StageConfig, plan: ResourcePlan,
+           info: ModelInfo, summary: ScoreSummary, t0: float, publish, echo) -> Outcome:
+    """The run loop: files over --max-bytes get their row from the listing; the rest go through the
+    engine with the retry policy of jobs/runloop.py."""
+    failed = _failed_rows(info)
+    big = pc.greater(todo["size"], s.max_bytes)
+    if pc.any(big).as_py():
+        publish(failed(todo.filter(big)["path"], too_big(s.max_bytes), ERROR))
+        todo = todo.filter(pc.invert(big))
+
+    def run(rows: pa.Table, isolate: bool):
+        return _rows(engine, rows, s, stages, plan, summary, t0, isolate)
+
+    return drive(todo, run, publish, failed, RetryPolicy(passes=s.retries, backoff_s=s.retry_backoff_s), note=echo)
+
+
+def _failed_rows(info: ModelInfo):
+    """-> ``rows(paths, error, status)``: whole-schema rows for files that never reached the stages."""
+    def rows(paths, error: str, status: str) -> pa.Table:
+        paths = paths.to_pylist() if hasattr(paths, "to_pylist") else list(paths)
+        n = len(paths)
+        cols = {f.name: pa.nulls(n, f.type) for f in SCHEMA}
+        cols.update(path=pa.array(paths, pa.string()), label=pa.array([label_from_path(p) for p in paths], pa.string()),
+                    error=pa.array([error] * n, pa.string()), status=pa.array([status] * n, pa.string()),
+                    model=pa.array([info.model_id] * n, pa.string()))
+        return pa.table(cols, schema=SCHEMA)
+    return rows
+
+
+def _publisher(writer: PartWriter, summary: ScoreSummary, total: int, t0: float, progress):
+    """``publish(table)``: write final rows and count them by status; progress at most every 2 s."""
+    last = [0.0]
+
+    def publish(table: pa.Table) -> None:
         summary.startup.setdefault("first_rows_s", round(time.perf_counter() - t0, 3))
         writer.add(table)
-        ok = table.column("error").null_count  # error is null exactly for scored rows
-        summary.scored += ok
-        summary.errors += table.num_rows - ok
+        counts = {d["values"]: d["counts"] for d in pc.value_counts(table["status"].cast(pa.string())).to_pylist()}
+        summary.scored += counts.get(SCORED, 0)
+        summary.skipped += counts.get(SKIPPED, 0)
+        summary.retry += counts.get(RETRY, 0)
+        summary.errors += table.num_rows - counts.get(SCORED, 0) - counts.get(SKIPPED, 0) - counts.get(RETRY, 0)
         summary.seconds = time.perf_counter() - t0
-        if progress and time.perf_counter() - last > 2:
-            last = time.perf_counter()
+        if progress and time.perf_counter() - last[0] > 2:
+            last[0] = time.perf_counter()
             progress(summary, total)
+    return publish

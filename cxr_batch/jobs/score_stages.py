@@ -17,9 +17,9 @@ import numpy as np
 
 from .. import CLASSES, POSITIVE
 from ..archive import storage
-from ..archive.discover import label_from_path
-from ..archive.results import TEXT_COLUMNS, cam_uri
-from ..errors import DecodeError, one_line
+from ..archive.discover import label_from_path, outside_archive
+from ..archive.results import ERROR, RETRY, SCORED, SKIPPED, TEXT_COLUMNS, cam_uri
+from ..errors import DecodeError, TransientError, one_line
 from ..pixels.decode import decode_image
 from ..pixels.gray import to_u8
 from ..pixels.transforms import to_model_pixels
@@ -40,8 +40,16 @@ class StageConfig:
 
 # ---------------------------------------------------------------- stage 1: decode (CPU tasks)
 
-def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int) -> dict:
+NOT_DICOM = "skipped: no file extension and not DICOM (no DICM marker at byte 128), so not read as an image"
+OUTSIDE = "symlink to outside the archive: not read (pass --follow-symlinks to read it)"
+
+
+def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int, follow_symlinks: bool = False,
+                 max_bytes: int | None = None) -> dict:
+    """Read and decode a batch of archive paths. ``batch["sniff"]`` (optional) marks files with no
+    extension: they are scored only if their first bytes say DICOM (the listing never opens a file)."""
     n = len(batch["path"])
+    sniff = batch.get("sniff", np.zeros(n, bool))
     out = {k: [None] * n for k in TEXT_COLUMNS}  # every text column of the schema travels from here on
     out.update(path=list(batch["path"]), bytes=np.full(n, -1, np.int64),
                width=np.zeros(n, np.int32), height=np.zeros(n, np.int32),
@@ -49,7 +57,7 @@ def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int)
     for i, rel in enumerate(out["path"]):
         out["label"][i] = label_from_path(rel)
         try:
-            data = storage.read_file(archive, rel)
+            data = _read(archive, rel, sniff=bool(sniff[i]), follow_symlinks=follow_symlinks, max_bytes=max_bytes)
             out["bytes"][i] = len(data)
             out["sha256"][i] = hashlib.sha256(data).hexdigest()
             d = decode_image(data, max_pixels=max_pixels, draft=image_size)
@@ -58,10 +66,34 @@ def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int)
             for k in d.meta.keys() & set(TEXT_COLUMNS):  # the DICOM attributes the schema has
                 out[k][i] = d.meta[k]
         except DecodeError as e:
-            out["error"][i] = str(e)
+            out["error"][i], out["status"][i] = str(e), failure_status(e)
+        except MemoryError:  # this worker's memory, not the file: other batches share it
+            out["error"][i], out["status"][i] = "out of memory while decoding", RETRY
         except Exception as e:  # never let one file take down a batch of good ones
-            out["error"][i] = f"unexpected {type(e).__name__}: {one_line(e)}"
+            out["error"][i], out["status"][i] = f"unexpected {type(e).__name__}: {one_line(e)}", ERROR
     return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def failure_status(e: DecodeError) -> str:
+    """The status column of a row that failed with ``e``."""
+    if isinstance(e, TransientError):
+        return RETRY
+    return SKIPPED if str(e).startswith("skipped:") else ERROR
+
+
+def _read(archive: str, rel: str, *, sniff: bool, follow_symlinks: bool, max_bytes: int | None = None) -> bytes:
+    """A file's bytes. Outside links are refused here as well as in the listing: a manifest can
+    name one, and a link can change after it was listed."""
+    if not follow_symlinks and not storage.is_uri(archive) and outside_archive(archive, rel):
+        raise DecodeError(OUTSIDE)
+    return storage.read_file(archive, rel, check_head=_dicom_head if sniff else None, max_bytes=max_bytes)
+
+
+def _dicom_head(head: bytes) -> None:
+    from ..pixels.dicom import is_dicom
+
+    if not is_dicom(head):
+        raise DecodeError(NOT_DICOM)
 
 
 def _strings(column) -> list:
@@ -117,12 +149,13 @@ def native_bf16(device) -> bool:
 
 class Scorer:
     """Loads the model once per actor; ``__call__`` adds ``prob_pneumonia`` (softmax(logits / T), T the
-    model's temperature), ``logit_pneumonia`` (the raw margin) and ``cam`` to a batch."""
+    model's temperature), ``logit_pneumonia`` (the raw margin) and ``cam`` (the log-odds map,
+    cam.log_odds_map: its mean is the raw margin) to a batch."""
 
     def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool):
         import torch
 
-        from ..model.registry import ModelInfo, fc_weight, load
+        from ..model.registry import ModelInfo, fc_bias, fc_weight, load
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -132,12 +165,12 @@ class Scorer:
         self.channels_last = channels_last
         model = load(ModelInfo(**info)).to(self.device)
         self.temperature = float(info.get("temperature", 1.0))
-        self.weight = fc_weight(model).float()
+        self.weight, self.bias = fc_weight(model).float(), fc_bias(model).float()
         self.model = prepare_model(model, self.device, channels_last=channels_last, compile=compile)
         self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
 
     def __call__(self, batch: dict) -> dict:
-        from ..model.cam import class_activation_maps
+        from ..model.cam import log_odds_map
         from ..pixels.transforms import normalize
 
         torch = self.torch
@@ -157,7 +190,7 @@ class Scorer:
             logits, features = logits[:m].float(), features[:m]
             prob[ok] = torch.softmax(logits / self.temperature, dim=1)[:, POSITIVE].cpu().numpy()
             margin[ok] = (logits[:, POSITIVE] - logits[:, 1 - POSITIVE]).cpu().numpy()
-            good_cams = class_activation_maps(features.float(), self.weight, POSITIVE).cpu().numpy()
+            good_cams = log_odds_map(features.float(), self.weight, self.bias, POSITIVE).cpu().numpy()
             cams = np.zeros((n,) + good_cams.shape[1:], np.float32)
             cams[ok] = good_cams
         batch["prob_pneumonia"], batch["logit_pneumonia"] = prob, margin
@@ -172,38 +205,61 @@ class Scorer:
 
 # ---------------------------------------------------------------- stage 3: finish (CPU tasks)
 
+NON_FINITE = ("model output is not finite (NaN or infinity): no prediction made; the model's weights or this"
+              " image's pixels are broken")
+
+
 def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int | None, archive: str,
-                 max_pixels: int) -> dict:
+                 max_pixels: int, cam_scale: str) -> dict:
     from ..model.cam import encode_png, overlay, peak
 
     n = len(batch["path"])
-    prob = batch["prob_pneumonia"]
-    error = _strings(batch["error"])
+    prob = np.array(batch["prob_pneumonia"], np.float32)
+    error, status = _strings(batch["error"]), _strings(batch.get("status", [None] * n))
     pred, cam_path = [None] * n, [None] * n
     peak_x, peak_y = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    cam_max = np.full(n, np.nan, np.float32)
+    grid = cam_grid_of(info)
     for i in range(n):
+        if error[i] is None and not (np.isfinite(prob[i]) and np.isfinite(batch["cam"][i]).all()):
+            # Fail closed: NaN >= threshold is False, which would read as a confident NORMAL.
+            error[i], prob[i], status[i] = NON_FINITE, np.nan, ERROR
         if error[i] is not None:
+            status[i] = status[i] or ERROR
             continue
+        status[i] = SCORED
         pred[i] = CLASSES[POSITIVE] if prob[i] >= info["threshold"] else CLASSES[1 - POSITIVE]
-        peak_x[i], peak_y[i] = peak(batch["cam"][i])
+        peak_x[i], peak_y[i] = peak(batch["cam"][i], grid)
+        cam_max[i] = batch["cam"][i].max()
         if cam_dir is None:
             continue
         try:
             base = _cam_base(batch, i, cam_size, archive, max_pixels)
             uri = cam_uri(cam_dir, batch["path"][i])
-            storage.write_bytes_atomic(uri, encode_png(overlay(base, batch["cam"][i])))
+            storage.write_bytes_atomic(uri, encode_png(overlay(base, batch["cam"][i], grid, scale=cam_scale)))
             cam_path[i] = uri
         except Exception as e:  # a failed PNG must not lose the row's prediction
             error[i] = f"CAM PNG not written: {type(e).__name__}: {one_line(e, 160)}"
+            # No space, a read-only remount, an unreadable file for a full-size overlay: the
+            # environment's, so the row is redone; anything else is this image's own problem.
+            status[i] = RETRY if isinstance(e, (OSError, MemoryError)) else ERROR
     out = {k: batch[k] for k in ("width", "height", "bytes")}
     out.update({k: np.asarray(_strings(batch[k]), dtype=object) for k in TEXT_COLUMNS if k in batch})
-    out.update(error=np.asarray(error, dtype=object), pred=np.asarray(pred, dtype=object), prob_pneumonia=prob,
+    out.update(error=np.asarray(error, dtype=object), status=np.asarray(status, dtype=object), pred=np.asarray(pred, dtype=object), prob_pneumonia=prob,
                logit_pneumonia=batch.get("logit_pneumonia", np.full(n, np.nan, np.float32)),
                temperature=np.full(n, info.get("temperature", 1.0), np.float32),
                cam_path=np.asarray(cam_path, dtype=object), cam_peak_x=peak_x, cam_peak_y=peak_y,
+               cam_max=cam_max,
                threshold=np.full(n, info["threshold"], np.float32),
                model=np.asarray([info["model_id"]] * n, dtype=object))
     return out
+
+
+def cam_grid_of(info: dict):
+    """Where the model's CAM cells sit in its input, from a ModelInfo dict (model.registry)."""
+    from ..model.cam import CamGrid
+
+    return CamGrid(int(info["cam_stride"]), float(info.get("cam_offset", 0.0)), int(info["image_size"]))
 
 
 def _cam_base(batch: dict, i: int, cam_size: int | None, archive: str, max_pixels: int) -> np.ndarray:

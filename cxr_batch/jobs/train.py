@@ -28,6 +28,7 @@ from ray.train import UserCallback
 from ..archive import storage
 from ..errors import InputError, TrainingError, one_line
 from ..model.network import WEIGHTS
+from .ray_env import check_shared_storage
 from .train_config import TrainSettings, best_epoch
 from .trainset import Split, make_split
 
@@ -47,7 +48,8 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
     if use_gpu and gpus < s.workers:
         raise InputError(f"--gpu with {s.workers} workers, but the cluster has {int(gpus)} GPUs.")
     _check_fits(s, use_gpu)
-    _check_shared_storage(s)
+    # Rank 0 writes checkpoints that every rank reads on restart; each worker decodes its shard of DATA.
+    check_shared_storage({"--out": s.out, "DATA": s.data}, job="the training workers")
     storage.makedirs(s.out)
     storage.write_bytes_atomic(storage.join(s.out, "settings.json"), json.dumps(asdict(s), indent=2).encode())
     storage.write_bytes_atomic(storage.join(s.out, "val_files.json"), json.dumps(split.record(), indent=1).encode())
@@ -172,18 +174,6 @@ def _check_fits(s: TrainSettings, use_gpu: bool) -> None:
     if need > cpus:
         raise InputError(f"{s.workers} workers x {s.cpus_per_worker:g} CPUs need {need:g} CPUs; the Ray cluster has"
                          f" {cpus:g}. Lower --workers.")
-
-
-def _check_shared_storage(s: TrainSettings) -> None:
-    """Rank 0 writes checkpoints that every rank reads on restart: on several nodes that needs one
-    filesystem all of them see. A local path is fine only when every node mounts it (NFS)."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    if len(nodes) > 1 and not storage.is_uri(s.out) and not os.environ.get("CXR_BATCH_SHARED_FS"):
-        raise InputError(
-            f"--out {s.out} is a node-local path, but the Ray cluster has {len(nodes)} nodes: checkpoints must be on"
-            " storage every node sees. Use --out s3://bucket/run (or set CXR_BATCH_SHARED_FS=1 if it is an NFS mount).")
 
 
 def _ray_storage(out: str):

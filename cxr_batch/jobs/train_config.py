@@ -35,6 +35,10 @@ class TrainSettings:
     weight_decay: float = 1e-4
     image_size: int = 224
     cam_stride: int = 16  # 16: a 14x14 CAM at 224 px instead of 7x7 (see model.build_model)
+    # Weight of the CAM flip-consistency loss (model/camloss.py): each image trains beside its mirrored
+    # twin and their maps must mirror too, which forbids the network to learn its evidence off the
+    # lesion. 0 = plain training.
+    cam_consistency: float = 0.0
     workers: int = 2
     gpu: bool | None = None  # None = use GPUs when the cluster has them
     cpus_per_worker: float = 1.0

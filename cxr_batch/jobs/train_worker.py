@@ -22,8 +22,10 @@ from .. import POSITIVE
 from ..archive import storage
 from ..errors import InputError
 from ..model.calibration import calibrated, fit_temperature
+from ..model.camloss import paired_loss
 from ..model.checkpoint import make_checkpoint, save_checkpoint
 from ..model.network import build_model
+from ..model.receptive import cam_grid
 from ..model.weights import load_state_file
 from ..pixels.transforms import normalize
 from ..reports.metrics import ece, roc_auc
@@ -140,21 +142,28 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, phase):
         model.trunk.eval()
     gen = torch.Generator().manual_seed(s.seed * 1000 + epoch * 10 + rank)
     order = torch.randperm(len(y), generator=gen)
+    pairs = s.cam_consistency > 0  # each image with its mirrored twin: half as many images per step
+    per_step = max(1, s.batch_size // 2) if pairs else s.batch_size
+    grid = cam_grid(model.trunk, s.image_size) if pairs else None
     # Every rank must run the same number of steps (DDP all-reduces each one): pad short shards.
-    steps = _global_max(math.ceil(len(y) / s.batch_size) if len(y) else 0, device)
+    steps = _global_max(math.ceil(len(y) / per_step) if len(y) else 0, device)
     # Sums stay on the device: a float() per step would wait for the GPU every step.
     total_loss, correct, n = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64), 0
     for step in range(steps):
-        idx = order[(torch.arange(s.batch_size) + step * s.batch_size) % max(1, len(y))]
+        idx = order[(torch.arange(per_step) + step * per_step) % max(1, len(y))]
         xb = normalize(augment(torch.from_numpy(x[idx.numpy()]).to(device), gen), channels_last=on_gpu)
         yb = torch.from_numpy(y[idx.numpy()]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            logits, _ = ddp(xb)
-            loss = loss_fn(logits.float(), yb)
+            if pairs:
+                loss, cls_loss, logits = paired_loss(ddp, model.fc, xb, yb, loss_fn, weight=s.cam_consistency,
+                                                     grid=grid, step=step)
+            else:
+                logits, _ = ddp(xb)
+                loss = cls_loss = loss_fn(logits.float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total_loss += loss.detach() * len(yb)
+        total_loss += cls_loss.detach() * len(yb)  # the classification loss alone: comparable across weights
         correct += (logits.argmax(1) == yb).sum()
         n += len(yb)
     t = _all_reduce([float(total_loss), int(correct), n], device)

@@ -49,7 +49,9 @@ def labelled_files(data: str, split: str) -> list[tuple[str, int]]:
     if not storage.is_dir(folder):
         return []
     out = []
-    for e in discover(folder):
+    # Training data is the user's own curated tree, often split into folders of symlinks to bulk
+    # storage: links are followed here (scoring keeps an archive's links inside it by default).
+    for e in discover(folder, follow_symlinks=True):
         label = label_from_path(e.path)
         if label is not None:
             out.append((f"{split}/{e.path}", CLASSES.index(label)))

@@ -1,12 +1,16 @@
 """Class Activation Maps (Zhou et al., CVPR 2016) and their overlay PNGs. Pure numpy.
 
 CAM_k(i, j) = sum_c W[k, c] * F[c, i, j]: the fc weights of class k applied to the last conv
-feature maps F. The bias is left out (it is constant over the image and only shifts the map).
+feature maps F. With two classes the map that explains P(PNEUMONIA) is the difference of the two
+classes' maps plus the difference of their biases (``log_odds_map``): its mean over the cells is
+exactly the image's logit, log P / (1 - P), and each cell is the logit the image would get if it
+all looked like that cell. That unit is what the absolute scale shows.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -24,18 +28,52 @@ def class_activation_maps(features, fc_weight, cls: int):
     return (features * fc_weight[cls].reshape(1, -1, 1, 1)).sum(1)
 
 
-def peak(cam: np.ndarray) -> tuple[float, float]:
-    """Where the map is largest, as fractions (x of width, y of height) of the image it covers.
+def log_odds_map(features, fc_weight, fc_bias, positive: int):
+    """features (B, C, h, w), fc (2, C) and (2,) -> (B, h, w) maps in logit units of class
+    ``positive``; the mean of each map is that image's logit. numpy or torch alike."""
+    if fc_weight.shape[0] != 2:
+        raise ValueError(f"a log-odds map needs a 2-class head, got {fc_weight.shape[0]} classes")
+    other = 1 - positive
+    diff = fc_weight[positive:positive + 1] - fc_weight[other:other + 1]
+    return class_activation_maps(features, diff, 0) + (fc_bias[positive] - fc_bias[other])
 
-    A map cell (i, j) covers [j/w, (j+1)/w) of the width; its centre is (j + 0.5)/w. The argmax
-    cell is refined to sub-cell precision by a parabola through it and its two neighbours on each
-    axis, since one 7x7 cell is 14% of the image: too coarse to say which rib a lesion is under.
+
+@dataclass(frozen=True)
+class CamGrid:
+    """Where a map's cells sit in the model's input (a square of ``input_size`` pixels).
+
+    Cell j (on either axis) is centred on input pixel ``offset + stride * j``, in pixel indices:
+    the centre of its receptive field, which ``receptive.cam_grid`` walks out of the network's
+    own layers. For torchvision's ResNets that is pixel ``stride * j`` (offset 0), not the middle
+    of the j-th stride-wide tile, ``stride * (j + 0.5)``: every stride-2 layer samples at its
+    window's centre, and a 3x3 window with padding 1 is centred on its even input pixel. Taking
+    the tile middle puts every peak half a cell too far right and down (8 px of 224 at stride 16).
+    """
+
+    stride: int
+    offset: float
+    input_size: int
+
+    def to_fraction(self, index):
+        """Cell index (fractional allowed) -> position as a fraction of the image side."""
+        return (self.offset + self.stride * np.asarray(index, np.float64) + 0.5) / self.input_size
+
+    def centres(self, n: int) -> np.ndarray:
+        return self.to_fraction(np.arange(n))
+
+
+def peak(cam: np.ndarray, grid: CamGrid) -> tuple[float, float]:
+    """Where the map is largest, as fractions (x of width, y of height) of the image.
+
+    The argmax cell is refined to sub-cell precision by a parabola through it and its two
+    neighbours on each axis (one cell is 7% of the image at 14x14: too coarse to say which rib a
+    lesion is under), then placed where ``grid`` says that (fractional) cell is centred.
     """
     h, w = cam.shape
     i, j = np.unravel_index(int(np.argmax(cam)), cam.shape)
     dy = _parabola_offset(cam[i - 1, j] if i > 0 else None, cam[i, j], cam[i + 1, j] if i + 1 < h else None)
     dx = _parabola_offset(cam[i, j - 1] if j > 0 else None, cam[i, j], cam[i, j + 1] if j + 1 < w else None)
-    return float((j + 0.5 + dx) / w), float((i + 0.5 + dy) / h)
+    return float(grid.to_fraction(j + dx)), float(grid.to_fraction(i + dy))
 
 
 def _parabola_offset(left, centre, right) -> float:
@@ -47,13 +85,43 @@ def _parabola_offset(left, centre, right) -> float:
     return float(np.clip(0.5 * (left - right) / denom, -0.5, 0.5))
 
 
-def upsample(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) -> (H, W) bilinear, cell centres aligned as in ``peak``. size is (W, H) like PIL."""
-    return np.asarray(Image.fromarray(cam.astype(np.float32)).resize(size, Image.BILINEAR))
+@lru_cache(maxsize=64)
+def _interp_matrix(n_cells: int, n_pixels: int, grid: CamGrid) -> np.ndarray:
+    """(n_pixels, n_cells) linear interpolation from cell centres to pixel centres; beyond the
+    first and last centre the edge cell's value holds (no extrapolated heat at the borders)."""
+    pixels = (np.arange(n_pixels) + 0.5) / n_pixels
+    eye = np.eye(n_cells)
+    return np.stack([np.interp(pixels, grid.centres(n_cells), eye[k]) for k in range(n_cells)], 1).astype(np.float32)
+
+
+def upsample(cam: np.ndarray, size: tuple[int, int], grid: CamGrid) -> np.ndarray:
+    """(h, w) -> (H, W) bilinear between the cells' receptive-field centres. size is (W, H) like PIL.
+    Same geometry as ``peak``, so the overlay's hottest pixel is where ``peak`` says."""
+    h, w = cam.shape
+    width, height = size
+    return _interp_matrix(h, height, grid) @ cam.astype(np.float32) @ _interp_matrix(w, width, grid).T
+
+
+SCALES = ("absolute", "relative")
+# The absolute scale, in the log-odds map's units (logits): cold at and below 0, a cell that alone
+# would make the image a coin toss; full heat at ABSOLUTE_RANGE[1]. The same for every image and
+# every model, so a confident NORMAL (every cell well below 0) stays cold.
+ABSOLUTE_RANGE = (0.0, 8.0)
+
+
+def to_heat(cam: np.ndarray, scale: str) -> np.ndarray:
+    """A map -> heat in [0, 1]. relative: min-max per image, shows where the model looked however
+    weakly; absolute: through ``ABSOLUTE_RANGE``, shows how strongly as well as where."""
+    if scale == "relative":
+        return normalize(cam)
+    if scale == "absolute":
+        lo, hi = ABSOLUTE_RANGE
+        return np.clip((cam - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    raise ValueError(f"Invalid CAM scale {scale!r}. Only {', '.join(SCALES)} are supported.")
 
 
 def normalize(cam: np.ndarray) -> np.ndarray:
-    """Min-max to [0, 1] per image: the overlay shows where the model looked, not how hard."""
+    """Min-max to [0, 1] per image."""
     lo, hi = float(cam.min()), float(cam.max())
     if hi - lo < 1e-12:
         return np.zeros_like(cam, dtype=np.float32)
@@ -79,10 +147,12 @@ def _blend(cmap: str, alpha: float) -> np.ndarray:
     return (base * (1 - a) + colour * a + 0.5).astype(np.uint8)
 
 
-def overlay(gray_u8: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
-    """Blend the colour-mapped CAM (upsampled to the image) over the X-ray -> uint8 (H, W, 3)."""
+def overlay(gray_u8: np.ndarray, cam: np.ndarray, grid: CamGrid, *, scale: str = "relative",
+            alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
+    """Blend the colour-mapped CAM (upsampled to the image) over the X-ray -> uint8 (H, W, 3).
+    ``scale``: "relative" (per-image min-max) or "absolute" (``ABSOLUTE_RANGE``, see ``to_heat``)."""
     h, w = gray_u8.shape
-    heat = normalize(upsample(cam, (w, h)) if cam.shape != (h, w) else cam)
+    heat = to_heat(upsample(cam, (w, h), grid), scale)
     return _blend(cmap, float(alpha))[(heat * 255 + 0.5).astype(np.uint8), gray_u8]
 
 

@@ -15,6 +15,7 @@ from ..archive import storage
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from ..errors import InputError
 from .network import ARCHS, WEIGHTS, CamResNet, build_model
+from .receptive import cam_grid
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -29,6 +30,7 @@ class ModelInfo:
     trained: bool  # False for ARCH:WEIGHTS: the 2-class head is random
     cam_stride: int = 32  # 16 when layer4 runs without its stride (every trained model; see model.build_model)
     temperature: float = 1.0  # P(PNEUMONIA) = softmax(logits / T): fitted on validation (model/calibration.py); 1 = none
+    cam_offset: float = 0.0  # input pixel on which CAM cell 0's receptive field is centred (receptive.cam_grid)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,13 +83,17 @@ def describe(spec: str | None) -> ModelInfo:
             if not storage.exists(weights):
                 raise InputError(f"Invalid --model {spec}: weights must be imagenet, none or an existing file.")
             build_model(arch, weights)  # refuse an unsafe or foreign file here, not in every scoring actor
-        return ModelInfo(spec, arch, spec, DEFAULT_IMAGE_SIZE, 0.5, False)
+        with torch.device("meta"):  # the layers alone tell the geometry; no weights needed
+            grid = cam_grid(build_model(arch, "none").trunk, DEFAULT_IMAGE_SIZE)
+        return ModelInfo(spec, arch, spec, DEFAULT_IMAGE_SIZE, 0.5, False, cam_stride=grid.stride, cam_offset=grid.offset)
     spec = storage.absolute(spec)
     loaded = load_checkpoint(spec)
     ck = loaded.ckpt
-    model_from_checkpoint(ck, spec)  # weights that do not fit fail here, in one line, not in every actor
+    model = model_from_checkpoint(ck, spec)  # weights that do not fit fail here, in one line, not in every actor
+    grid = cam_grid(model.trunk, int(ck["image_size"]))
     return ModelInfo(spec, ck["arch"], loaded.model_id, int(ck["image_size"]), float(ck["threshold"]), True,
-                     int(ck.get("cam_stride", 32)), float(ck.get("temperature", 1.0)))  # older checkpoints: T = 1
+                     cam_stride=grid.stride, cam_offset=grid.offset,
+                     temperature=float(ck.get("temperature", 1.0)))  # older checkpoints: T = 1
 
 
 def load(info: ModelInfo) -> CamResNet:
@@ -105,3 +111,7 @@ def load(info: ModelInfo) -> CamResNet:
 
 def fc_weight(model: CamResNet) -> torch.Tensor:
     return model.fc.weight.detach()
+
+
+def fc_bias(model: CamResNet) -> torch.Tensor:
+    return model.fc.bias.detach()

@@ -44,7 +44,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    from .dicom import is_dicom  # local import: pydicom costs ~0.2 s to import
+    from .dicom import is_dicom, is_raw_dataset  # local import: pydicom costs ~0.2 s to import
 
     if is_dicom(data[:132]):
         return _decode_dicom(data, max_pixels)
@@ -56,7 +56,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     except Image.DecompressionBombError as e:
         raise DecodeError(f"too many pixels: {one_line(e)}") from None
     except UnidentifiedImageError:
-        if data[:2] in (b"\x02\x00", b"\x08\x00"):  # a DICOM dataset without the preamble (ACR-NEMA era exports)
+        if is_raw_dataset(data):  # a DICOM dataset without the preamble (ACR-NEMA era exports)
             return _decode_dicom(data, max_pixels)
         raise DecodeError("not an image: the bytes are no format Pillow or pydicom can read") from None
     except Exception as e:  # PIL raises many types for mangled headers

@@ -18,9 +18,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import DecodeError, one_line
+from .dicom_layout import Cut, find_cut
 from .gray import window_minmax
 
 # What to install per compressed family, matched on the syntax's name in this order ("JPEG 2000"
@@ -31,6 +32,7 @@ _INSTALL = (
     ("RLE", "pip install pylibjpeg pylibjpeg-rle"),
 )
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 # Rec. 601 luma, the weights Pillow's convert("L") uses: a colour DICOM and the same picture
 # saved as a JPEG decode to the same gray.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -44,18 +46,29 @@ def is_dicom(head: bytes) -> bool:
     return bytes(head[128:132]) == b"DICM"
 
 
+def is_raw_dataset(head: bytes) -> bool:
+    """True when ``head`` opens with a group 0002 or 0008 tag, little or big endian: a DICOM dataset
+    without the preamble (ACR-NEMA era exports, some PACS dumps). Anything else is not tried as
+    DICOM: pydicom's force=True "succeeds" on arbitrary bytes with junk."""
+    return bytes(head[:2]) in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
 def decode_dicom(data: bytes, *, max_pixels: int) -> tuple[np.ndarray, dict]:
     """Decode a whole DICOM file to ``(gray, meta)``: gray float32 (H, W) in [0, 1], 0 = black."""
     ds = _read(data)
     rows, cols = _check_size(ds, max_pixels)
     ts = _transfer_syntax(ds)
     _check_decoder(ts)
-    _check_length(ds, ts)
+    _check_length(ds, ts, data)
     try:
         # index=0 decodes the first frame only: a multi-frame file costs one frame of memory.
         arr = pixel_array(ds, index=0)
     except Exception as e:  # plugins raise RuntimeError, ValueError, ... on bad codestreams
-        raise DecodeError(f"corrupt or truncated pixel data ({ts.name}): {one_line(e)}") from None
+        cut = _cut(data, ds)
+        if cut:
+            raise DecodeError(f"truncated pixel data ({ts.name}): the file ends {cut.where()}; copy it again") from None
+        raise DecodeError(f"cannot decode pixel data ({ts.name}), though no element is cut short (a damaged"
+                          f" codestream, or one the decoder does not support): {one_line(e)}") from None
     try:
         gray = _to_gray(arr, ds)
     except DecodeError:
@@ -71,31 +84,59 @@ def _read(data: bytes) -> Dataset:
     has_preamble = is_dicom(data[:132])
     # Without the preamble, only try a raw dataset (ACR-NEMA era, some PACS exports) when it
     # opens with a group 0002/0008 tag: force=True on arbitrary bytes "succeeds" with junk.
-    if not has_preamble and data[:2] not in (b"\x02\x00", b"\x08\x00"):
+    if not has_preamble and not is_raw_dataset(data):
         raise DecodeError("not a DICOM file: no 'DICM' marker at byte 128 and no DICOM tag at byte 0")
     try:
         ds = dcmread(io.BytesIO(data), force=not has_preamble)
-        ds.get("Rows")  # elements are parsed lazily: surface a mangled header here
     except Exception as e:
         raise DecodeError(f"unreadable DICOM header: {one_line(e)}") from None
+    try:
+        ds.get("Rows")  # elements are parsed lazily: surface a mangled header here
+    except Exception as e:
+        cut = _cut(data, ds)
+        if cut:
+            raise DecodeError(f"truncated DICOM file: it ends {cut.where()}; copy it again") from None
+        raise DecodeError(f"unreadable DICOM header: {one_line(e)}") from None
     if not any(k in ds for k in _PIXEL_KEYWORDS):
-        raise DecodeError(_no_pixels_message(ds))
+        raise DecodeError(_no_pixels_message(ds, data, has_preamble))
     return ds
 
 
-def _no_pixels_message(ds: Dataset) -> str:
+def _cut(data: bytes, ds: Dataset) -> Cut | None:
+    """Where the file ends inside an element (see dicom_layout), or None: no evidence of a cut."""
+    if getattr(ds, "file_meta", {}).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return None  # the dataset is zlib-compressed: its elements are not laid out in the bytes
+    implicit, little = ds.original_encoding
+    return find_cut(data, implicit=bool(implicit), little=little is not False)
+
+
+def _no_pixels_message(ds: Dataset, data: bytes, has_preamble: bool) -> str:
+    """No Pixel Data element: say "truncated" only when the bytes end inside an element, and never
+    send the user to copy a whole file again (a DICOMDIR stub or a report stays what it is)."""
     # The file meta's copy of the SOP class survives a cut inside the dataset.
     sop = getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
-    kind = UID(str(sop)).name if sop else "none"
-    # A file cut off inside its pixel data reads as an image header without pixels, or as an
-    # empty dataset (pydicom drops everything when compressed data lacks its end marker).
-    if len(ds) == 0 or "Rows" in ds or "Image" in kind:
-        return "truncated pixel data: the DICOM file ends before its image is complete; copy it again"
-    return f"DICOM has no pixel data (SOP class: {kind}): not an image object, or a damaged file"
+    kind = UID(str(sop)).name if sop else None
+    if not has_preamble and not kind:
+        raise DecodeError("not an image: no format Pillow reads, and no DICOM dataset pydicom can make sense of")
+    cut = _cut(data, ds)
+    if cut and cut.tag in _PIXEL_TAGS:  # pydicom drops a dataset whose encapsulated pixel data has no end
+        return f"truncated pixel data: the file ends {cut.where()}; copy it again"
+    image = "Rows" in ds or (kind is not None and "Image" in kind)
+    # Cut short: an image object, or one with nothing left that says what it was (no SOP class, or
+    # the cut inside the file meta that names it).
+    if cut and (image or kind is None or cut.tag >> 16 == 0x0002):
+        return f"truncated DICOM file: it ends {cut.where()}, before any pixel data; copy it again"
+    if image:
+        return (f"DICOM has no pixel data: a header-only {kind or 'image'} object (no element is cut short:"
+                " a stub, or an export that left the pixels out)")
+    also = f"; the file is also cut short ({cut.where()})" if cut else ""
+    return f"DICOM has no pixel data (SOP class: {kind or 'none'}): not an image object{also}"
 
 
 def _check_size(ds: Dataset, max_pixels: int) -> tuple[int, int]:
     """Refuse oversized images from the header alone, before any pixel buffer is allocated."""
+    if "Rows" not in ds or "Columns" not in ds:
+        raise DecodeError("DICOM has pixel data but no Rows/Columns in its header: the image cannot be laid out")
     try:
         rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         frames = int(ds.get("NumberOfFrames") or 1)
@@ -142,15 +183,18 @@ def _check_decoder(ts: UID) -> None:
         raise DecodeError(f"unsupported DICOM transfer syntax {ts.name}: {hint}")
 
 
-def _check_length(ds: Dataset, ts: UID) -> None:
+def _check_length(ds: Dataset, ts: UID, data: bytes) -> None:
     """Name a cut-short native file as such; compressed streams are checked by their decoder."""
     if ts.is_compressed or "PixelData" not in ds:
         return
     need, have = get_expected_length(ds, "bytes"), len(ds.PixelData)
-    if have < need:
-        raise DecodeError(
-            f"truncated pixel data: {have:,} of {need:,} bytes; the file was cut short, copy it again"
-        )
+    if have >= need:
+        return
+    if _cut(data, ds):
+        raise DecodeError(f"truncated pixel data: {have:,} of {need:,} bytes; the file was cut short, copy it again")
+    raise DecodeError(
+        f"pixel data shorter than its header says: {have:,} of {need:,} bytes, though no element is cut short"
+        " (a wrong Rows/Columns/Bits Allocated from its writer; copying it again will not help)")
 
 
 def _to_gray(arr: np.ndarray, ds: Dataset) -> np.ndarray:

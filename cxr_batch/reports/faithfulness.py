@@ -26,17 +26,18 @@ import numpy as np
 from scipy.integrate import trapezoid
 
 from .. import CLASSES, POSITIVE
-from ..model.cam import upsample
+from ..model.cam import CamGrid, upsample
 
 
 def block_edges(size: int, n: int) -> np.ndarray:
     return np.round(np.linspace(0, size, n + 1)).astype(int)
 
 
-def block_scores(cam: np.ndarray, size: int) -> np.ndarray:
-    """(h, w) CAM -> (h, w) mean of its upsampled map over each block of a size x size image."""
+def block_scores(cam: np.ndarray, size: int, cells: CamGrid) -> np.ndarray:
+    """(h, w) CAM -> (h, w) mean of its map, upsampled as the overlay shows it (cells placed by
+    ``cells``), over each block of a size x size image."""
     h, w = cam.shape
-    up = upsample(cam, (size, size)) if cam.shape != (size, size) else cam
+    up = upsample(cam, (size, size), cells)
     ey, ex = block_edges(size, h), block_edges(size, w)
     return np.array([[up[ey[i]:ey[i + 1], ex[j]:ex[j + 1]].mean() for j in range(w)] for i in range(h)])
 
@@ -56,15 +57,16 @@ def deletion_stack(pixels: np.ndarray, order: np.ndarray, grid: tuple[int, int],
     return out
 
 
-def deletion_curves(score, pixels: np.ndarray, *, steps: int, seed: int = 0, batch_size: int = 16) -> dict:
-    """``score(uint8 (m, S, S)) -> (P(PNEUMONIA) (m,), CAMs (m, h, w))`` the model; ``pixels`` (n, S, S).
+def deletion_curves(score, pixels: np.ndarray, *, cells: CamGrid, steps: int, seed: int = 0, batch_size: int = 16) -> dict:
+    """``score(uint8 (m, S, S)) -> (P(PNEUMONIA) (m,), CAMs (m, h, w))`` the model, its CAM cells placed
+    by ``cells``; ``pixels`` (n, S, S).
     -> per-image curves (n, steps + 1) for the CAM order and a random order, and their areas."""
     p0, cams = _in_batches(score, pixels, batch_size)
     grid = cams.shape[1:]
     rng = np.random.default_rng(seed)
     stacks = []
     for img, cam in zip(pixels, cams):
-        by_cam = np.argsort(-block_scores(cam, img.shape[0]).ravel(), kind="stable")
+        by_cam = np.argsort(-block_scores(cam, img.shape[0], cells).ravel(), kind="stable")
         stacks += [deletion_stack(img, by_cam, grid, steps), deletion_stack(img, rng.permutation(by_cam.size), grid, steps)]
     probs, _ = _in_batches(score, np.concatenate(stacks), batch_size)
     probs = probs.reshape(len(pixels), 2, steps)

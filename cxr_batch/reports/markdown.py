@@ -30,7 +30,9 @@ def report_markdown(metrics: dict, ckpt: dict) -> str:
     if pt and pt.get("true_positives"):
         g = pt["true_positives"]
         lines += [f"CAM pointing game (peak within {g['tolerance']} lesion radii of the planted lesion): "
-                  f"{g['hits']}/{g['n']} = {g['rate']:.1%} of correctly flagged PNEUMONIA images.", ""]
+                  f"{g['hits']}/{g['n']} = {g['rate']:.1%} of correctly flagged PNEUMONIA images;"
+                  f" mean offset of the peak dx {g['mean_dx_in_radii']:+.2f}, dy {g['mean_dy_in_radii']:+.2f} lesion"
+                  f" radii (x right, y down), median distance {g['median_distance_in_radii']:.2f} radii.", ""]
     lines += _calibration_md(metrics["calibration"]) + _deletion_md(metrics.get("deletion"))
     lines += ["![ROC](roc.png)", "", "![Confusion matrix](confusion.png)", "",
               "![Training curves](training_curves.png)", "", "![Most confident errors](errors_montage.png)", "",

@@ -317,12 +317,16 @@ def pointing_game(peaks_xy, truth_xyr, *, tolerance: float = 1.5, aspect: float 
         raise ValueError(f"tolerance must be >= 0 and aspect > 0, got {tolerance} and {aspect}.")
     if (truth[:, 2] <= 0).any():
         raise ValueError("Every lesion radius in truth_xyr[:, 2] must be > 0.")
-    dx = peaks[:, 0] - truth[:, 0]
-    dy = (peaks[:, 1] - truth[:, 1]) / float(aspect)
-    in_radii = np.hypot(dx, dy) / truth[:, 2]
+    dx = (peaks[:, 0] - truth[:, 0]) / truth[:, 2]
+    dy = (peaks[:, 1] - truth[:, 1]) / float(aspect) / truth[:, 2]
+    in_radii = np.hypot(dx, dy)
     n = int(peaks.shape[0])
     hits = int(np.sum(in_radii <= float(tolerance)))
     return {
         "n": n, "hits": hits, "rate": hits / n if n else None, "tolerance": float(tolerance),
         "median_distance_in_radii": float(np.median(in_radii)) if n else None,
+        # The signed mean offset (x right, y down) says whether peaks miss at random or all one way:
+        # a systematic shift is a fault of the map's geometry or of what the network learned.
+        "mean_dx_in_radii": float(np.mean(dx)) if n else None,
+        "mean_dy_in_radii": float(np.mean(dy)) if n else None,
     }

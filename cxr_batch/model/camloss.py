@@ -1,0 +1,60 @@
+"""Flip consistency of the CAM while training: the map of a mirrored image must be the mirrored map.
+
+Global average pooling makes the classification loss blind to WHERE in the map the evidence sits,
+so a network is free to learn its evidence a cell or so off the lesion, in its own frame: every
+peak then lands the same distance below the lesion, whatever the image. Mirroring the image
+reverses such a shift while a map that sits on the lesion mirrors with it, so requiring
+CAM(flip x) = flip CAM(x) forbids the shift and nothing else.
+
+The mirror is taken about the CAM grid's own axis of symmetry (``receptive``): an exact pixel
+mirror of a 224 px image would move a stride-16 grid's cell centres 16 j to 223 - 16 j, between
+cells, and the loss would then pull the map 7.5 px the wrong way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import POSITIVE
+from .cam import CamGrid
+
+
+def grid_flip(images: torch.Tensor, dim: int, grid: CamGrid, cells: int) -> torch.Tensor:
+    """Mirror ``images`` (..., H, W) along ``dim`` (-1 across, -2 up-down) about the axis on which cell
+    j and cell ``cells - 1 - j`` are mirror images; the few pixels mirrored from outside the image
+    repeat its edge."""
+    n = images.shape[dim]
+    twice_axis = int(round(2 * grid.offset + grid.stride * (cells - 1)))
+    index = torch.clamp(twice_axis - torch.arange(n, device=images.device), 0, n - 1)
+    return images.index_select(dim, index)
+
+
+def flip_consistency(maps: torch.Tensor, maps_of_flipped: torch.Tensor, dim: int) -> torch.Tensor:
+    """Smooth-L1 distance (in the maps' logit units) between maps (B, h, w) and the flipped-back maps
+    of the grid-flipped images. Both sides get gradients: neither is the reference."""
+    return torch.nn.functional.smooth_l1_loss(maps, maps_of_flipped.flip(dim))
+
+
+def paired_loss(net, fc, images, labels, loss_fn, *, weight: float, grid: CamGrid, step: int):
+    """Classification loss on ``images`` and their grid-flipped twins (left-right on even steps,
+    upside down on odd ones) plus ``weight`` x the flip consistency of their log-odds maps.
+    -> (total loss, classification loss, logits of ``images``). ``net`` returns (logits, features);
+    ``fc`` is its linear head (read for the maps, as scoring does)."""
+    from .cam import log_odds_map
+
+    dim = -1 if step % 2 == 0 else -2
+    cells = _cells(images.shape[-1], grid)
+    both = torch.cat([images, grid_flip(images, dim, grid, cells)])
+    logits, features = net(both)
+    cls = loss_fn(logits.float(), torch.cat([labels, labels]))
+    maps = log_odds_map(features.float(), fc.weight, fc.bias, POSITIVE)
+    if maps.shape[-1] != cells or maps.shape[-2] != cells:
+        raise ValueError(f"the trunk gave a {tuple(maps.shape[-2:])} map, not {cells} x {cells}: grid {grid} is wrong")
+    n = len(images)
+    consistency = flip_consistency(maps[:n], maps[n:], dim)
+    return cls + weight * consistency, cls, logits[:n]
+
+
+def _cells(size: int, grid: CamGrid) -> int:
+    """How many cells a ResNet trunk gives along a side of ``size`` pixels: one per sampled centre."""
+    return int((size - 1 - grid.offset) // grid.stride) + 1

@@ -1,0 +1,263 @@
+"""CAM localisation experiments in-process (no Ray): train a CamResNet on phantoms, then measure where
+the CAM peaks land against truth.csv, under the old tile-middle geometry ("naive") and the
+receptive-field geometry ("rf"), on plain and flipped inputs (maps flipped back), and averaged (TTA).
+
+Archives, state dicts and results/NAME.json go to /tmp/camexp. The numbers in README's CAMs section:
+  python docs/experiments/cam_train.py A --size 160 --image-size 128 --threads 1
+  python docs/experiments/cam_train.py A_eq01 --size 160 --image-size 128 --threads 1 --eq 0.1
+then docs/experiments/cam_before_after.py on each state dict (scores through the shipped stages).
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxr_batch.model.cam import CamGrid, log_odds_map, peak
+from cxr_batch.model.camloss import paired_loss
+from cxr_batch.model.network import build_model
+from cxr_batch.model.receptive import cam_grid
+from cxr_batch.synth.archive import make_archive
+from cxr_batch.jobs.trainset import augment, labelled_files, load_pixels
+from cxr_batch.pixels.transforms import normalize
+from cxr_batch.reports.metrics import roc_auc
+
+ROOT = Path("/tmp/camexp")
+
+
+def archive(seed, size, n_train, n_test):
+    d = ROOT / f"arch-s{seed}-{size}-{n_train}-{n_test}"
+    if not (d / "truth.csv").exists():
+        tmp = d.with_suffix(".tmp")
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_archive(tmp, n_train=n_train, n_val=0, n_test=n_test, size=size, seed=seed)
+        os.rename(tmp, d)
+    truth = {}
+    import csv
+    for r in csv.DictReader(open(d / "truth.csv")):
+        if r["x"]:
+            truth[str(d / r["path"])] = (float(r["x"]), float(r["y"]), float(r["r"]))
+    return d, truth
+
+
+def model_for(arch, stride, seed):
+    if stride == 8:  # scratch only: drop layer3's and layer4's strides (resnet18)
+        m = build_model(arch, "none", seed=seed, cam_stride=16)
+        blk = m.trunk[6][0]
+        blk.conv1.stride = (1, 1)
+        blk.downsample[0].stride = (1, 1)
+        return m
+    return build_model(arch, "none", seed=seed, cam_stride=stride)
+
+
+def maps_of(model, x):
+    logits, feats = model(x)
+    return logits, log_odds_map(feats, model.fc.weight, model.fc.bias, 1)
+
+
+def step_loss(a, model, xb, yb, loss_fn, grid, step):
+    """-> (loss, classification loss, consistency loss) of one step. --eq > 0: the shipped
+    flip-consistency loss (model/camloss.py), called as jobs/train_worker.py calls it."""
+    if a.eq > 0:
+        loss, cls, _ = paired_loss(model, model.fc, normalize(xb), yb, loss_fn, weight=a.eq, grid=grid, step=step)
+        return loss, cls, (loss - cls) / a.eq
+    logits, _ = model(normalize(xb))
+    cls = loss_fn(logits, yb)
+    return cls, cls, torch.zeros(())
+
+
+def train(a, model, x, y, grid):
+    """AdamW with cosine decay, the training job's augmentation; prints one JSON line per epoch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    log = []
+    for epoch in range(1, a.epochs + 1):
+        lr = a.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / a.epochs)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        gen = torch.Generator().manual_seed(a.seed * 1000 + epoch)
+        order = torch.randperm(len(y), generator=gen)
+        t0, tot, toteq, n = time.time(), 0.0, 0.0, 0
+        bs = a.batch // 2 if a.eq > 0 else a.batch  # with twins: the same number of images per forward pass
+        for step in range(math.ceil(len(y) / bs)):
+            idx = order[step * bs:(step + 1) * bs].numpy()
+            xb = augment(torch.from_numpy(x[idx]), gen, scale=(a.crop, 1.0))
+            loss, cls, eq = step_loss(a, model, xb, torch.from_numpy(y[idx]), loss_fn, grid, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(cls.detach()) * len(idx)
+            toteq += float(eq.detach()) * len(idx)
+            n += len(idx)
+        row = {"epoch": epoch, "loss": tot / n, "eq": toteq / n, "s": time.time() - t0}
+        log.append(row)
+        print(json.dumps(row), flush=True)
+    return log
+
+
+@torch.no_grad()
+def evaluate(model, x, y, paths, truth, grid, tta=False):
+    model.eval()
+    rows = []
+    for i in range(0, len(y), 25):
+        xb = torch.from_numpy(x[i:i + 25]).float() / 255
+        res = {}
+        for name, t in (("plain", None), ("hflip", 2), ("vflip", 1)):
+            xi = xb if t is None else xb.flip(t)
+            logits, m = maps_of(model, normalize(xi))
+            if t is not None:
+                m = m.flip(t)  # exact flip back: cell j <-> w-1-j is pixel 16j <-> 223-16j: geometry below
+            res[name] = (torch.softmax(logits, 1)[:, 1].numpy(), m.numpy(), t)
+        for k in range(len(xb)):
+            r = {"path": paths[i + k], "y": int(y[i + k])}
+            for name, (p, m, t) in res.items():
+                r[name] = (float(p[k]), m[k])
+            rows.append(r)
+    return rows
+
+
+def flipped_grid(grid, w):
+    """Geometry of a map computed on an exactly flipped input, after flipping the map back."""
+    # cell j of the flipped-back map came from flipped cell w-1-j, centred on flipped pixel
+    # off + s(w-1-j) = original pixel N-1-off-s(w-1-j) = (N-1-off-s(w-1)) + s j
+    return CamGrid(grid.stride, grid.input_size - 1 - grid.offset - grid.stride * (w - 1), grid.input_size)
+
+
+def naive_grid(grid, w):
+    return CamGrid(grid.stride, grid.stride / 2 - 0.5, grid.input_size)  # (j+0.5)/w of the image
+
+
+def up2(m, gx, gy, n=224):
+    from cxr_batch.model.cam import _interp_matrix
+    return _interp_matrix(m.shape[0], n, gy) @ m @ _interp_matrix(m.shape[1], n, gx).T
+
+
+def view_peak(r, view, g, gf):
+    """The peak of one test row's map(s) for ``view``: plain, hflip/vflip (map of the flipped input,
+    flipped back; gf places its cells), tta_* (maps averaged at pixel resolution)."""
+    if view.startswith("tta"):
+        ms = [up2(r["plain"][1], g, g)]
+        if "h" in view[4:]:
+            ms.append(up2(r["hflip"][1], gf, g))
+        if "v" in view[4:]:
+            ms.append(up2(r["vflip"][1], g, gf))
+        mm = np.mean(ms, 0)
+        iy, ix = np.unravel_index(np.argmax(mm), mm.shape)
+        return (ix + 0.5) / 224, (iy + 0.5) / 224
+    m = r[view][1]
+    if view == "plain":
+        return peak(m, g)
+    if view == "hflip":
+        return peak(m, gf)[0], peak(m, g)[1]
+    return peak(m, g)[0], peak(m, gf)[1]
+
+
+def offsets(tp, truth, g, gf, view):
+    d = []
+    for r in tp:
+        tx, ty, tr = truth[r["path"]]
+        px, py = view_peak(r, view, g, gf)
+        d.append(((px - tx), (py - ty), tr))
+    d = np.array(d)
+    dist = np.hypot(d[:, 0], d[:, 1]) / d[:, 2]
+    return {"pointing": float(np.mean(dist <= 1.5)),
+            "dx_r": float(np.mean(d[:, 0] / d[:, 2])), "dy_r": float(np.mean(d[:, 1] / d[:, 2])),
+            "dx_px256": float(np.mean(d[:, 0]) * 256), "dy_px256": float(np.mean(d[:, 1]) * 256),
+            "median_dist_r": float(np.median(dist))}
+
+
+def cam_max_stats(rows, y):
+    """Absolute-scale material: map maxima and means by class."""
+    mx = np.array([r["plain"][1].max() for r in rows])
+    return {"pos_median": float(np.median(mx[y == 1])), "neg_median": float(np.median(mx[y == 0])),
+            "neg_p95": float(np.percentile(mx[y == 0], 95)), "pos_p05": float(np.percentile(mx[y == 1], 5)),
+            "pos_p50_mean": float(np.median([r["plain"][1].mean() for r in rows if r["y"] == 1])),
+            "neg_mean_median": float(np.median([r["plain"][1].mean() for r in rows if r["y"] == 0]))}
+
+
+def hits_by_size(tp, truth, grid):
+    radii = np.array([truth[r["path"]][2] for r in tp])
+    hits = []
+    for r in tp:
+        tx, ty, tr = truth[r["path"]]
+        px, py = peak(r["plain"][1], grid)
+        hits.append(np.hypot(px - tx, py - ty) / tr <= 1.5)
+    hits = np.array(hits)
+    return {f"{lo:.2f}-{hi:.2f}": [int(hits[(radii >= lo) & (radii < hi)].sum()), int(((radii >= lo) & (radii < hi)).sum())]
+            for lo, hi in ((0, 0.06), (0.06, 0.1), (0.1, 0.3))}
+
+
+def summarise(rows, truth, grid, threshold=0.5):
+    w = rows[0]["plain"][1].shape[-1]
+    geoms = {"rf": (grid, flipped_grid(grid, w)), "naive": (naive_grid(grid, w), naive_grid(grid, w))}
+    y = np.array([r["y"] for r in rows])
+    p = np.array([r["plain"][0] for r in rows])
+    out = {"acc": float(((p >= threshold) == y).mean()), "auc": roc_auc(y, p)}
+    tp = [r for r in rows if r["y"] == 1 and r["plain"][0] >= threshold]
+    out["n_tp"] = len(tp)
+    if not tp:
+        return out
+    for gname, (g, gf) in geoms.items():
+        for view in ("plain", "hflip", "vflip", "tta_h", "tta_v", "tta_hv"):
+            out[f"{gname}/{view}"] = offsets(tp, truth, g, gf, view)
+    out["cam_max"] = cam_max_stats(rows, y)
+    out["rf_by_size"] = hits_by_size(tp, truth, grid)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("name")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--stride", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--n-train", type=int, default=400)
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-seed", type=int, default=1)
+    ap.add_argument("--crop", type=float, default=0.7)
+    ap.add_argument("--eq", type=float, default=0.0, help="weight of the CAM flip-consistency loss (train --cam-consistency)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-only", default=None, metavar="STATE", help="no training: evaluate this state dict")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    d, truth = archive(a.data_seed, a.size, a.n_train, a.n_test)
+    tr = labelled_files(str(d), "train")
+    te = labelled_files(str(d), "test")
+    x, y, _ = load_pixels(str(d), tr, a.image_size, 10**8)
+    xt, yt, _ = load_pixels(str(d), te, a.image_size, 10**8)
+    model = model_for(a.arch, a.stride, a.seed)
+    grid = cam_grid(model.trunk, a.image_size)
+    with torch.no_grad():
+        w = model.eval()(torch.zeros(1, 3, a.image_size, a.image_size))[1].shape[-1]
+    t0 = time.time()
+    if a.eval_only:
+        model.load_state_dict(torch.load(a.eval_only, weights_only=True))
+        log = []
+    else:
+        log = train(a, model, x, y, grid)
+    rows = evaluate(model, xt, yt, [str(d / u) for u, _ in te], truth, grid)
+    res = {"args": vars(a), "grid": str(grid), "w": w, "train_s": time.time() - t0, "log": log,
+           "load": os.getloadavg(), **summarise(rows, truth, grid)}
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{a.name}.json").write_text(json.dumps(res, indent=1))
+    torch.save(model.state_dict(), ROOT / f"{a.name}.pt")
+    for k in ("acc", "auc", "n_tp", "rf/plain", "naive/plain", "rf/hflip", "rf/vflip", "rf/tta_hv", "rf_by_size", "cam_max"):
+        print(k, res[k])
+
+
+if __name__ == "__main__":
+    main()

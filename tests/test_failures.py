@@ -1,0 +1,184 @@
+"""Failures a real run meets, with real Ray workers and real files (issue 11): a folder that vanishes
+in the middle of a run and comes back (an NFS remount), one that stays away until the next run, a
+file that kills its decode worker, and a file over --max-bytes. After each, every listed file has
+exactly one row, and the exit status tells the truth."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cxr_batch.archive.results import read_table
+from cxr_batch.cli import main
+from cxr_batch.errors import EXIT_INCOMPLETE
+from cxr_batch.jobs.runloop import POISON
+from images import encode
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS, PER = ("a", "b", "c", "d"), 6
+
+
+@pytest.fixture
+def archive(tmp_path):
+    root = tmp_path / "archive"
+    for i, folder in enumerate(FOLDERS):
+        (root / folder).mkdir(parents=True)
+        for k in range(PER):
+            im = Image.new("L", (48, 48), 40 * i + 5 * k)
+            (root / folder / f"img{k}.png").write_bytes(encode(im, "PNG"))
+    return root
+
+
+def listed(root) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+
+
+def rows(out) -> dict:
+    table = read_table(str(out))
+    paths = table["path"].to_pylist()
+    assert len(paths) == len(set(paths)), "a file has two rows"
+    return {r["path"]: r for r in table.to_pylist()}
+
+
+def settings(archive, out, **kw):
+    from cxr_batch.jobs.score import ScoreSettings
+
+    return ScoreSettings(archive=str(archive), out=str(out), model="resnet18:none", batch_size=8, rows_per_part=4,
+                         retry_backoff_s=0.2, **kw)
+
+
+def test_a_folder_that_vanishes_mid_run_and_comes_back_is_scored_in_the_same_run(archive, ray_session, tmp_path):
+    from cxr_batch.jobs.score import run_score
+
+    expected, away = listed(archive), tmp_path / "c-away"
+
+    def echo(line: str) -> None:  # the first line comes after the listing: the remount starts then
+        if line.startswith("score:"):
+            os.rename(archive / "c", away)
+        elif line.startswith("retry pass 1/"):
+            os.rename(away, archive / "c")  # the share is back before the first retry pass
+
+    summary = run_score(settings(archive, tmp_path / "out"), echo=echo)
+    got = rows(tmp_path / "out")
+    assert sorted(got) == expected and {r["status"] for r in got.values()} == {"scored"}
+    assert (summary.scored, summary.retried, summary.retry) == (len(expected), PER, 0)
+
+
+def test_a_folder_away_for_the_whole_run_is_retried_by_the_next_run(archive, ray_session, tmp_path):
+    out, expected = tmp_path / "out", listed(archive)
+    manifest = tmp_path / "files.txt"
+    manifest.write_text("\n".join(expected) + "\n")  # listed, then gone: an export's list, a remount
+    os.rename(archive / "c", tmp_path / "c-away")
+    args = ["score", str(archive), "--out", str(out), "--manifest", str(manifest), "--model", "resnet18:none",
+            "--retries", "1", "--retry-backoff", "0.1", "--rows-per-part", "4"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == EXIT_INCOMPLETE, first.output
+    assert f"INCOMPLETE    {PER} files failed for a transient reason" in first.output
+    got = rows(out)
+    assert sorted(got) == expected
+    assert {p for p, r in got.items() if r["status"] == "retry"} == {p for p in expected if p.startswith("c/")}
+    assert {r["error"] for r in got.values() if r["status"] == "retry"} == {"file vanished after it was listed"}
+
+    os.rename(tmp_path / "c-away", archive / "c")
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    assert f"{PER} 'retry' rows of earlier runs replaced" in second.output
+    got = rows(out)
+    assert sorted(got) == expected and {r["status"] for r in got.values()} == {"scored"}
+
+    third = CliRunner().invoke(main, args)  # nothing left to do, and nothing to retry
+    assert third.exit_code == 0 and f"{len(expected)} already in the output" in third.output
+    assert sorted(rows(out)) == expected
+
+
+POISON_PLUGIN = '''
+import os
+from PIL import Image, ImageFile
+
+class Poison(ImageFile.ImageFile):
+    """A decoder that takes its process down, as a segfaulting codec or the OOM killer does."""
+    format = "POISON"
+
+    def _open(self):
+        os._exit(1)
+
+Image.register_open("POISON", Poison, lambda prefix: prefix[:6] == b"POISON")
+'''
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_file_that_kills_its_worker_is_its_own_error_row_and_the_job_finishes(archive, tmp_path, engine):
+    (archive / "b" / "img3.png").write_bytes(b"POISON" + bytes(200))  # listed as a PNG like its neighbours
+    (archive / "d" / "huge.png").write_bytes(bytes(5000))  # over --max-bytes: refused from the listing's size
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "sitecustomize.py").write_text(POISON_PLUGIN)  # every worker Python loads it at start
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "cxr_batch.cli", "score", str(archive), "--out", str(out), "--model",
+                        "resnet18:none", "--batch-size", "8", "--retry-backoff", "0.1", "--max-bytes", "4000",
+                        "--no-cams", "--engine", engine], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    got = rows(out)
+    assert sorted(got) == listed(archive)
+    assert got["b/img3.png"]["status"] == "error" and got["b/img3.png"]["error"] == POISON.format(n=2)
+    assert got["d/huge.png"]["status"] == "error" and got["d/huge.png"]["error"].startswith("file larger than --max-bytes 4,000")
+    assert {r["status"] for p, r in got.items() if p not in ("b/img3.png", "d/huge.png")} == {"scored"}
+    assert "poison        1 files killed their worker" in p.stdout + p.stderr
+
+
+def test_kills_and_vanishing_folders_mixed_end_with_one_row_per_file(ray_address, tmp_path):
+    """A run with a folder away (exit 3), a re-run SIGKILLed after its first part, a run with the
+    other folder away, then a clean run: one row per file at every step, all scored at the end."""
+    import signal
+    import time
+
+    from cxr_batch.synth.archive import make_archive
+
+    root = tmp_path / "archive"
+    make_archive(root, n_train=0, n_val=0, n_test=120, size=96, seed=5)
+    expected = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpeg"))
+    manifest, out = tmp_path / "files.txt", tmp_path / "out"
+    manifest.write_text("\n".join(expected) + "\n")
+    cmd = [sys.executable, "-m", "cxr_batch.cli", "score", str(root), "--out", str(out), "--manifest", str(manifest),
+           "--model", "resnet18:none", "--batch-size", "8", "--rows-per-part", "8", "--retries", "0",
+           "--address", ray_address]
+
+    def away(folder: str, there: bool) -> None:
+        os.rename(*((root / "test" / folder, tmp_path / folder) if not there else (tmp_path / folder, root / "test" / folder)))
+
+    def run() -> int:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=400).returncode
+
+    def check(rc: int) -> dict:
+        got = rows(out)  # never two rows for one file
+        assert set(got) <= set(expected)
+        assert rc == (EXIT_INCOMPLETE if any(r["status"] == "retry" for r in got.values()) else 0)
+        return got
+
+    away("NORMAL", False)
+    got = check(run())
+    assert {p for p, r in got.items() if r["status"] == "retry"} == {p for p in expected if "/NORMAL/" in p}
+    away("NORMAL", True)
+    parts = set(os.listdir(out))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not {n for n in os.listdir(out) if n.endswith(".parquet")} - parts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    assert set(rows(out)) <= set(expected)  # whole parts only, still one row per file
+    away("PNEUMONIA", False)
+    check(run())
+    away("PNEUMONIA", True)
+    got = check(run())
+    assert sorted(got) == expected and {r["status"] for r in got.values()} == {"scored"}

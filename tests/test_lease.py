@@ -1,0 +1,179 @@
+"""One writer per output: the lease on --out, locally and on a real loopback S3 server, with real
+processes (a holder killed with SIGKILL) and real races (threads released by one barrier); no Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from cxr_batch.archive.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, read_holder
+from cxr_batch.archive.results import SCHEMA, PartWriter, part_files
+
+import s3server
+from s3server import BUCKET
+
+HOLDER = """
+import sys, time
+from cxr_batch.archive.lease import Lease
+Lease(sys.argv[1], run_id="deadbeef", timeout_s=float(sys.argv[2])).acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_in_process(out: str, timeout_s: float) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, out, str(timeout_s)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "holding"
+    return p
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3server.s3_server() as env, pytest.MonkeyPatch.context() as mp:
+        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield env
+
+
+@pytest.fixture(params=["local", "s3"])
+def out(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "results")
+    request.getfixturevalue("s3")
+    return f"s3://{BUCKET}/lease-{request.node.name.split('[')[0]}-{time.monotonic_ns()}"
+
+
+def test_a_second_run_is_refused_with_the_holder_and_since_when(out):
+    with Lease(out, run_id="run1", settle_s=0.2):
+        with pytest.raises(LeaseHeld) as e:
+            Lease(out, run_id="run2", settle_s=0.2).acquire()
+        message = str(e.value)
+        assert f"--out {out} is in use by another cxr-batch run: run run1 (pid {os.getpid()} on host" in message
+        assert re.search(r"started 20\d\d-\d\d-\d\dT[0-9:]+Z, last heartbeat [0-9] s ago\.", message), message
+        assert "\n" not in message
+    Lease(out, run_id="run3", settle_s=0.2).acquire().release()  # released at the end: free again
+    assert read_holder(out) is None
+    if "://" not in out:
+        assert os.listdir(out) == []  # nothing left behind beside the parts
+
+
+def killed_holder(out: str, timeout_s: float) -> None:
+    holder = hold_in_process(out, timeout_s)
+    holder.send_signal(signal.SIGKILL)  # dies without releasing
+    holder.wait()
+
+
+def test_a_dead_holder_on_this_machine_is_taken_over_at_once(tmp_path):
+    out = str(tmp_path / "results")
+    killed_holder(out, timeout_s=120)
+    with Lease(out, run_id="next"):  # its process is gone: no need to wait 120 s
+        assert read_holder(out)["holder"]["run_id"] == "next"
+
+
+def test_a_dead_holder_elsewhere_is_taken_over_after_its_timeout(tmp_path):
+    out = str(tmp_path / "results")
+    killed_holder(out, timeout_s=3)
+    record = read_holder(out)  # as if it had run on another node: its process cannot be looked at
+    record["holder"].update(host="node-7", boot_id="another-kernel")
+    with open(os.path.join(out, LEASE_FILE), "w") as f:
+        json.dump(record, f)
+    with pytest.raises(LeaseHeld, match="run deadbeef .* on host node-7.* taken over 3 s after its last heartbeat"):
+        Lease(out, run_id="next").acquire()
+    time.sleep(3.5)
+    with Lease(out, run_id="next"):
+        assert read_holder(out)["holder"]["run_id"] == "next"
+
+
+def test_a_live_holder_keeps_its_lease_past_the_timeout(tmp_path):
+    out = str(tmp_path / "results")
+    holder = hold_in_process(out, timeout_s=1)  # heartbeat every 0.2 s
+    try:
+        time.sleep(2.5)
+        with pytest.raises(LeaseHeld, match="run deadbeef"):
+            Lease(out, run_id="next").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_racing_runs_on_s3_never_both_win(s3):
+    for round_ in range(3):
+        out = f"s3://{BUCKET}/race-{round_}"
+        barrier, results = threading.Barrier(4), {}
+
+        def run(i):
+            barrier.wait()
+            try:
+                results[i] = Lease(out, run_id=f"r{i}", settle_s=1.0).acquire()
+            except LeaseHeld as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [r for r in results.values() if isinstance(r, Lease)]
+        assert len(winners) == 1, results
+        assert read_holder(out)["holder"]["run_id"] == winners[0].run_id
+        winners[0].release()
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
+def test_racing_local_runs_never_both_win(tmp_path, stale):
+    for round_ in range(10):  # a race is lost only now and then: run it often
+        out, barrier, results = str(tmp_path / f"results{round_}"), threading.Barrier(8), []
+        if stale:  # all eight find a dead holder's lease and try to take it over at once
+            os.makedirs(out)
+            with open(os.path.join(out, LEASE_FILE), "w") as f:
+                json.dump({"holder": {"run_id": "dead"}, "heartbeat_s": time.time() - 600, "timeout_s": 120,
+                           "token": "old"}, f)
+
+        def run(i):
+            barrier.wait()
+            try:
+                results.append(Lease(out, run_id=f"r{i}").acquire())
+            except LeaseHeld:
+                pass
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(results) == 1, f"round {round_}: {len(results)} winners"
+        assert read_holder(out)["holder"]["run_id"] == results[0].run_id
+        results[0].release()
+
+
+def test_a_holder_that_lost_its_lease_publishes_nothing_more(out):
+    lease = Lease(out, run_id="mine", timeout_s=1.2, settle_s=0.2).acquire()
+    writer = PartWriter(out, {"model_id": "m"}, rows_per_part=1, run="0000beef", before_publish=lease.check)
+    writer.add(pa.Table.from_pylist([{"path": "a.png", "model": "m"}], schema=SCHEMA))
+    assert len(part_files(out)) == 1
+    # Another run takes the lease over (as after this one stalled past its timeout). On S3 a heartbeat
+    # racing with the thief's write can overwrite it; a real thief then re-reads and gives up, so
+    # here the thief keeps writing until the holder has noticed.
+    from cxr_batch.archive import storage
+
+    record = read_holder(out)
+    record.update(token="someone-else", holder={"run_id": "thief", "pid": 1, "host": "h"})
+    deadline = time.monotonic() + 15
+    while not lease.lost and time.monotonic() < deadline:  # a heartbeat (every timeout/6 s) notices
+        storage.write_bytes_atomic(storage.join(out, LEASE_FILE), json.dumps(record).encode())
+        time.sleep(0.1)
+    with pytest.raises(LeaseLost, match="lost its lease on --out .* now held by run thief"):
+        writer.add(pa.Table.from_pylist([{"path": "b.png", "model": "m"}], schema=SCHEMA))
+    assert len(part_files(out)) == 1
+    lease.release()
+    assert read_holder(out)["holder"]["run_id"] == "thief"  # the loser does not delete the winner's lease

@@ -1,0 +1,186 @@
+"""Listing an archive (local and loopback S3), manifests, symlinks and the resume anti-join, on real
+files and a real S3 server; no Ray."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cxr_batch.archive.discover import LISTING, list_archive, read_manifest
+from cxr_batch.errors import InputError
+from cxr_batch.archive.results import pending
+
+import s3server
+
+DICOM_HEAD = b"\0" * 128 + b"DICM"
+
+
+def touch(p, data=b"x"):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+
+
+def reference_walk(root) -> list[tuple[str, int, bool]]:
+    """What the listing must find, by the plainest code there is (no symlinks in the tree)."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            ext = os.path.splitext(name)[1].lower()
+            if name.startswith(".") or (ext and ext not in (".png", ".jpeg", ".dcm")):
+                continue
+            path = os.path.join(folder, name)
+            out.append((os.path.relpath(path, root), os.path.getsize(path), ext == ""))
+    return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """400 folders two levels deep, a few files each: images, extensionless, hidden, other types."""
+    root = tmp_path_factory.mktemp("tree") / "archive"
+    rng = random.Random(0)
+    for i in range(400):
+        folder = root / f"p{i % 40:02d}" / f"study{i}"
+        for j in range(rng.randint(0, 6)):
+            name = rng.choice([f"im{j}.png", f"IM{j}", f"x{j}.JPEG", f"s{j}.dcm", f".hidden{j}.png", f"notes{j}.txt"])
+            touch(folder / name, b"y" * rng.randint(0, 50))
+    touch(root / ".git" / "objects" / "a.png")
+    touch(root / "top.png")
+    return root
+
+
+def rows(listing) -> list[tuple]:
+    t = listing.files
+    return list(zip(t["path"].to_pylist(), t["size"].to_pylist(), t["sniff"].to_pylist()))
+
+
+def test_local_listing_finds_what_a_plain_walk_finds_in_parallel(tree):
+    listing = list_archive(str(tree), threads=8)
+    assert listing.files.schema == LISTING
+    assert rows(listing) == reference_walk(tree)
+    folders = sum(1 for f, _, _ in os.walk(tree) if "/." not in f)
+    assert listing.requests == folders and listing.max_in_flight > 1  # one scandir per folder, several at once
+    assert rows(list_archive(str(tree), threads=1)) == rows(listing)
+
+
+def test_listing_never_reads_a_file(tmp_path):
+    # An extensionless file that cannot be opened is still listed: the decode stage sniffs it.
+    touch(tmp_path / "a" / "IM0001", DICOM_HEAD)
+    os.chmod(tmp_path / "a" / "IM0001", 0)
+    try:
+        assert rows(list_archive(str(tmp_path / "a"))) == [("IM0001", 132, True)]
+    finally:
+        os.chmod(tmp_path / "a" / "IM0001", 0o644)
+
+
+@pytest.fixture()
+def linked(tmp_path):
+    """An archive whose symlinks point inside it, outside it, to its parent and to /."""
+    outside = tmp_path / "elsewhere"
+    touch(outside / "secret.png")
+    touch(outside / "deep" / "IM9")
+    a = tmp_path / "archive"
+    touch(a / "real" / "x.png")
+    touch(a / ".store" / "kept.png")
+    os.symlink(outside, a / "out_dir")  # a folder outside
+    os.symlink(outside / "secret.png", a / "out_file.png")  # a file outside
+    os.symlink("..", a / "real" / "up")  # the archive itself: a loop, listed once
+    os.symlink(tmp_path, a / "parent")  # the archive's parent (holds the archive: a loop too)
+    os.symlink("/", a / "root")
+    os.symlink("real/x.png", a / "alias.png")  # a file inside: listed under both names
+    os.symlink(".store", a / "store")  # a hidden folder inside, reached by a visible link
+    return a
+
+
+def test_symlinks_to_outside_are_not_followed_by_default(linked):
+    listing = list_archive(str(linked))
+    assert listing.files["path"].to_pylist() == ["alias.png", "real/x.png", "store/kept.png"]
+    assert listing.outside_links == 4  # out_dir, out_file.png, parent, root
+
+
+def test_follow_symlinks_reads_outside_links_and_lists_loops_once(linked):
+    os.unlink(linked / "root")  # followed, it would list the whole machine: that is what the flag means
+    paths = list_archive(str(linked), follow_symlinks=True).files["path"].to_pylist()
+    # Each folder once: the archive is not listed again through real/up or parent/archive, nor
+    # elsewhere/ through parent/elsewhere (out_dir reached it first, by path order).
+    assert paths == ["alias.png", "out_dir/deep/IM9", "out_dir/secret.png", "out_file.png", "real/x.png",
+                     "store/kept.png"]
+
+
+def test_s3_listing_matches_the_local_one(tree):
+    with s3server.s3_server() as env, pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        uri = s3server.upload_tree(env, tree, "tree")
+        # threads=2: after the first levels the prefixes are listed flat (paginated), not folder by folder.
+        for threads in (2, 32):
+            listing = list_archive(uri, threads=threads)
+            assert rows(listing) == reference_walk(tree)
+        assert listing.requests > 40 and listing.max_in_flight > 1
+        assert list_archive(uri, threads=2).requests < listing.requests
+
+
+@pytest.fixture()
+def archive(tmp_path):
+    a = tmp_path / "archive"
+    for rel in ("a/x.png", "b/IM1", "c d/ünï.jpeg"):
+        touch(a / rel)
+    return a
+
+
+@pytest.mark.parametrize("name,text", [
+    ("m.csv", "path,size\n./a/x.png,10\nb//IM1,\na/x.png,12\n\"c d/ünï.jpeg\",3\n{root}/b/IM1,4\n"),
+    ("m.txt", "a/x.png\nb/IM1\nc d/ünï.jpeg\na/x.png\n"),
+])
+def test_a_manifest_is_normalised_and_duplicates_count_once(archive, tmp_path, name, text):
+    (tmp_path / name).write_text(text.format(root=archive))
+    listing = read_manifest(str(tmp_path / name), str(archive))
+    assert listing.files["path"].to_pylist() == ["a/x.png", "b/IM1", "c d/ünï.jpeg"]
+    assert listing.files["sniff"].to_pylist() == [False, True, False]
+    if name.endswith(".csv"):
+        assert listing.files["size"].to_pylist() == [12, 4, 3]
+
+
+def test_a_parquet_manifest(archive, tmp_path):
+    pq.write_table(pa.table({"path": ["b/IM1", "a/x.png"], "size": [5, 6], "study": ["s", "t"]}), tmp_path / "m.parquet")
+    assert rows(read_manifest(str(tmp_path / "m.parquet"), str(archive))) == [("a/x.png", 6, False), ("b/IM1", 5, True)]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("path\nok.png\n../secret.png\n", "entry 2: '../secret.png' is not a file inside the archive"),
+    ("path\n/etc/passwd\n", "'/etc/passwd' is not a file inside the archive"),
+    ("path\na/../../b.png\n", "'a/../../b.png' is not a file inside"),
+    ("path\ns3://other/x.png\n", "'s3://other/x.png' is not a file inside"),
+    ("path\n\"\"\n", "'' is not a file inside"),
+    ("name\nx.png\n", "has no `path` column"),
+    ("path,size\nx.png,big\n", "is not readable as .csv"),
+])
+def test_a_manifest_that_leaves_the_archive_is_refused_in_one_line(archive, tmp_path, text, message):
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
+        read_manifest(str(tmp_path / "m.csv"), str(archive))
+    assert "\n" not in str(e.value)
+
+
+def test_manifest_and_archive_must_exist(archive, tmp_path):
+    with pytest.raises(InputError, match="Manifest not found"):
+        read_manifest(str(tmp_path / "none.csv"), str(archive))
+    (tmp_path / "m.csv").write_text("path\nx.png\n")
+    with pytest.raises(InputError, match="Archive not found"):
+        read_manifest(str(tmp_path / "m.csv"), str(tmp_path / "no-archive"))
+
+
+def test_resume_is_an_anti_join_that_keeps_order():
+    files = pa.table({"path": ["a", "b", "c", "d"], "size": [1, 2, 3, 4], "sniff": [False] * 4}, schema=LISTING)
+    assert pending(files, [pa.array(["c", "zz"]), pa.array(["a"])])["path"].to_pylist() == ["b", "d"]
+    assert pending(files, [pa.array([], pa.string())]).num_rows == 4
+    assert pending(files, []).num_rows == 4
+
+
+def test_limit_takes_the_first_files_by_path(tree):
+    listing = list_archive(str(tree))
+    assert listing.first(5).files["path"].to_pylist() == sorted(r[0] for r in reference_walk(tree))[:5]
