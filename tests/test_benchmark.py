@@ -79,7 +79,8 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(main, ["benchmark", str(tmp_path / "work"), "--images", "8", "--min-side", "256",
                                   "--max-side", "256", "--model", "resnet18:none", "--batch-size", "4",
-                                  "--modes", "fp32,bf16,bf16+nocams", "--baseline-images", "6", "--decode-check",
+                                  "--modes", "fp32,bf16,bf16+nocams", "--engines", "local", "--baseline-images", "6",
+                                  "--decode-check",
                                   "--memory-check", "--memory-images", "4", "--out-json", str(out)])
     assert r.exit_code == 0, r.output
     assert "b/a" in r.output and "(b) cxr-batch score, bf16" in r.output
@@ -108,6 +109,13 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
     assert bf16["max_prob_diff"] is not None
     fp32_row = next(line for line in r.output.splitlines() if line.startswith("(b) cxr-batch score, fp32 "))
     assert "reference" in fp32_row and "100.0%" not in fp32_row
+    # (d): the command in a fresh process, its start-up broken down, the same labels as (b) at fp32
+    cli = result["cli"]["local"]
+    assert cli["engine"] == "local" and cli["images"] == 8 and cli["errors"] == 0 and cli["b_over_a"] > 0
+    assert cli["label_agreement"] == 1.0 and cli["compared"] == 8
+    assert cli["startup"]["process_s"] > 0 and cli["startup"]["model_check_s"] > 0  # a fresh process pays both
+    assert {"torch_import_s", "model_build_s", "first_batch_s", "first_rows_s"} <= set(cli["startup"])
+    assert "(d) score CLI, fp32, local" in r.output and "start-up, engine local (s): process" in r.output
     m = result["memory_check"]
     assert m["small"]["images"] == 4 and m["large"]["images"] == 40
     assert {"rss_growth", "anon_growth", "process_growth"} <= set(m)

@@ -160,3 +160,25 @@ def test_each_failure_gets_the_status_that_says_whether_a_rerun_helps(tmp_path):
     assert got["NOTES"][0] == "skipped"
     assert got["gone.png"] == ("retry", "file vanished after it was listed")
     assert got["eio.png"][0] == "retry" and got["eio.png"][1].startswith("unreadable file: ")
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it():
+    from cxr_batch.jobs.score_stages import auto_precision
+
+    assert auto_precision("cpu", True) == "bf16" and auto_precision("cuda", True) == "bf16"
+    assert auto_precision("cpu", False) == "fp32" and auto_precision("cuda", False) == "fp32"
+    assert auto_precision("mps", True) == "fp32"  # autocast there is not what was measured
+
+
+def test_native_bf16_matches_the_cpu_flags_and_the_scorer_uses_it():
+    """oneDNN's check against the kernel's own view of the CPU: AVX512-BF16 or AMX-BF16 flags."""
+    from cxr_batch.jobs.score_stages import Scorer, native_bf16
+    from cxr_batch.model.registry import describe
+
+    flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    native = native_bf16(torch.device("cpu"))
+    assert native == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    scorer = Scorer(describe("resnet18:none").to_dict(), threads=1, precision="auto", compile=False, channels_last=False)
+    assert scorer.precision == ("bf16" if native else "fp32") and scorer.autocast == native
+    assert Scorer(describe("resnet18:none").to_dict(), threads=1, precision="fp32", compile=False,
+                  channels_last=False).autocast is False

@@ -5,7 +5,9 @@
                 PNG per image coloured with matplotlib, pandas -> Parquet at the end;
   (b) score     ``run_score`` end to end on a local Ray, once per precision mode;
   (c) forward   the model alone on in-memory tensors, prepared exactly as the Scorer prepares it
-                (same precision and batch size): the most any pipeline around it can reach.
+                (same precision and batch size): the most any pipeline around it can reach;
+  (d) CLI       `cxr-batch score` in a fresh process per engine (local, ray), fp32: what a user
+                waits for, start-up included, with the engine's breakdown of it (cli_run.py).
 
 Throughput is images per second of wall time, start-up included (model build, actor start), so a
 pipeline must earn its start-up on the archive size measured; "steady" is the rate from the first
@@ -75,6 +77,7 @@ def run_benchmark(s: BenchSettings, *, log=print, verbose: bool = False) -> dict
         result["decode_check"] = decode_check(archive, paths, image_size=result["model"]["image_size"], device=device)
         log(f"decode check: {result['decode_check']}")
     _measure_score(s, work, archive, paths, model, device, result, log, verbose)
+    _measure_cli(s, work, archive, len(paths), model, device, result, log)
     _compare_all(work, result)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -180,6 +183,27 @@ def _score_mode(s, work: Path, archive: str, n: int, model: str, device: str, mo
     return row
 
 
+def _measure_cli(s: BenchSettings, work: Path, archive: str, n: int, model: str, device: str, result: dict,
+                 log) -> None:
+    """(d) per engine, after (b)'s Ray is gone: each run starts from nothing, as a user's does."""
+    from .cli_run import run_score_cli, score_command
+
+    result["cli"] = {}
+    for engine in s.engines:
+        cmd = score_command(archive, str(work / f"cli-{engine}"), model, engine=engine, precision=REFERENCE,
+                            batch_size=s.batch_size, limit=n, device="gpu" if device == "cuda" else "cpu")
+        r = _timed(run_score_cli, cmd)
+        got = r.pop("value")
+        sm = got["summary"]
+        r["seconds"] = got["wall_s"]  # from the command's start to its exit, as a user waits
+        row = _rate(r, sm["scored"] + sm["errors"])
+        startup = {"process_s": round(got["wall_s"] - sm["seconds"], 2), **sm["startup"]}
+        row.update(errors=sm["errors"], engine=sm["plan"].get("engine"), plan=sm["plan"], startup=startup)
+        result["cli"][engine] = row
+        log(f"(d) cxr-batch score --engine {engine}, fp32, fresh process: {row['images_per_s']:.2f} images/s"
+            f" ({row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']} MB)")
+
+
 def _score_out(work: Path, mode: str) -> Path:
     return work / f"score-{mode.replace('+', '-')}"
 
@@ -202,6 +226,9 @@ def _compare_all(work: Path, result: dict) -> None:
             row.update(compare(ref, read_table(str(_score_out(work, mode))).to_pandas()), reference=False)
         row.update(b_over_a=round(row["images_per_s"] / a, 2), b_over_c=round(row["images_per_s"] / c, 2),
                    b_over_c_steady=round(row["steady_images_per_s"] / c, 2) if row["steady_images_per_s"] else None)
+    for engine, row in result.get("cli", {}).items():
+        row.update(compare(ref, read_table(str(work / f"cli-{engine}")).to_pandas()),
+                   b_over_a=round(row["images_per_s"] / a, 2))
     agreeing = [m for m, row in result["score"].items() if row["reference"] or (row["label_agreement"] or 0) >= 0.99]
     result["fastest_agreeing_mode"] = max(agreeing, key=lambda m: result["score"][m]["images_per_s"])
 

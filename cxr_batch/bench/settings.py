@@ -22,6 +22,8 @@ class BenchSettings:
     calibrate: bool = True  # untrained head -> derived checkpoint with a spread of probabilities (see above)
     batch_size: int = 16
     modes: tuple[str, ...] = ("fp32", "bf16")
+    # (d) `cxr-batch score` in a fresh process per engine (fp32): start-up included and broken down
+    engines: tuple[str, ...] = ("local", "ray")
     device: str = "auto"  # auto: the GPU when torch sees one (then (a), (b) and (c) all use it), else the CPU
     baseline_images: int | None = None  # (a) on the first N images only (None: all): it is slow on big archives
     decode_check: bool = False  # also time JPEG decoding: PIL draft on one core vs torchvision on the GPU
@@ -39,6 +41,8 @@ class BenchSettings:
             raise InputError(f"Invalid modes {bad or list(self.modes)}. A mode is fp32 or bf16, optionally followed"
                              " by +compile and/or +nocams (no CAM PNGs), e.g. bf16+compile; fp32 is required"
                              " (every other mode is compared with it).")
+        if not set(self.engines) <= {"local", "ray"}:
+            raise InputError(f"Invalid engines {list(self.engines)}. Only local and ray are supported.")
         if self.device not in ("auto", "cpu", "gpu"):
             raise InputError(f"Invalid device {self.device!r}. Only auto, cpu and gpu are supported.")
         if self.images < 1 or self.batch_size < 1 or not 32 <= self.min_side <= self.max_side:

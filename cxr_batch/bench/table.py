@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .cli_run import startup_line
+
 
 def format_table(r: dict) -> str:
     a = r["baseline"]
@@ -15,6 +17,11 @@ def format_table(r: dict) -> str:
         lines.append(f"{'(b) cxr-batch score, ' + mode:<34}{b['images_per_s']:>9.2f}{b['b_over_a']:>7.2f}"
                      f"{b['b_over_c']:>7.2f}{_num(b['steady_images_per_s'], 2):>8}{_num(b['b_over_c_steady'], 2):>6}"
                      f"{b['peak_rss_mb']:>13}{_agreement(b):>12}{_num(b['max_prob_diff']):>10}")
+    for engine, d in r.get("cli", {}).items():
+        lines.append(f"{'(d) score CLI, fp32, ' + engine:<34}{d['images_per_s']:>9.2f}{d['b_over_a']:>7.2f}{'':>21}"
+                     f"{d['peak_rss_mb']:>13}{_pct(d.get('label_agreement')):>12}{_num(d.get('max_prob_diff')):>10}")
+    for engine, d in r.get("cli", {}).items():
+        lines.append(startup_line(engine, d["startup"]))
     lines.append(f"fastest mode agreeing with fp32 on >= 99% of labels: {r['fastest_agreeing_mode']}")
     m = r["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch {m['torch']}, ray {m['ray']};"

@@ -21,8 +21,11 @@ from .options import friendly
 @click.option("--modes", default="fp32,bf16", show_default=True,
               help="Comma-separated modes: fp32 or bf16, optionally +compile and/or +nocams (no CAM PNGs),"
                    " e.g. fp32,bf16,bf16+compile,bf16+nocams. fp32 is required: it is the reference.")
+@click.option("--engines", default="local,ray", show_default=True,
+              help="(d): run `cxr-batch score --engine E` (fp32) in a fresh process for each, start-up included"
+                   " and broken down. Empty: skip (d).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
-              help="Where (a), (b) and (c) run. auto: the GPU when there is one.")
+              help="Where (a), (b), (c) and (d) run. auto: the GPU when there is one.")
 @click.option("--baseline-images", type=click.IntRange(min=1), default=None,
               help="Run (a) on the first N images only (it is the slow one). Default: all.")
 @click.option("--decode-check", is_flag=True, help="Also time JPEG decoding: PIL on one CPU core vs nvJPEG on the GPU.")
@@ -32,13 +35,14 @@ from .options import friendly
 @click.option("--out-json", default=None, help="Write every number to this JSON file.")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output too. Default: it goes to Ray's log files.")
 @friendly
-def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, batch_size, modes, device,
+def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, batch_size, modes, engines, device,
               baseline_images, decode_check, memory_check, memory_images, num_cpus, out_json, verbose):
     """Measure `cxr-batch score` against plain PyTorch and the bare model, in one run on one archive.
 
-    Prints images/s of (a) a tutorial-style PyTorch loop, (b) `cxr-batch score` per precision mode and
-    (c) the model's forward alone, the ratios b/a and b/c, peak memory, and each mode's agreement with
-    the fp32 run (the reference).
+    Prints images/s of (a) a tutorial-style PyTorch loop, (b) `cxr-batch score` per precision mode,
+    (c) the model's forward alone and (d) the `cxr-batch score` command per engine in a fresh process
+    (start-up included, and its breakdown), the ratios b/a, b/c and d/a, peak memory, and each run's
+    agreement with the fp32 run (the reference).
 
     Example: cxr-batch benchmark /tmp/bench --out-json benchmark.json
     """
@@ -50,7 +54,7 @@ def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, ba
 
     s = BenchSettings(workdir=workdir, archive=archive, images=images, min_side=min_side, max_side=max_side,
                       model=model, calibrate=calibrate, batch_size=batch_size,
-                      modes=tuple(m.strip() for m in modes.split(",") if m.strip()), device=device,
+                      modes=_names(modes), engines=_names(engines), device=device,
                       baseline_images=baseline_images, decode_check=decode_check, memory_check=memory_check,
                       memory_images=memory_images, num_cpus=num_cpus)
     result = run_benchmark(s, log=lambda m: click.echo(m, err=True), verbose=verbose)
@@ -59,3 +63,7 @@ def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, ba
         with open(out_json, "w") as f:
             json.dump(result, f, indent=2)
         click.echo(f"wrote {out_json}")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())

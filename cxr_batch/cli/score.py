@@ -28,7 +28,7 @@ from .summaries import format_summary
 @click.option("--cpus-per-actor", type=click.FloatRange(min=0.5), default=None, help="CPUs per model actor (torch threads).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on GPU, fp32 on CPU.")
+              help="auto: bf16 autocast where the hardware has native bf16 (GPU sm80+, CPU with AVX512-BF16 or AMX), else fp32.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model in each actor.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Refuse images above this many pixels (decompression bombs). Default 100M.")
 @click.option("--overwrite", is_flag=True, help="First delete what earlier runs wrote to the output and CAM folder (only"

@@ -62,7 +62,7 @@ class ScoreSettings:
     actors: int | None = None  # model replicas; None = one per GPU, or as many CPU actors as fit
     cpus_per_actor: float | None = None  # None: sized from the cluster (see plan_resources)
     device: str = "auto"
-    precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"  # auto = bf16 autocast where native (GPU sm80+, CPU AVX512-BF16/AMX), else fp32
     compile: bool = False  # torch.compile the model in each actor (slow start, faster steady state)
     channels_last: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -162,7 +162,8 @@ class ScoreSummary:
     plan: dict = field(default_factory=dict)
     listing: dict = field(default_factory=dict)  # Listing.stats(): source, requests, outside_links, ...
     notes: list = field(default_factory=list)  # lines for the user (what --overwrite left, links not followed)
-    # Start-up, in seconds: first_rows_s (since run_score began, any engine); ray_start_s (a Ray this
+    # Start-up, in seconds: model_check_s (prepare(): describe() on the driver, a checkpoint read and a
+    # model build, to fail fast on a bad model); first_rows_s (since run_score began, any engine); ray_start_s (a Ray this
     # run started); the local engine's engine_start_s (since run_score began) and, from its
     # LocalStats, pool_start_s, torch_import_s, model_build_s (durations), first_decode_s and
     # first_batch_s (since the engine started), workers_lost.
@@ -198,9 +199,11 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None) -
     ``echo(line)`` gets one line per stage of the job."""
     t0 = time.perf_counter()
     s, info = prepare(s)
+    t_prepared = time.perf_counter() - t0
     cam_dir = s.resolved_cam_dir() if s.cams else None
     run_id = uuid.uuid4().hex[:8]
-    summary = ScoreSummary(out=s.out, cam_dir=cam_dir, run_id=run_id, model=info.to_dict())
+    summary = ScoreSummary(out=s.out, cam_dir=cam_dir, run_id=run_id, model=info.to_dict(),
+                           startup={"model_check_s": round(t_prepared, 3)})
     with ExitStack() as stack:
         # Ray is needed whatever the archive's size (a cluster to join, several GPUs, --engine ray):
         # start it and refuse node-local paths before the lease writes anything to --out.
