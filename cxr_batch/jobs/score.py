@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import uuid
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -392,6 +393,9 @@ def _pipeline(todo: pa.Table, s: ScoreSettings, stages: StageConfig, plan: Resou
     rows = stages.decode_rows
     block_rows = rows * max(1, math.ceil(todo.num_rows / 4096 / rows))  # <= ~4096 blocks
     ds = ray.data.from_arrow([todo.slice(i, block_rows) for i in range(0, todo.num_rows, block_rows)])
+    # ray_remote_args_fn is the one way to set max_retries in Ray 2.60 (see _no_ray_retries); its
+    # deprecation warning would be printed in the middle of the user's progress lines.
+    warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*deprecated")
     ds = ds.map_batches(decode_batch, batch_size=rows, num_cpus=plan.task_cpus, batch_format="numpy",
                         ray_remote_args_fn=_no_ray_retries, fn_kwargs=stages.decode)
     ds = ds.map_batches(Scorer, batch_size=stages.batch_size, batch_format="numpy",
