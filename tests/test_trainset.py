@@ -35,6 +35,7 @@ def test_unreadable_training_images_are_skipped_with_their_reason(tmp_path):
 def test_a_tiny_val_folder_is_replaced_by_a_stratified_share_of_train(tmp_path):
     make_archive(tmp_path / "data", n_train=40, n_val=4, n_test=0, size=48, seed=2)
     split = make_split(str(tmp_path / "data"), val_fraction=0.25, seed=0)
-    assert len(split.val) == 10 and len(split.train) == 30 and "stratified 25%" in split.val_note
+    assert len(split.val) == 10 and len(split.train) == 30 and "about 25%" in split.val_note
+    assert "stratified by class" in split.val_note and "because val/ has only 4 images" in split.val_note
     assert np.bincount([y for _, y in split.val]).tolist() == [5, 5]
     assert not {p for p, _ in split.val} & {p for p, _ in split.train}
