@@ -184,3 +184,14 @@ def test_resume_is_an_anti_join_that_keeps_order():
 def test_limit_takes_the_first_files_by_path(tree):
     listing = list_archive(str(tree))
     assert listing.first(5).files["path"].to_pylist() == sorted(r[0] for r in reference_walk(tree))[:5]
+
+
+def test_the_listing_benchmark_builds_its_hard_link_archive(tmp_path):
+    """jobs/bench_listing.py builds its archive this way (without --archive): every link is listed,
+    the share of extensionless DICOMs included."""
+    from cxr_batch.bench.listing import ListingBenchSettings, build_local
+
+    built = build_local(tmp_path / "a", ListingBenchSettings(workdir=str(tmp_path), files=200))
+    listing = list_archive(built["path"])
+    assert built["files"] == listing.files.num_rows == 200 and built["dicom_files"] == 2
+    assert sum(1 for p in listing.files["path"].to_pylist() if "." not in p.rsplit("/", 1)[-1]) == 2

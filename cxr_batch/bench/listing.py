@@ -52,7 +52,7 @@ def build_local(root: Path, s: ListingBenchSettings) -> dict:
     import numpy as np
     from PIL import Image
 
-    from .synth import phantom
+    from ..synth.phantom import phantom
 
     src = root / "_sources"
     src.mkdir(parents=True, exist_ok=True)
