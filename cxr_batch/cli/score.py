@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from functools import partial
 
@@ -87,12 +88,14 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, a
                       retries=retries, retry_backoff_s=retry_backoff, engine=_engine(engine, address, wait_for_gpus))
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
-    _, info = prepare(s)  # fails on a bad model or output folder before Ray starts
+    t0 = time.perf_counter()
+    s, info = prepare(s)  # fails on a bad model or output folder before Ray starts
     warn_if_untrained(info, console)
     # Ray starts only if the engine needs it (run_score decides once it knows the number of files).
     ray = partial(ray_for_job, address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
                   echo=console.note)
-    summary = run_score(s, progress=console.score_progress(), echo=console.note, ray_context=ray)
+    summary = run_score(s, progress=console.score_progress(), echo=console.note, ray_context=ray,
+                        prepared=(s, info, time.perf_counter() - t0))
     console.summary(format_summary(summary), asdict(summary))
     if report_:
         from ..reports.html.score import ReportSettings, write_score_report

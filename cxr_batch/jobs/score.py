@@ -11,7 +11,6 @@ Pure work lives in pixels/ and model/cam.py; score_stages.py holds what the work
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import warnings
@@ -34,7 +33,7 @@ from ..errors import InputError
 from ..model.cam import SCALES as CAM_SCALES
 from ..model.registry import ModelInfo, describe
 from ..pixels.decode import DEFAULT_MAX_PIXELS
-from .ray_env import check_shared_storage
+from .ray_env import check_shared_storage, joining_a_cluster
 from .runloop import Outcome, RetryPolicy, drive
 from .score_stages import Scorer, StageConfig, decode_batch, finish_batch
 
@@ -187,7 +186,7 @@ def prepare(s: ScoreSettings) -> tuple[ScoreSettings, ModelInfo]:
     return s, info
 
 
-def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None) -> ScoreSummary:
+def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, prepared=None) -> ScoreSummary:
     """Score ``s.archive`` into ``s.out``.
 
     Order: refuse a bad model or an --out in the wrong place before anything is written; when the
@@ -197,10 +196,15 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None) -
     engine Ray; clear (--overwrite); skip what is done; run the stages under the retry policy
     (jobs/runloop.py).
     ``progress(summary, total)`` is called as rows arrive (at most every 2 s, and at the end);
-    ``echo(line)`` gets one line per stage of the job."""
+    ``echo(line)`` gets one line per stage of the job. ``prepared``: what ``prepare(s)`` returned and the
+    seconds it took, when the caller already ran it (the CLI does, to fail before anything starts):
+    describing a checkpoint reads, hashes and unpickles the whole file, so it is done once."""
     t0 = time.perf_counter()
-    s, info = prepare(s)
-    t_prepared = time.perf_counter() - t0
+    if prepared is None:
+        s, info = prepare(s)
+        t_prepared = time.perf_counter() - t0
+    else:
+        s, info, t_prepared = prepared
     cam_dir = s.resolved_cam_dir() if s.cams else None
     run_id = uuid.uuid4().hex[:8]
     summary = ScoreSummary(out=s.out, cam_dir=cam_dir, run_id=run_id, model=info.to_dict(),
@@ -299,7 +303,7 @@ def choose_engine(engine: str, n_files: int, *, cpus: int | None = None, gpus: i
     from .local_engine import node_cpus, node_gpus
 
     connected = ray_is_up() if connected is None else connected
-    if connected or os.environ.get("RAY_ADDRESS"):
+    if connected or joining_a_cluster(None):
         return "ray"
     gpus = node_gpus() if gpus is None else gpus
     cpus = node_cpus() if cpus is None else cpus
@@ -372,7 +376,7 @@ def _rows(engine: str, todo: pa.Table, s: ScoreSettings, stages: StageConfig, pl
         try:
             yield from run_local(todo, stages, workers=plan.workers, stats=stats)
         finally:
-            summary.startup.update({k: v for k, v in asdict(stats).items() if k != "events"})
+            summary.startup.update(asdict(stats))
         return
     yield from _pipeline(todo, s, stages, plan).iter_batches(batch_size=None, batch_format="pyarrow")
 
