@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .. import CLASSES
-from ..errors import InputError
+from ..errors import InputError, one_line
 from . import storage
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
@@ -129,12 +129,8 @@ def discover(archive: str, *, follow_symlinks: bool = False) -> list[FileEntry]:
 def _is_dicom_file(archive: str, rel: str) -> bool:
     from ..pixels.dicom import is_dicom
 
-    fs, root = storage.resolve(archive)
     try:
-        if isinstance(fs, pafs.LocalFileSystem):
-            with open(local_path(root, rel), "rb") as f:
-                return is_dicom(f.read(132))
-        with fs.open_input_stream(f"{root}/{rel}") as f:
+        with storage.open_file(archive, rel) as f:
             return is_dicom(f.read(132))
     except OSError:
         return False
@@ -418,7 +414,7 @@ def _read_manifest_table(manifest: str) -> pa.Table:
         else:
             raise InputError(f"Manifest {manifest}: unknown format; use {MANIFEST_FORMATS}.")
     except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"Manifest {manifest} is not readable as {MANIFEST_FORMATS}: {' '.join(str(e).split())[:200]}") from None
+        raise InputError(f"Manifest {manifest} is not readable as {MANIFEST_FORMATS}: {one_line(e)}") from None
     if "path" not in table.column_names:
         raise InputError(f"Manifest {manifest} has no `path` column (columns: {', '.join(table.column_names)[:200]}).")
     if not pa.types.is_string(table.schema.field("path").type) and not pa.types.is_large_string(table.schema.field("path").type):

@@ -39,7 +39,7 @@ import time
 import uuid
 
 from . import storage
-from ..errors import CxrError, InputError
+from ..errors import CxrError, InputError, one_line
 
 LEASE_FILE = "_cxr_batch_lease.json"
 LOCK_FILE = "_cxr_batch_lease.lock"
@@ -140,7 +140,7 @@ class Lease:
             except OSError as e:  # storage briefly unreachable: try again, but not past the timeout
                 if time.monotonic() - last_ok > 0.75 * self.timeout_s:
                     self.lost = (f"--out {self.out}: could not refresh the lease for {time.monotonic() - last_ok:.0f} s"
-                                 f" ({' '.join(str(e).split())[:120]}); another run may take it over, so this one stops.")
+                                 f" ({one_line(e, 120)}); another run may take it over, so this one stops.")
                     return
 
 

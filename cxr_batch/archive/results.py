@@ -69,14 +69,14 @@ class PartWriter:
         self.out, self.rows_per_part = out, rows_per_part
         self.run = run or uuid.uuid4().hex[:8]
         self.before_publish = before_publish  # e.g. Lease.check: a run that lost --out must not publish
-        self.seq, self.rows, self.pending = 0, 0, []
+        self.seq, self.rows, self.pending = 0, 0, []  # rows: pending rows, not yet published
         self.schema = SCHEMA.with_metadata({b"cxr_batch": json.dumps(metadata, default=str).encode()})
         storage.makedirs(out)
 
     def add(self, table: pa.Table) -> None:
         self.pending.append(table.select(SCHEMA.names).cast(SCHEMA))
         self.rows += table.num_rows
-        if sum(t.num_rows for t in self.pending) >= self.rows_per_part:
+        if self.rows >= self.rows_per_part:
             self.flush()
 
     def flush(self) -> None:
@@ -89,7 +89,7 @@ class PartWriter:
             self.before_publish()
         storage.write_bytes_atomic(storage.join(self.out, f"part-{self.run}-{self.seq:05d}.parquet"), buf.getvalue())
         self.seq += 1
-        self.pending = []
+        self.pending, self.rows = [], 0
 
 
 def part_files(out: str) -> list[str]:

@@ -59,7 +59,7 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     summary = run_score(score_settings, progress=progress, echo=echo)
     rows = read_table(pred_out).to_pylist()
     scored = [r for r in rows if r["error"] is None and r["label"] is not None]
-    if not scored or len({r["label"] for r in scored}) < 1:
+    if not scored:
         raise InputError(f"No labelled images scored under {s.folder}: it needs NORMAL/ and PNEUMONIA/ folders.")
     y = np.array([CLASSES.index(r["label"]) for r in scored])
     p = np.array([r["prob_pneumonia"] for r in scored], np.float64)

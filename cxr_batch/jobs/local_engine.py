@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -63,7 +63,7 @@ class LocalStats:
     first_decode_s: float | None = None  # first decoded batch back from the pool
     first_batch_s: float | None = None  # first forward pass done (includes oneDNN/cuDNN warm-up)
     workers_lost: int = 0  # pool processes that died (their batches are absent)
-    events: dict = field(default_factory=dict)
+    model_ready_s: float | None = None  # since the engine started: torch imported and the model built
 
 
 def run_local(paths: pa.Table, stages: StageConfig, *, workers: int, max_decoded: int | None = None,
@@ -134,7 +134,7 @@ def _build_scorer(stages: StageConfig, stats: LocalStats, t0: float) -> Scorer:
     t = time.perf_counter()
     scorer = Scorer(**stages.scorer)
     stats.model_build_s = round(time.perf_counter() - t, 3)
-    stats.events["model_ready_s"] = round(time.perf_counter() - t0, 3)
+    stats.model_ready_s = round(time.perf_counter() - t0, 3)
     return scorer
 
 

@@ -196,7 +196,7 @@ def _evaluate(model, x, y, s, device, loss_fn):
     p_all = calibrated(m_all, fit["temperature"])
     threshold, rule = calibrated_threshold(y_all, m_all, fit["temperature"], s.target_sensitivity)
     auc = roc_auc(y_all, p_all) if len(set(y_all.tolist())) == 2 else float("nan")
-    eces = [ece(y_all, calibrated(m_all, t)) if len(y_all) else None for t in (1.0, fit["temperature"])]
+    eces = [ece(y_all, p) if len(y_all) else None for p in (calibrated(m_all, 1.0), p_all)]
     return {"loss": loss, "acc": float(((p_all >= threshold) == y_all).mean()) if len(y_all) else float("nan"),
             "acc_at_0.5": float(((p_all >= 0.5) == y_all).mean()) if len(y_all) else float("nan"),
             "auc": None if np.isnan(auc) else float(auc), "threshold": threshold, "threshold_rule": rule,
