@@ -82,3 +82,29 @@ def test_the_threshold_is_that_of_the_calibrated_probabilities():
     thr95, _ = calibrated_threshold(y, margin, 3.0, 0.95)
     assert (calibrated(margin[y == 1], 3.0) >= thr95).mean() >= 0.95
     assert calibrated_threshold(np.ones(5, int), np.ones(5), 2.0, None)[0] == 0.5
+
+
+def test_a_rerun_resumes_only_a_run_of_the_same_settings(tmp_path):
+    """Re-running an --out continues its last.ckpt: with other settings, or a file that is not a
+    checkpoint, it must stop in one line before any Ray work instead of mixing two runs."""
+    import torch
+
+    from cxr_batch.errors import CheckpointError
+    from cxr_batch.jobs.train import check_resumable
+    from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
+    from cxr_batch.model.network import build_model
+    from dataclasses import asdict, replace
+
+    s = TrainSettings(data=str(tmp_path / "data"), out=str(tmp_path / "run"), arch="resnet18", weights="none",
+                      epochs=3, image_size=64)
+    check_resumable(s)  # nothing there yet: a new run
+    (tmp_path / "run").mkdir()
+    net = build_model("resnet18", "none", cam_stride=16)
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings=asdict(s),
+                                    cam_stride=16, epoch=1), str(tmp_path / "run" / "last.ckpt"))
+    check_resumable(replace(s, workers=1, max_failures=3))  # how it runs may change
+    with pytest.raises(InputError, match=r"arch 'resnet18' -> 'resnet50'.*image_size 64 -> 96.*new --out"):
+        check_resumable(replace(s, arch="resnet50", image_size=96))
+    torch.save({"state_dict": {}}, tmp_path / "run" / "last.ckpt")
+    with pytest.raises(CheckpointError, match="not a cxr-batch checkpoint"):
+        check_resumable(s)

@@ -48,6 +48,7 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
     if use_gpu and gpus < s.workers:
         raise InputError(f"--gpu with {s.workers} workers, but the cluster has {int(gpus)} GPUs.")
     _check_fits(s, use_gpu)
+    check_resumable(s)
     # Rank 0 writes checkpoints that every rank reads on restart; each worker decodes its shard of DATA.
     check_shared_storage({"--out": s.out, "DATA": s.data}, job="the training workers")
     storage.makedirs(s.out)
@@ -69,6 +70,28 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
 
         summary["registered_as_default"] = str(register_default(summary["best_checkpoint"]))
     return summary
+
+
+# What a checkpoint's run must share with this one for a re-run of --out to continue it: the data, the
+# network and the schedule. (A different --workers or --max-failures is fine.)
+RESUME_KEYS = ("data", "arch", "image_size", "cam_stride", "epochs", "batch_size", "seed")
+
+
+def check_resumable(s: TrainSettings) -> None:
+    """A re-run of --out resumes from its last.ckpt: refuse, in one line and before any Ray work, a
+    last.ckpt that is not ours or that another configuration wrote (it would be continued with
+    weights and a schedule that this run did not ask for, and settings.json would be overwritten)."""
+    uri = storage.join(s.out, "last.ckpt")
+    if not storage.exists(uri):
+        return
+    from ..model.checkpoint import load_checkpoint
+
+    then = load_checkpoint(uri).ckpt.get("settings") or {}
+    now = asdict(s)
+    changed = [f"{k} {then.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if then.get(k) != now[k]]
+    if changed:
+        raise InputError(f"{s.out} holds a run with other settings ({'; '.join(changed)}): re-running an --out resumes"
+                         " it. Pass the same settings to resume, or a new --out to start another run.")
 
 
 def _summary(s: TrainSettings, history: list, validation: str, seconds: float) -> dict:

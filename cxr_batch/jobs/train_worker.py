@@ -23,10 +23,9 @@ from ..archive import storage
 from ..errors import InputError
 from ..model.calibration import calibrated, fit_temperature
 from ..model.camloss import paired_loss
-from ..model.checkpoint import make_checkpoint, save_checkpoint
+from ..model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from ..model.network import build_model
 from ..model.receptive import cam_grid
-from ..model.weights import load_state_file
 from ..pixels.transforms import normalize
 from ..reports.metrics import ece, roc_auc
 from .train_config import TrainSettings, best_epoch, calibrated_threshold, lr_at
@@ -97,7 +96,7 @@ def _resume(model, ckpt_uri: str, s: TrainSettings, rank: int, notes: list) -> t
     re-run, or Ray restarting the worker group after a worker died."""
     if not storage.exists(ckpt_uri):
         return 1, [], None
-    ck = load_state_file(ckpt_uri)
+    ck = load_checkpoint(ckpt_uri).ckpt  # the driver checked it is ours and of these settings (train.check_resumable)
     model.load_state_dict(ck["state_dict"])
     if rank == 0:
         notes.append(f"resuming from {ckpt_uri}: epoch {ck['epoch']} of {s.epochs} done")
