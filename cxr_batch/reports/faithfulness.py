@@ -27,6 +27,7 @@ from scipy.integrate import trapezoid
 
 from .. import CLASSES, POSITIVE
 from ..model.cam import CamGrid, upsample
+from .metrics import resamples
 
 
 def block_edges(size: int, n: int) -> np.ndarray:
@@ -89,8 +90,7 @@ def _in_batches(score, pixels, batch_size):
 def summarize(curves: dict, *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Mean curves, both areas, and the gap (random - CAM) with a bootstrap 95% CI over images."""
     gap = curves["auc_random"] - curves["auc_cam"]
-    rng = np.random.default_rng(seed)
-    boots = gap[rng.integers(0, gap.size, size=(n_boot, gap.size))].mean(1)
+    boots = np.concatenate([gap[idx].mean(1) for idx in resamples(gap.size, n_boot, seed)])
     return {"n_images": int(gap.size), "steps": len(curves["fraction"]) - 1, "grid": list(curves["grid"]),
             "fraction_deleted": curves["fraction"].tolist(),
             "cam_curve": curves["cam"].mean(0).tolist(), "random_curve": curves["random"].mean(0).tolist(),

@@ -186,6 +186,15 @@ def _bootstrap_block(y, s, pred, idx) -> dict:
     return out
 
 
+def resamples(n_cases: int, n_boot: int, seed: int = 0):
+    """Case resamples for a bootstrap: (k, n_cases) index arrays, ``n_boot`` rows in all, from one
+    seeded generator. In blocks, so memory stays ~a few million cells whatever the number of cases."""
+    rng = np.random.default_rng(seed)
+    block = max(1, 4_000_000 // max(1, n_cases))
+    for start in range(0, int(n_boot), block):
+        yield rng.integers(0, n_cases, size=(min(block, int(n_boot) - start), n_cases))
+
+
 def bootstrap_ci(y_true, score, threshold, *, n_boot: int = 1000, seed: int = 0,
                  alpha: float = 0.05) -> dict:
     """{metric: [low, high]} percentile intervals from ``n_boot`` case resamples, threshold fixed.
@@ -199,13 +208,7 @@ def bootstrap_ci(y_true, score, threshold, *, n_boot: int = 1000, seed: int = 0,
         raise ValueError(f"alpha must be in (0, 1), got {alpha}.")
     y, s = _pair(y_true, score)
     pred = s >= float(threshold)
-    rng = np.random.default_rng(seed)
-    # Resample in blocks so memory stays ~a few million cells whatever the size of the test set.
-    block = max(1, 4_000_000 // y.size)
-    parts = []
-    for start in range(0, int(n_boot), block):
-        idx = rng.integers(0, y.size, size=(min(block, int(n_boot) - start), y.size))
-        parts.append(_bootstrap_block(y, s, pred, idx))
+    parts = [_bootstrap_block(y, s, pred, idx) for idx in resamples(y.size, n_boot, seed)]
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     out = {}
     for m in CI_METRICS:
@@ -264,11 +267,8 @@ def ece_bootstrap(y, p_before, p_after, *, n_boot: int = 1000, seed: int = 0, n_
     from the same case resamples (paired: the change's CI is narrower than the two apart)."""
     y, pb = _probs(y, p_before)
     _, pa = _probs(y, p_after)
-    rng = np.random.default_rng(seed)
-    block = max(1, 4_000_000 // y.size)
     before, after = [], []
-    for start in range(0, int(n_boot), block):
-        idx = rng.integers(0, y.size, size=(min(block, int(n_boot) - start), y.size))
+    for idx in resamples(y.size, n_boot, seed):
         before.append(_ece_resamples(y, pb, idx, n_bins))
         after.append(_ece_resamples(y, pa, idx, n_bins))
     before, after = np.concatenate(before), np.concatenate(after)
