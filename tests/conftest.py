@@ -11,6 +11,18 @@ os.environ.setdefault("CXR_BATCH_HOME", os.path.join(os.environ.get("TMPDIR", "/
 os.environ.pop("CXR_BATCH_MODEL", None)
 
 
+# The suite runs on two pytest-xdist workers, a file at a time (pyproject's addopts: -n 2 --dist loadfile),
+# because most of its wall time is spent waiting for Ray, subprocesses and sockets. xdist hands files out in
+# collection order: the longest files go first, so that neither worker is left with one of them at the end.
+LONGEST_FIRST = ("test_train.py", "test_cluster.py", "test_train_resume.py", "test_s3.py", "test_failures.py",
+                 "test_benchmark.py", "test_resume.py", "test_one_writer.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order inside a file is kept
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -169,9 +169,10 @@ class ProcessPool:
             got, status, value = w.conn.recv()  # a result sent just before dying still counts
             assert got == task
         except (EOFError, OSError):
-            # The process died with the task (a crash in a decoder, the OOM killer, a kill -9).
-            self._results.put(Result(task, LOST, None, tag))
+            # The process died with the task (a crash in a decoder, the OOM killer, a kill -9). Replaced
+            # before the result is out, so that whoever reads it also sees the new worker counted.
             self._replace(w)
+            self._results.put(Result(task, LOST, None, tag))
             return
         w.task = None
         self._results.put(Result(task, status, value, tag))
