@@ -81,7 +81,8 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
                                   "--max-side", "256", "--model", "resnet18:none", "--batch-size", "4",
                                   "--modes", "fp32,bf16,bf16+nocams", "--engines", "local", "--baseline-images", "6",
                                   "--decode-check",
-                                  "--memory-check", "--memory-images", "4", "--out-json", str(out)])
+                                  "--memory-check", "--memory-images", "4", "--train-check", "--train-images", "16",
+                                  "--out-json", str(out)])
     assert r.exit_code == 0, r.output
     assert "b/a" in r.output and "(b) cxr-batch score, bf16" in r.output
     result = json.loads(out.read_text())
@@ -119,3 +120,8 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
     m = result["memory_check"]
     assert m["small"]["images"] == 4 and m["large"]["images"] == 40
     assert {"rss_growth", "anon_growth", "process_growth"} <= set(m)
+    # (e): one training worker on the session's 2-CPU Ray gets both CPUs, as the plain loop's threads
+    t = result["train_check"]
+    assert t["worker_cpus"] == t["threads"] == 2 and t["images"] == 16 and t["epochs"] == 2
+    assert t["plain_images_per_s"] > 0 and t["worker_images_per_s"] > 0 and t["worker_over_plain"] > 0
+    assert "(e) training resnet18" in r.output and "worker/plain" in r.output

@@ -23,7 +23,11 @@ pytestmark = pytest.mark.slow
 # Measured on the 2-core machine with this archive and setting on the earlier cartoon phantom (note on issue 3): val accuracy
 # 0.975 from epoch 5, test accuracy 0.99, AUC 1.00, CAM pointing 58/59 true positives. With
 # lr 2e-3 the same run stalled near chance until epoch 7 (test acc 0.80): the bars leave room.
-MIN_TEST_ACCURACY = 0.9
+# On the realistic phantom (issue 12) this setting is harder: 0.86 on 400 seed-2 test phantoms (model B of
+# docs/experiments/cam-findings.md), 0.87 on these 120 on one machine and >= 0.9 on another (float rounding
+# of another CPU's kernels changes an 8-epoch run). Chance is 0.5; the bars say "learned", not "tuned".
+MIN_TEST_ACCURACY = 0.8
+MIN_TEST_AUC = 0.85
 # On the realistic phantom (synth/phantom.py) this setting gave test accuracy >= 0.9 but CAM pointing
 # 28/54 true positives (52%): issue 12 item 2, localisation on real anatomy, is open. Its target:
 TARGET_POINTING, TARGET_MEAN_OFFSET = 0.9, 0.25  # share of peaks within 1.5 radii; |mean offset| in radii
@@ -44,7 +48,7 @@ def trained(ray_session, tmp_path_factory):
         summary = run_train(s, register=True, echo=lambda *a: None)
         report = run_evaluate(EvaluateSettings(checkpoint=os.path.relpath(summary["best_checkpoint"]),
                                                folder="data/test", out="report", n_boot=300,
-                                               deletion_images=16, deletion_steps=8))
+                                               deletion_images=16, deletion_steps=8, cam_size=200))
     finally:
         os.chdir(cwd)
     return root, s, summary, report
@@ -67,6 +71,7 @@ def test_trained_model_beats_chance_on_held_out_images(trained):
     _, _, _, report = trained
     assert report["n_scored"] == 120
     assert report["metrics"]["accuracy"] >= MIN_TEST_ACCURACY, report["metrics"]
+    assert report["metrics"]["roc_auc"] >= MIN_TEST_AUC, report["metrics"]
 
 
 def _true_positive_peaks(root):
@@ -110,6 +115,11 @@ def test_evaluate_writes_every_file_and_its_metrics_match_the_parquet(trained):
     for png in out.glob("*.png"):
         with Image.open(png) as im:
             assert im.size[0] > 200
+    cams = sorted((out / "cams").rglob("*.png"))
+    assert len(cams) == 120  # one overlay per test image, at the asked size (the model saw 128 px)
+    for png in cams[:5]:
+        with Image.open(png) as im:
+            assert im.size == (200, 200)
     table = pq.read_table(out / "predictions.parquet").to_pylist()
     y = np.array([CLASSES.index(r["label"]) for r in table if r["error"] is None])
     p = np.array([r["prob_pneumonia"] for r in table if r["error"] is None])
@@ -196,6 +206,9 @@ def test_the_checkpoint_temperature_is_fitted_on_validation_and_applied_by_scori
     assert cal["source"] == "logit_pneumonia column"
     assert ck["val_files"] == json.loads((root / "run" / "val_files.json").read_text())["files"]
     assert len(ck["val_files"]) == 80 and all(f.startswith("val/") for f in ck["val_files"])  # relative to DATA
+    # two CPU workers on the session's 2-CPU Ray: one CPU (and torch thread) each, recorded with the run
+    assert json.loads((root / "run" / "settings.json").read_text())["cpus_per_worker"] == 1
+    assert ck["settings"]["cpus_per_worker"] == 1
 
 
 def test_deletion_curves_start_at_the_scored_probability_and_the_cam_beats_random(trained):

@@ -108,3 +108,16 @@ def test_a_rerun_resumes_only_a_run_of_the_same_settings(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "run" / "last.ckpt")
     with pytest.raises(CheckpointError, match="not a cxr-batch checkpoint"):
         check_resumable(s)
+
+
+def test_cpu_workers_get_the_most_cpus_that_still_place_every_worker():
+    from cxr_batch.jobs.train_config import fit_worker_cpus
+
+    assert fit_worker_cpus(1, [2.0], use_gpu=False) == 2  # one worker on a 2-CPU machine: both cores
+    assert fit_worker_cpus(2, [2.0], use_gpu=False) == 1
+    assert fit_worker_cpus(2, [8.0, 8.0], use_gpu=False) == 8  # one per node
+    assert fit_worker_cpus(3, [8.0, 8.0], use_gpu=False) == 4  # 5 each would leave the third without a node
+    assert fit_worker_cpus(3, [16.0, 2.0], use_gpu=False) == 5  # 16 // 5 = 3 fit on the big node
+    assert fit_worker_cpus(4, [2.0], use_gpu=False) == 1  # more workers than CPUs: _check_fits says so
+    assert fit_worker_cpus(1, [16.0], use_gpu=True) == 1  # GPU workers: the GPU does the arithmetic
+    assert fit_worker_cpus(1, [], use_gpu=False) == 1

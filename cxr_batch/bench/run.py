@@ -7,7 +7,9 @@
   (c) forward   the model alone on in-memory tensors, prepared exactly as the Scorer prepares it
                 (same precision and batch size): the most any pipeline around it can reach;
   (d) CLI       `cxr-batch score` in a fresh process per engine (local, ray), fp32: what a user
-                waits for, start-up included, with the engine's breakdown of it (cli_run.py).
+                waits for, start-up included, with the engine's breakdown of it (cli_run.py);
+  (e) training  optional (--train-check): one `cxr-batch train` worker against a plain training loop of
+                the same model, precision, batch and threads (training.py).
 
 Throughput is images per second of wall time, start-up included (model build, actor start), so a
 pipeline must earn its start-up on the archive size measured; "steady" is the rate from the first
@@ -78,6 +80,8 @@ def run_benchmark(s: BenchSettings, *, log=print, verbose: bool = False) -> dict
         log(f"decode check: {result['decode_check']}")
     _measure_score(s, work, archive, paths, model, device, result, log, verbose)
     _measure_cli(s, work, archive, len(paths), model, device, result, log)
+    if s.train_check:
+        _measure_train(s, work, device, result, log, verbose)
     _compare_all(work, result)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -202,6 +206,15 @@ def _measure_cli(s: BenchSettings, work: Path, archive: str, n: int, model: str,
         result["cli"][engine] = row
         log(f"(d) cxr-batch score --engine {engine}, fp32, fresh process: {row['images_per_s']:.2f} images/s"
             f" ({row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']} MB)")
+
+
+def _measure_train(s: BenchSettings, work: Path, device: str, result: dict, log, verbose: bool) -> None:
+    """(e) on a local Ray of its own, after the scoring runs: nothing else competes for the cores."""
+    from ..jobs.ray_env import ray_running
+    from .training import train_check
+
+    with ray_running(None, num_cpus=s.num_cpus, verbose=verbose):
+        result["train_check"] = train_check(s, work, device, log=log)
 
 
 def _score_out(work: Path, mode: str) -> Path:

@@ -32,6 +32,13 @@ class BenchSettings:
     memory_images: int = 100  # N: the check scores N, then 10N images
     memory_side: int = 128
     memory_model: str = "resnet18:none"
+    # (e) training: one `cxr-batch train` worker beside a plain loop (bench/training.py)
+    train_check: bool = False
+    train_images: int = 96
+    train_side: int = 160
+    train_image_size: int = 128
+    train_model: str = "resnet18"
+    train_epochs: int = 2  # the last epoch's rate is the worker's: the first pays one-time costs
     num_cpus: int | None = None  # for a Ray the benchmark starts; None = all
     seed: int = 0
 
@@ -45,6 +52,8 @@ class BenchSettings:
             raise InputError(f"Invalid engines {list(self.engines)}. Only local and ray are supported.")
         if self.device not in ("auto", "cpu", "gpu"):
             raise InputError(f"Invalid device {self.device!r}. Only auto, cpu and gpu are supported.")
+        if self.train_check and (self.train_images < 2 or self.train_epochs < 2):
+            raise InputError("--train-images must be at least 2 and the training check runs at least 2 epochs.")
         if self.images < 1 or self.batch_size < 1 or not 32 <= self.min_side <= self.max_side:
             raise InputError("--images and --batch-size must be at least 1, and 32 <= --min-side <= --max-side.")
 

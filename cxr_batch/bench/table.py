@@ -35,6 +35,12 @@ def format_table(r: dict) -> str:
         lines.append(f"decode check ({d['images']} files in memory): PIL draft decode + resize"
                      f" {d['pil_draft_per_core_images_per_s']:.1f} images/s per CPU core"
                      + (f"; nvJPEG on the GPU + resize {gpu:.1f} images/s" if gpu else ""))
+    if "train_check" in r:
+        t = r["train_check"]
+        lines.append(f"(e) training {t['model']} at {t['image_size']} px, batch {t['batch_size']}, {t['images']} images:"
+                     f" plain loop ({t['threads']} threads) {t['plain_images_per_s']:.2f} images/s, one `cxr-batch"
+                     f" train` worker ({t['worker_cpus']:g} CPUs) {t['worker_images_per_s']:.2f} images/s:"
+                     f" worker/plain {t['worker_over_plain']:.2f}")
     if "memory_check" in r:
         m = r["memory_check"]
         lines.append(f"memory check ({m['model']}, {m['side']} px): {m['small']['images']} images peak RSS "

@@ -31,18 +31,24 @@ from .options import friendly
 @click.option("--decode-check", is_flag=True, help="Also time JPEG decoding: PIL on one CPU core vs nvJPEG on the GPU.")
 @click.option("--memory-check", is_flag=True, help="Also score N and 10N small images and compare peak memory.")
 @click.option("--memory-images", type=click.IntRange(min=1), default=100, show_default=True, help="N for --memory-check.")
+@click.option("--train-check", is_flag=True,
+              help="Also time training: one `cxr-batch train` worker against a plain PyTorch loop of the same"
+                   " model, precision, batch and threads (ResNet-18, 128 px, 96 phantoms).")
+@click.option("--train-images", type=click.IntRange(min=2), default=96, show_default=True,
+              help="Training phantoms for --train-check.")
 @click.option("--num-cpus", type=click.IntRange(min=2), default=None, help="CPUs of the local Ray it starts. Default: all.")
 @click.option("--out-json", default=None, help="Write every number to this JSON file.")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output too. Default: it goes to Ray's log files.")
 @friendly
 def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, batch_size, modes, engines, device,
-              baseline_images, decode_check, memory_check, memory_images, num_cpus, out_json, verbose):
+              baseline_images, decode_check, memory_check, memory_images, train_check, train_images, num_cpus, out_json, verbose):
     """Measure `cxr-batch score` against plain PyTorch and the bare model, in one run on one archive.
 
     Prints images/s of (a) a tutorial-style PyTorch loop, (b) `cxr-batch score` per precision mode,
     (c) the model's forward alone and (d) the `cxr-batch score` command per engine in a fresh process
     (start-up included, and its breakdown), the ratios b/a, b/c and d/a, peak memory, and each run's
-    agreement with the fp32 run (the reference).
+    agreement with the fp32 run (the reference); with --train-check also (e) one `cxr-batch train`
+    worker against a plain training loop of the same model, precision and threads.
 
     Example: cxr-batch benchmark /tmp/bench --out-json benchmark.json
     """
@@ -56,7 +62,8 @@ def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, ba
                       model=model, calibrate=calibrate, batch_size=batch_size,
                       modes=_names(modes), engines=_names(engines), device=device,
                       baseline_images=baseline_images, decode_check=decode_check, memory_check=memory_check,
-                      memory_images=memory_images, num_cpus=num_cpus)
+                      memory_images=memory_images, train_check=train_check,
+                      train_images=train_images, num_cpus=num_cpus)
     result = run_benchmark(s, log=lambda m: click.echo(m, err=True), verbose=verbose)
     click.echo(format_table(result))
     if out_json:

@@ -35,6 +35,12 @@ def cluster_options(fn):
     return fn
 
 
+def cam_size_option(fn):
+    """--cam-size: the overlay PNGs' side (score and evaluate)."""
+    return click.option("--cam-size", type=click.IntRange(min=0), default=None,
+                        help="Overlay side in px. Default: the model's input size; 0 = the image's own resolution (slow).")(fn)
+
+
 def cam_scale_option(fn):
     """--cam-scale: how the overlay PNGs show heat (score and evaluate)."""
     return click.option(

@@ -9,7 +9,7 @@ from functools import partial
 import click
 
 from .console import Console
-from .options import cam_scale_option, cluster_options, friendly, output_options
+from .options import cam_scale_option, cam_size_option, cluster_options, friendly, output_options
 from .summaries import format_summary
 
 
@@ -21,8 +21,7 @@ from .summaries import format_summary
                    " Default: $CXR_BATCH_MODEL, else the model the last training registered.")
 @click.option("--cam-dir", default=None, help="Where CAM overlay PNGs go. Default: <out>-cams beside the output.")
 @click.option("--cams/--no-cams", default=True, show_default=True, help="Write a CAM overlay PNG per image.")
-@click.option("--cam-size", type=click.IntRange(min=0), default=None,
-              help="Overlay side in px. Default: the model's input size; 0 = the image's own resolution (slow).")
+@cam_size_option
 @cam_scale_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
 @click.option("--actors", type=click.IntRange(min=1), default=None, help="Model replicas. Default: one per GPU, else fit to CPUs.")

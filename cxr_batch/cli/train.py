@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .console import Console
-from .options import cam_scale_option, cluster_options, friendly, output_options
+from .options import cam_scale_option, cam_size_option, cluster_options, friendly, output_options
 from .summaries import format_eval_summary, format_train_summary
 
 
@@ -24,7 +24,9 @@ from .summaries import format_eval_summary, format_train_summary
 @click.option("--image-size", type=click.IntRange(min=64), default=224, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Data-parallel Ray Train workers (one per GPU with --gpu).")
 @click.option("--gpu/--no-gpu", default=None, help="Train on GPUs. Default: when the cluster has them.")
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0.5), default=1.0, show_default=True)
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0.5), default=None,
+              help="CPUs (and torch threads) per worker. Default: on CPU workers the most each that still places"
+                   " every worker (one worker on a node uses all its cores); 1 on GPU workers.")
 @click.option("--placement", type=click.Choice(["PACK", "SPREAD", "STRICT_SPREAD"]), default="PACK", show_default=True,
               help="PACK fills one node first (fast all-reduce); SPREAD prefers one worker per node; STRICT_SPREAD requires it.")
 @click.option("--max-failures", type=click.IntRange(min=0), default=1, show_default=True,
@@ -84,11 +86,12 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
               help="PNEUMONIA images (a seeded sample) for the CAM deletion curves; 0 = skip them.")
 @click.option("--deletion-steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Steps from nothing to everything greyed out (2 x steps + 1 forward passes per image).")
+@cam_size_option
 @cam_scale_option
 @cluster_options
 @output_options
 @friendly
-def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, cam_scale, address,
+def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, cam_size, cam_scale, address,
              wait_for_gpus, wait_timeout, as_json, verbose):
     """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots: accuracy, AUC and
     the rest with CIs, calibration (ECE before/after temperature scaling, reliability diagram), CAM
@@ -100,7 +103,8 @@ def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images
     from ..jobs.ray_env import ray_for_job
 
     s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot,
-                         deletion_images=deletion_images, deletion_steps=deletion_steps, cam_scale=cam_scale)
+                         deletion_images=deletion_images, deletion_steps=deletion_steps, cam_size=cam_size,
+                         cam_scale=cam_scale)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,

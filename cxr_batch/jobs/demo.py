@@ -20,6 +20,9 @@ class DemoSettings:
     n_test: int = 120
     phantom_size: int = 160
     image_size: int = 128
+    # The overlays a first-time user opens: the model sees 128 px, a person wants a bigger picture
+    # (upsampled from the phantom itself, so the anatomy stays sharp under the heat).
+    cam_size: int = 320
     arch: str = "resnet18"
     epochs: int = 8
     batch_size: int = 16
@@ -49,7 +52,8 @@ def run_demo(d: DemoSettings, *, echo=print, epoch_progress=None, score_progress
     echo(f"      best epoch {t['best_epoch']}: val AUC {auc}")
     echo(f"[3/3] scoring {storage.join(archive, 'test')} and writing the report")
     report = storage.join(d.out, "report")
-    m = run_evaluate(EvaluateSettings(checkpoint=t["best_checkpoint"], folder=storage.join(archive, "test"), out=report),
+    m = run_evaluate(EvaluateSettings(checkpoint=t["best_checkpoint"], folder=storage.join(archive, "test"), out=report,
+                                      cam_size=d.cam_size),
                      progress=score_progress)
     return {"train": t, "metrics": m, "report": storage.join(report, "report.md"), "report_dir": storage.absolute(report),
             "checkpoint": t["best_checkpoint"], "out": storage.absolute(d.out)}

@@ -44,6 +44,7 @@ class EvaluateSettings:
     # images/s bare forward, docs/benchmark.md); the tests' ResNet-18 at 128 px: 16 x 17 in 13 s. 0 = skip.
     deletion_images: int = 32
     deletion_steps: int = 10
+    cam_size: int | None = None  # overlay side in px (see ScoreSettings.cam_size)
     cam_scale: str = "absolute"  # of the overlay PNGs (see ScoreSettings.cam_scale)
 
 
@@ -55,7 +56,7 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     ck = load_checkpoint(s.checkpoint)
     pred_out = storage.join(s.out, "predictions.parquet")
     score_settings = ScoreSettings(archive=s.folder, out=pred_out, model=s.checkpoint, batch_size=s.batch_size,
-                                   cam_dir=storage.join(s.out, "cams"), cam_scale=s.cam_scale)
+                                   cam_dir=storage.join(s.out, "cams"), cam_size=s.cam_size, cam_scale=s.cam_scale)
     summary = run_score(score_settings, progress=progress, echo=echo)
     rows = read_table(pred_out).to_pylist()
     scored = [r for r in rows if r["error"] is None and r["label"] is not None]

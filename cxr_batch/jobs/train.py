@@ -29,7 +29,7 @@ from ..archive import storage
 from ..errors import InputError, TrainingError, one_line
 from ..model.network import WEIGHTS
 from .ray_env import check_shared_storage
-from .train_config import TrainSettings, best_epoch
+from .train_config import TrainSettings, best_epoch, fit_worker_cpus
 from .trainset import Split, make_split
 
 
@@ -47,6 +47,8 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
     use_gpu = bool(gpus >= 1) if s.gpu is None else s.gpu
     if use_gpu and gpus < s.workers:
         raise InputError(f"--gpu with {s.workers} workers, but the cluster has {int(gpus)} GPUs.")
+    if s.cpus_per_worker is None:  # settings.json and the checkpoints record the number the workers got
+        s = replace(s, cpus_per_worker=fit_worker_cpus(s.workers, _node_cpus(), use_gpu))
     _check_fits(s, use_gpu)
     check_resumable(s)
     # Rank 0 writes checkpoints that every rank reads on restart; each worker decodes its shard of DATA.
@@ -57,7 +59,7 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
     counts = np.bincount([y for _, y in split.train], minlength=2)
     echo(f"train: {len(split.train)} images (NORMAL {counts[0]}, PNEUMONIA {counts[1]}); validation: {split.val_note}")
     echo(f"model: {s.arch}, weights {s.weights}; {s.epochs} epochs ({s.n_warmup} warm-up), {s.workers} "
-         f"{'GPU' if use_gpu else 'CPU'} workers x batch {s.batch_size}")
+         f"{'GPU' if use_gpu else f'CPU ({s.cpus_per_worker:g} CPUs each)'} workers x batch {s.batch_size}")
     t0 = time.perf_counter()
     _fit(s, split, counts, use_gpu, lambda ranks: _on_epoch(ranks, s.epochs, echo, progress))
     if not storage.exists(storage.join(s.out, "history.json")):  # no epoch finished, yet Ray saw no error
@@ -187,6 +189,12 @@ def _worker_cause(e: Exception) -> str:
         return f"rank {rank}: {type(base).__name__}: {one_line(base, 300)}"
     lines = [line for line in str(e).splitlines() if line.strip()]
     return one_line(lines[-1] if lines else e, 300)
+
+
+def _node_cpus() -> list[float]:
+    import ray
+
+    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
 
 
 def _check_fits(s: TrainSettings, use_gpu: bool) -> None:
