@@ -126,6 +126,23 @@ def test_symlinks_to_outside_are_not_read_by_default(linked, ray_session, tmp_pa
     assert "symlinks to outside the archive, not followed: 2 (--follow-symlinks reads them)" in result.output
 
 
+def test_a_link_swapped_in_after_the_path_check_is_refused_at_the_open(linked):
+    """The decode stage checks the path, then opens: a link made between the two is caught on the
+    opened descriptor (the path check is skipped here, as a swap between the two would skip it)."""
+    from functools import partial
+
+    from cxr_batch.archive import storage
+    from cxr_batch.errors import DecodeError
+    from cxr_batch.jobs.score_stages import OUTSIDE, _refuse_outside
+
+    check = partial(_refuse_outside, str(linked))
+    assert storage.read_file(str(linked), "NORMAL/a.jpeg", check_opened=check)[:2] == b"\xff\xd8"
+    for rel in ("out_file.jpeg", "out_dir/secret.jpeg"):
+        with pytest.raises(DecodeError, match="symlink to outside the archive"):
+            storage.read_file(str(linked), rel, check_opened=check)
+    assert OUTSIDE.startswith("symlink to outside")
+
+
 def test_follow_symlinks_reads_them(linked, ray_session, tmp_path):
     result = score(linked, "--out", tmp_path / "r", "--follow-symlinks")
     assert result.exit_code == 0, result.output

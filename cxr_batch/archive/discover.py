@@ -366,6 +366,17 @@ def outside_archive(root: str, rel: str) -> bool:
     return not _inside(os.path.realpath(local_path(root, rel)), _real(root))
 
 
+def opened_outside(root: str, f) -> bool:
+    """True when the opened local file ``f`` lies outside the archive ``root``, judged on its descriptor
+    (Linux's /proc/self/fd): a link swapped in between a path check and the open is caught here,
+    where a check of the path before the open would read it. False where the OS does not tell."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{f.fileno()}")
+    except (OSError, AttributeError, ValueError):
+        return False
+    return not _inside(real.removesuffix(" (deleted)"), _real(root))
+
+
 # ---------------------------------------------------------------- a manifest instead of a listing
 
 MANIFEST_FORMATS = ".csv, .csv.gz, .txt (one path per line) or .parquet"

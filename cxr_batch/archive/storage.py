@@ -72,20 +72,23 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
-def read_file(root: str, rel: str, *, check_head=None, max_bytes: int | None = None) -> bytes:
+def read_file(root: str, rel: str, *, check_head=None, check_opened=None, max_bytes: int | None = None) -> bytes:
     """The bytes of archive file ``rel`` (a path as ``discover`` returns it) under ``root``: the one
     way scoring, training and the benchmark read an input. A failure is a ``TransientError`` whose
     one-line message goes into that file's row (or the list of skipped training images).
     ``check_head(first 132 bytes)`` may raise a DecodeError before the rest is read: a 2 GB
     extensionless file that is not DICOM costs one small read, not 2 GB. ``max_bytes``: a file that
     grew past the cap after it was listed (or whose size the manifest did not give) is refused
-    after reading one byte more than the cap, never read whole."""
+    after reading one byte more than the cap, never read whole. ``check_opened(file)`` runs on the
+    opened file before any byte is read (discover.opened_outside judges where it really is)."""
     limit = -1 if max_bytes is None else max_bytes + 1
     # Every OSError here is the environment's, not the file's (a decoder's own OSError, such as
     # Pillow's "image file is truncated", comes later and is a DecodeError): a permission can be
     # fixed, a remounted share comes back, S3 throttling passes. So all of them are transient.
     try:
         with open_file(root, rel) as f:
+            if check_opened:
+                check_opened(f)
             head = f.read(132) if check_head else b""
             if check_head:
                 check_head(head)

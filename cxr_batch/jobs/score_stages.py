@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from .. import CLASSES, POSITIVE
 from ..archive import storage
-from ..archive.discover import label_from_path, outside_archive
+from ..archive.discover import label_from_path, opened_outside, outside_archive
 from ..archive.results import ERROR, RETRY, SCORED, SKIPPED, TEXT_COLUMNS, cam_uri
 from ..errors import DecodeError, TransientError, one_line
 from ..pixels.decode import decode_image
@@ -83,10 +84,18 @@ def failure_status(e: DecodeError) -> str:
 
 def _read(archive: str, rel: str, *, sniff: bool, follow_symlinks: bool, max_bytes: int | None = None) -> bytes:
     """A file's bytes. Outside links are refused here as well as in the listing: a manifest can
-    name one, and a link can change after it was listed."""
-    if not follow_symlinks and not storage.is_uri(archive) and outside_archive(archive, rel):
+    name one, and a link can change after it was listed, or between this check of its path and the
+    open (so the opened descriptor is checked too)."""
+    confine = not follow_symlinks and not storage.is_uri(archive)
+    if confine and outside_archive(archive, rel):
         raise DecodeError(OUTSIDE)
-    return storage.read_file(archive, rel, check_head=_dicom_head if sniff else None, max_bytes=max_bytes)
+    return storage.read_file(archive, rel, check_head=_dicom_head if sniff else None, max_bytes=max_bytes,
+                             check_opened=partial(_refuse_outside, archive) if confine else None)
+
+
+def _refuse_outside(archive: str, f) -> None:
+    if opened_outside(archive, f):
+        raise DecodeError(OUTSIDE)
 
 
 def _dicom_head(head: bytes) -> None:

@@ -51,6 +51,8 @@ def train_loop(config: dict) -> None:
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
     ckpt_uri = storage.join(s.out, "last.ckpt")
     start, history, opt_state = _resume(model, ckpt_uri, s, rank, notes)
+    # The CAM grid of the flip-consistency loss (model/camloss.py): the network's, so computed once.
+    grid = cam_grid(model.trunk, s.image_size) if s.cam_consistency > 0 else None
     current = None
     for epoch in range(start, s.epochs + 1):
         phase, lr = lr_at(s, epoch)
@@ -62,7 +64,7 @@ def train_loop(config: dict) -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        tr = _train_epoch(ddp, model, opt, loss_fn, train_x, train_y, s, epoch, rank, device, phase)
+        tr = _train_epoch(ddp, model, opt, loss_fn, train_x, train_y, s, epoch, rank, device, phase, grid)
         train_seconds = time.perf_counter() - t0
         va = _evaluate(model, val_x, val_y, s, device, loss_fn)
         row = _epoch_row(epoch, phase, lr, tr, va, train_seconds, len(train_y))
@@ -134,7 +136,7 @@ def _phase_model(model, phase, lr, s, device, world):
     return ddp, opt
 
 
-def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, phase):
+def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, phase, grid):
     on_gpu = device.type == "cuda"
     model.train()
     if phase == "warmup":
@@ -143,7 +145,6 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, phase):
     order = torch.randperm(len(y), generator=gen)
     pairs = s.cam_consistency > 0  # each image with its mirrored twin: half as many images per step
     per_step = max(1, s.batch_size // 2) if pairs else s.batch_size
-    grid = cam_grid(model.trunk, s.image_size) if pairs else None
     # Every rank must run the same number of steps (DDP all-reduces each one): pad short shards.
     steps = _global_max(math.ceil(len(y) / per_step) if len(y) else 0, device)
     # Sums stay on the device: a float() per step would wait for the GPU every step.
