@@ -46,7 +46,62 @@ def archive(seed, size, n_train, n_test):
     return d, truth
 
 
-def model_for(arch, stride, seed):
+def reflect_padding(model):
+    """Every zero-padded conv of the trunk pads by reflection instead (the max-pool keeps its -inf pad)."""
+    for m in model.trunk.modules():
+        if isinstance(m, nn.Conv2d) and any(p > 0 for p in m.padding):
+            m.padding_mode = "reflect"
+    return model
+
+
+def translate(x, gen, frac):
+    """Shift each image by up to ``frac`` of the side in x and y, edge rows repeated."""
+    if frac <= 0:
+        return x
+    b, s, _ = x.shape
+    t = (torch.rand(b, 2, generator=gen) * 2 - 1) * frac * 2
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = t
+    grid = torch.nn.functional.affine_grid(theta, (b, 1, s, s), align_corners=False)
+    return torch.nn.functional.grid_sample(x.unsqueeze(1), grid, padding_mode="border", align_corners=False).squeeze(1)
+
+
+class LsePooled(nn.Module):
+    """The same trunk and head, but the binary logit is the log-sum-exp (sharpness r) of the CAM's log-odds map
+    instead of its mean: r -> 0 is global average pooling (the shipped model), r -> inf global max pooling."""
+
+    def __init__(self, base, r):
+        super().__init__()
+        self.trunk, self.fc, self.r = base.trunk, base.fc, r
+
+    def forward(self, x):
+        feats = self.trunk(x)
+        m = log_odds_map(feats, self.fc.weight, self.fc.bias, 1).flatten(1)
+        z = (torch.logsumexp(self.r * m, 1) - math.log(m.shape[1])) / self.r
+        return torch.stack([-z / 2, z / 2], 1), feats
+
+
+def layer3_head(model, seed):
+    """The trunk cut after layer3 (stride 16, a smaller receptive field), with a fresh head on its channels."""
+    from cxr_batch.model.network import CamResNet
+    trunk = nn.Sequential(*list(model.trunk.children())[:-1])
+    with torch.no_grad():
+        c = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
+    torch.manual_seed(seed + 1)
+    m = CamResNet(trunk, c)
+    nn.init.normal_(m.fc.weight, std=0.01)
+    nn.init.zeros_(m.fc.bias)
+    return m
+
+
+def model_for(arch, stride, seed, pad="zeros", lse=0.0, layer=4):
+    if layer == 3:
+        return layer3_head(model_for(arch, 32, seed, pad, lse), seed)
+    if lse > 0:
+        return LsePooled(model_for(arch, stride, seed, pad), lse)
+    if pad == "reflect":
+        return reflect_padding(model_for(arch, stride, seed))
     if stride == 8:  # scratch only: drop layer3's and layer4's strides (resnet18)
         m = build_model(arch, "none", seed=seed, cam_stride=16)
         blk = m.trunk[6][0]
@@ -88,7 +143,7 @@ def train(a, model, x, y, grid):
         bs = a.batch // 2 if a.eq > 0 else a.batch  # with twins: the same number of images per forward pass
         for step in range(math.ceil(len(y) / bs)):
             idx = order[step * bs:(step + 1) * bs].numpy()
-            xb = augment(torch.from_numpy(x[idx]), gen, scale=(a.crop, 1.0))
+            xb = translate(augment(torch.from_numpy(x[idx]), gen, scale=(a.crop, 1.0)), gen, a.translate)
             loss, cls, eq = step_loss(a, model, xb, torch.from_numpy(y[idx]), loss_fn, grid, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -164,13 +219,16 @@ def offsets(tp, truth, g, gf, view):
     for r in tp:
         tx, ty, tr = truth[r["path"]]
         px, py = view_peak(r, view, g, gf)
-        d.append(((px - tx), (py - ty), tr))
+        d.append(((px - tx), (py - ty), tr, tx, ty))
     d = np.array(d)
     dist = np.hypot(d[:, 0], d[:, 1]) / d[:, 2]
     return {"pointing": float(np.mean(dist <= 1.5)),
             "dx_r": float(np.mean(d[:, 0] / d[:, 2])), "dy_r": float(np.mean(d[:, 1] / d[:, 2])),
             "dx_px256": float(np.mean(d[:, 0]) * 256), "dy_px256": float(np.mean(d[:, 1]) * 256),
-            "median_dist_r": float(np.median(dist))}
+            "median_dist_r": float(np.median(dist)),
+            # peak vs lesion position, least squares: 1 = the peak follows the lesion (cam-findings "zones")
+            "slope_x": float(np.polyfit(d[:, 3], d[:, 3] + d[:, 0], 1)[0]),
+            "slope_y": float(np.polyfit(d[:, 4], d[:, 4] + d[:, 1], 1)[0])}
 
 
 def cam_max_stats(rows, y):
@@ -229,6 +287,11 @@ def main():
     ap.add_argument("--crop", type=float, default=0.7)
     ap.add_argument("--eq", type=float, default=0.0, help="weight of the CAM flip-consistency loss (train --cam-consistency)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pad", default="zeros", choices=["zeros", "reflect"], help="padding mode of the trunk's convs")
+    ap.add_argument("--lse", type=float, default=0.0, help="log-sum-exp pooling of the log-odds map, sharpness r (0: mean)")
+    ap.add_argument("--eval-archive", default=None, help="evaluate on this archive's test/ instead")
+    ap.add_argument("--layer", type=int, default=4, choices=[3, 4], help="3: the CAM from layer3 with its own head")
+    ap.add_argument("--translate", type=float, default=0.0, help="extra random shift, fraction of the side")
     ap.add_argument("--eval-only", default=None, metavar="STATE", help="no training: evaluate this state dict")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -238,7 +301,7 @@ def main():
     te = labelled_files(str(d), "test")
     x, y, _ = load_pixels(str(d), tr, a.image_size, 10**8)
     xt, yt, _ = load_pixels(str(d), te, a.image_size, 10**8)
-    model = model_for(a.arch, a.stride, a.seed)
+    model = model_for(a.arch, a.stride, a.seed, a.pad, a.lse, a.layer)
     grid = cam_grid(model.trunk, a.image_size)
     with torch.no_grad():
         w = model.eval()(torch.zeros(1, 3, a.image_size, a.image_size))[1].shape[-1]
@@ -248,6 +311,14 @@ def main():
         log = []
     else:
         log = train(a, model, x, y, grid)
+    if a.eval_archive:  # e.g. the 400 seed-2 test phantoms of the before/after table
+        d, truth = Path(a.eval_archive), {}
+        import csv
+        for r in csv.DictReader(open(d / "truth.csv")):
+            if r["x"]:
+                truth[str(d / r["path"])] = (float(r["x"]), float(r["y"]), float(r["r"]))
+        te = labelled_files(str(d), "test")
+        xt, yt, _ = load_pixels(str(d), te, a.image_size, 10**8)
     rows = evaluate(model, xt, yt, [str(d / u) for u, _ in te], truth, grid)
     res = {"args": vars(a), "grid": str(grid), "w": w, "train_s": time.time() - t0, "log": log,
            "load": os.getloadavg(), **summarise(rows, truth, grid)}
