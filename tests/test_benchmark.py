@@ -58,6 +58,23 @@ def test_baseline_builds_the_checkpoint_s_own_network(tmp_path):
         assert torch.allclose(plain.eval()(x), net(x)[0], atol=1e-5)
 
 
+def test_cam_stride_16_benchmarks_the_trained_models_network_with_the_spec_s_weights(tmp_path):
+    """`--cam-stride 16` measures the network `cxr-batch train` writes (layer4 dilated) without a trained
+    checkpoint: the spec's own weights, its own batch-norm estimate and head, stride 16."""
+    from cxr_batch.bench.inputs import calibrated_checkpoint
+    from cxr_batch.model.registry import load
+
+    archive = make_bench_archive(tmp_path / "a", 4, 64, 64, seed=1)
+    paths = sorted(str(p.relative_to(archive)) for p in archive.rglob("*.jpeg"))
+    dilated = calibrated_checkpoint("resnet18:none", str(archive), paths, tmp_path / "s16.ckpt", cam_stride=16)
+    plain = calibrated_checkpoint("resnet18:none", str(archive), paths, tmp_path / "s32.ckpt")
+    assert describe(dilated).cam_stride == 16 and describe(plain).cam_stride == 32
+    a, b = load(describe(dilated)).state_dict(), load(describe(plain)).state_dict()
+    assert torch.equal(a["trunk.0.weight"], b["trunk.0.weight"])  # the same weights, only layer4's stride differs
+    with pytest.raises(InputError, match="Invalid --cam-stride 8"):
+        BenchSettings(workdir=".", cam_stride=8)
+
+
 def test_compare_joins_on_path_and_skips_errors():
     import pandas as pd
 
@@ -78,7 +95,7 @@ def test_peak_memory_sees_this_process():
 def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(main, ["benchmark", str(tmp_path / "work"), "--images", "8", "--min-side", "256",
-                                  "--max-side", "256", "--model", "resnet18:none", "--batch-size", "4",
+                                  "--max-side", "256", "--model", "resnet18:none", "--cam-stride", "16", "--batch-size", "4",
                                   "--modes", "fp32,bf16,bf16+nocams", "--engines", "local", "--baseline-images", "6",
                                   "--decode-check",
                                   "--memory-check", "--memory-images", "4", "--train-check", "--train-images", "16",
@@ -88,7 +105,8 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
     result = json.loads(out.read_text())
     assert {"machine", "settings", "archive", "model", "baseline", "forward", "score", "fastest_agreeing_mode",
             "memory_check"} <= set(result)
-    assert result["model"]["calibrated_head"] is True
+    assert result["model"]["calibrated_head"] is True and result["model"]["cam_stride"] == 16
+    assert "CAM stride 16 (layer4 dilated" in r.output
     assert result["baseline"]["images"] == 6 and result["archive"]["images"] == 8
     assert result["device"] == "cpu" and result["decode_check"]["pil_draft_per_core_images_per_s"] > 0
     assert set(result["forward"]) == {"fp32", "bf16"}  # +nocams runs the same forward

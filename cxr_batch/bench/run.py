@@ -101,13 +101,19 @@ def _inputs(s: BenchSettings, work: Path, result: dict, log) -> tuple[str, list[
                          "prepared_s": round(time.perf_counter() - t0, 1)}
     info = describe(s.model)
     model = s.model
+    if s.cam_stride is not None and (info.trained or not s.calibrate) and s.cam_stride != info.cam_stride:
+        raise InputError(f"--cam-stride {s.cam_stride} rebuilds an ARCH:WEIGHTS model (with --calibrate); {s.model} is"
+                         f" a network with stride {info.cam_stride}. Leave --cam-stride out for a checkpoint.")
     if s.calibrate and not info.trained:
-        name = "".join(c if c.isalnum() else "-" for c in s.model)[-60:]  # the cache is per spec and seed
-        model = calibrated_checkpoint(s.model, archive, paths, work / f"calibrated-{name}-seed{s.seed}.ckpt",
-                                      seed=s.seed)
+        name = "".join(c if c.isalnum() else "-" for c in s.model)[-60:]  # the cache is per spec, stride and seed
+        stride = s.cam_stride or info.cam_stride
+        model = calibrated_checkpoint(s.model, archive, paths,
+                                      work / f"calibrated-{name}-s{stride}-seed{s.seed}.ckpt", seed=s.seed,
+                                      cam_stride=stride)
     result["model"] = {"spec": s.model, "scored_as": model, "calibrated_head": model != s.model, "arch": info.arch,
-                       "image_size": info.image_size}
-    log(f"archive {archive}: {len(paths)} images, mean {result['archive']['mean_kb']} KB; model {model}")
+                       "image_size": info.image_size, "cam_stride": describe(model).cam_stride}
+    log(f"archive {archive}: {len(paths)} images, mean {result['archive']['mean_kb']} KB; model {model}"
+        f" (CAM stride {result['model']['cam_stride']})")
     return archive, paths, model
 
 

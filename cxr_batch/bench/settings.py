@@ -20,6 +20,9 @@ class BenchSettings:
     max_side: int = 2000
     model: str = "resnet101:none"
     calibrate: bool = True  # untrained head -> derived checkpoint with a spread of probabilities (see above)
+    # For an ARCH:WEIGHTS model: 16 = layer4 dilated, the network every `cxr-batch train` checkpoint has;
+    # None = the spec's own (stride 32). A checkpoint brings its own.
+    cam_stride: int | None = None
     batch_size: int = 16
     modes: tuple[str, ...] = ("fp32", "bf16")
     # (d) `cxr-batch score` in a fresh process per engine (fp32): start-up included and broken down
@@ -54,6 +57,9 @@ class BenchSettings:
             raise InputError(f"Invalid device {self.device!r}. Only auto, cpu and gpu are supported.")
         if self.train_check and (self.train_images < 2 or self.train_epochs < 2):
             raise InputError("--train-images must be at least 2 and the training check runs at least 2 epochs.")
+        if self.cam_stride not in (None, 16, 32):
+            raise InputError(f"Invalid --cam-stride {self.cam_stride}. Only 16 (layer4 dilated, as trained models) and"
+                             " 32 are supported.")
         if self.images < 1 or self.batch_size < 1 or not 32 <= self.min_side <= self.max_side:
             raise InputError("--images and --batch-size must be at least 1, and 32 <= --min-side <= --max-side.")
 

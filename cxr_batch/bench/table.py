@@ -23,6 +23,10 @@ def format_table(r: dict) -> str:
     for engine, d in r.get("cli", {}).items():
         lines.append(startup_line(engine, d["startup"]))
     lines.append(f"fastest mode agreeing with fp32 on >= 99% of labels: {r['fastest_agreeing_mode']}")
+    md = r["model"]
+    lines.append(f"model: {md['spec']}{' with a calibrated head' if md['calibrated_head'] else ''}, CAM stride"
+                 f" {md['cam_stride']}{' (layer4 dilated, as trained models)' if md['cam_stride'] == 16 else ''},"
+                 f" {md['image_size']} px")
     m = r["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch {m['torch']}, ray {m['ray']};"
                  f" load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end;"
