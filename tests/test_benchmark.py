@@ -107,6 +107,12 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
             "memory_check"} <= set(result)
     assert result["model"]["calibrated_head"] is True and result["model"]["cam_stride"] == 16
     assert "CAM stride 16 (layer4 dilated" in r.output
+    from cxr_batch.archive.results import read_table
+
+    probs = [p for p in read_table(str(tmp_path / "work" / "score-fp32")).column("prob_pneumonia").to_pylist()
+             if p is not None]
+    assert result["model"]["uncertain_share"] == round(sum(0.2 <= p <= 0.8 for p in probs) / len(probs), 3)
+    assert "P(PNEUMONIA) in [0.2, 0.8] for" in r.output
     assert result["baseline"]["images"] == 6 and result["archive"]["images"] == 8
     assert result["device"] == "cpu" and result["decode_check"]["pil_draft_per_core_images_per_s"] > 0
     assert set(result["forward"]) == {"fp32", "bf16"}  # +nocams runs the same forward

@@ -235,6 +235,10 @@ def _compare_all(work: Path, result: dict) -> None:
     from ..archive.results import read_table
 
     ref = read_table(str(_score_out(work, REFERENCE))).to_pandas()
+    # Agreement says something only where the model is unsure of some images: a saturated model (every P
+    # 0 or 1) agrees with any arithmetic. The share of the reference run's P(PNEUMONIA) in [0.2, 0.8].
+    p = ref["prob_pneumonia"].dropna()
+    result["model"]["uncertain_share"] = round(float(p.between(0.2, 0.8).mean()), 3) if len(p) else None
     result["baseline"].update(compare(ref, pd.read_parquet(work / "baseline.parquet")))
     a = result["baseline"]["images_per_s"]
     for mode, row in result["score"].items():

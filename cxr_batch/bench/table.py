@@ -26,7 +26,8 @@ def format_table(r: dict) -> str:
     md = r["model"]
     lines.append(f"model: {md['spec']}{' with a calibrated head' if md['calibrated_head'] else ''}, CAM stride"
                  f" {md['cam_stride']}{' (layer4 dilated, as trained models)' if md['cam_stride'] == 16 else ''},"
-                 f" {md['image_size']} px")
+                 f" {md['image_size']} px; P(PNEUMONIA) in [0.2, 0.8] for {_pct(md.get('uncertain_share'))} of the fp32"
+                 " run's images (agreement means something from about 20%)")
     m = r["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch {m['torch']}, ray {m['ray']};"
                  f" load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end;"
