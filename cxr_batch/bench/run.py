@@ -100,7 +100,7 @@ def _inputs(s: BenchSettings, work: Path, result: dict, log) -> tuple[str, list[
     result["archive"] = {"path": archive, "images": len(paths), "mean_kb": round(sum(sizes) / len(sizes) / 1024),
                          "prepared_s": round(time.perf_counter() - t0, 1)}
     info = describe(s.model)
-    model = s.model
+    model, stride = s.model, info.cam_stride
     if s.cam_stride is not None and (info.trained or not s.calibrate) and s.cam_stride != info.cam_stride:
         raise InputError(f"--cam-stride {s.cam_stride} rebuilds an ARCH:WEIGHTS model (with --calibrate); {s.model} is"
                          f" a network with stride {info.cam_stride}. Leave --cam-stride out for a checkpoint.")
@@ -111,7 +111,7 @@ def _inputs(s: BenchSettings, work: Path, result: dict, log) -> tuple[str, list[
                                       work / f"calibrated-{name}-s{stride}-seed{s.seed}.ckpt", seed=s.seed,
                                       cam_stride=stride)
     result["model"] = {"spec": s.model, "scored_as": model, "calibrated_head": model != s.model, "arch": info.arch,
-                       "image_size": info.image_size, "cam_stride": describe(model).cam_stride}
+                       "image_size": info.image_size, "cam_stride": stride}
     log(f"archive {archive}: {len(paths)} images, mean {result['archive']['mean_kb']} KB; model {model}"
         f" (CAM stride {result['model']['cam_stride']})")
     return archive, paths, model

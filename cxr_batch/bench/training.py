@@ -21,8 +21,7 @@ from pathlib import Path
 
 def train_check(s, work: Path, device: str, *, log=print) -> dict:
     """Run the plain loop, then `run_train` with one worker; needs a running Ray (the benchmark's)."""
-    import ray
-
+    from ..jobs.ray_env import node_cpus
     from ..jobs.train import run_train
     from ..jobs.train_config import TrainSettings, fit_worker_cpus
     from ..jobs.trainset import load_pixels, make_split
@@ -32,8 +31,7 @@ def train_check(s, work: Path, device: str, *, log=print) -> dict:
     split = make_split(str(archive), val_fraction=0.1, seed=s.seed)
     x, y, _ = load_pixels(str(archive), split.train, s.train_image_size, DEFAULT_MAX_PIXELS)
     use_gpu = device == "cuda"
-    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    threads = int(fit_worker_cpus(1, nodes, use_gpu))  # what the worker will get
+    threads = int(fit_worker_cpus(1, node_cpus(), use_gpu))  # what the worker will get
     ts = TrainSettings(data=str(archive), out=str(work / "train-run"), arch=s.train_model, weights="none",
                        epochs=s.train_epochs, batch_size=s.batch_size, image_size=s.train_image_size, workers=1,
                        gpu=use_gpu, seed=s.seed)

@@ -174,14 +174,18 @@ def ray_for_job(address: str | None = None, *, wait_for_gpus: int = 0, wait_time
         yield
 
 
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the Ray this process is connected to (nodes without CPUs left out)."""
+    import ray
+
+    return [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+
+
 def check_shared_storage(paths: dict[str, str | None], *, job: str) -> None:
     """Refuse node-local paths on a multi-node cluster: every node's workers read and write them, so
     they must be on storage all nodes see (``s3://``, or a mount every node has: then set
     CXR_BATCH_SHARED_FS=1). ``paths`` maps an option name to its value (None: not used)."""
-    import ray
-
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
-    message = node_local_problem(paths, nodes, shared_fs=bool(os.environ.get("CXR_BATCH_SHARED_FS")), job=job)
+    message = node_local_problem(paths, len(node_cpus()), shared_fs=bool(os.environ.get("CXR_BATCH_SHARED_FS")), job=job)
     if message:
         from ..errors import InputError
 

@@ -28,7 +28,7 @@ from ray.train import UserCallback
 from ..archive import storage
 from ..errors import InputError, TrainingError, one_line
 from ..model.network import WEIGHTS
-from .ray_env import check_shared_storage
+from .ray_env import check_shared_storage, node_cpus
 from .train_config import TrainSettings, best_epoch, fit_worker_cpus
 from .trainset import Split, make_split
 
@@ -48,7 +48,7 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
     if use_gpu and gpus < s.workers:
         raise InputError(f"--gpu with {s.workers} workers, but the cluster has {int(gpus)} GPUs.")
     if s.cpus_per_worker is None:  # settings.json and the checkpoints record the number the workers got
-        s = replace(s, cpus_per_worker=fit_worker_cpus(s.workers, _node_cpus(), use_gpu))
+        s = replace(s, cpus_per_worker=fit_worker_cpus(s.workers, node_cpus(), use_gpu))
     _check_fits(s, use_gpu)
     check_resumable(s)
     # Rank 0 writes checkpoints that every rank reads on restart; each worker decodes its shard of DATA.
@@ -190,12 +190,6 @@ def _worker_cause(e: Exception) -> str:
         return f"rank {rank}: {type(base).__name__}: {one_line(base, 300)}"
     lines = [line for line in str(e).splitlines() if line.strip()]
     return one_line(lines[-1] if lines else e, 300)
-
-
-def _node_cpus() -> list[float]:
-    import ray
-
-    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU")]
 
 
 def _check_fits(s: TrainSettings, use_gpu: bool) -> None:

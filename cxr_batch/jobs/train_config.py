@@ -81,8 +81,8 @@ class TrainSettings:
 
 def fit_worker_cpus(workers: int, node_cpus: list[float], use_gpu: bool) -> float:
     """CPUs per training worker when --cpus-per-worker is not given: the most whole CPUs c such that
-    every worker finds c free CPUs on one node (sum over nodes of floor(cpus / c) >= workers), so the
-    placement group can always be placed and no node's cores sit idle when they could be used.
+    every worker finds c CPUs on one node (sum over nodes of floor(cpus / c) >= workers; the nodes'
+    totals, as _check_fits counts them), so the placement group can be placed and no node's cores sit idle when they could be used.
     GPU workers take 1: the GPU does the arithmetic, and GPU nodes an autoscaler has yet to start
     have no CPUs to count."""
     if use_gpu or not node_cpus:
