@@ -60,7 +60,8 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
     echo(f"train: {len(split.train)} images (NORMAL {counts[0]}, PNEUMONIA {counts[1]}); validation: {split.val_note}")
     echo(f"model: {s.arch}, weights {s.weights}; {s.epochs} epochs ({s.n_warmup} warm-up), {s.workers} "
          f"{'GPU' if use_gpu else 'CPU'} worker{'s' if s.workers > 1 else ''}"
-         f"{'' if use_gpu else f' of {s.cpus_per_worker:g} CPUs'}, batch {s.batch_size} per worker")
+         f"{'' if use_gpu else f' of {s.cpus_per_worker:g} CPU' + ('' if s.cpus_per_worker == 1 else 's')}"
+         f", batch {s.batch_size} per worker")
     t0 = time.perf_counter()
     _fit(s, split, counts, use_gpu, lambda ranks: _on_epoch(ranks, s.epochs, echo, progress))
     if not storage.exists(storage.join(s.out, "history.json")):  # no epoch finished, yet Ray saw no error
