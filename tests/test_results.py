@@ -64,10 +64,13 @@ def test_retry_rows_are_not_done_and_are_dropped_before_their_files_are_scored_a
     write_part(out, [{"path": "a.png", "status": "scored"}, {"path": "b.png", "status": "retry", "error": "file vanished"},
                      {"path": "c.png", "status": "error"}, {"path": "old.png"}], run="0000000a")  # old: no status
     write_part(out, [{"path": "d.png", "status": "retry"}, {"path": "e.png", "status": "skipped"}], run="0000000b")
-    done = sorted(p for a in done_path_batches(out, "m1", archive="/a") for p in a.to_pylist())
+    retry_parts = []
+    done = sorted(p for a in done_path_batches(out, "m1", archive="/a", retry_parts=retry_parts) for p in a.to_pylist())
     assert done == ["a.png", "c.png", "e.png", "old.png"]
+    assert len(retry_parts) == 2  # both parts hold a retry row
     # Only b is scored again now (d is, say, beyond --limit): b's retry row goes, d's stays.
-    assert drop_retry_rows(out, pa.array(["b.png", "a.png"])) == 1
+    assert drop_retry_rows(out, pa.array(["b.png", "a.png"]), parts=retry_parts) == 1
+    assert drop_retry_rows(out, pa.array(["d.png"]), parts=[]) == 0  # parts named: no others are opened
     table = read_table(out)
     assert sorted(table["path"].to_pylist()) == ["a.png", "c.png", "d.png", "e.png", "old.png"]
     assert read_metadata(out)["model_id"] == "m1"  # the rewritten part keeps its metadata

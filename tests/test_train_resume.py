@@ -65,7 +65,10 @@ def test_killed_driver_resumes_from_last_checkpoint(ray_session, tiny, tmp_path)
     # val/ has 24 images (< 50): validation is taken from train/ by patient, recorded, and summarised
     assert "patients from train/" in again.stdout and "grouped 48 images into 48 patients" in again.stdout
     record = json.loads((out / "val_files.json").read_text())
-    assert load_checkpoint(str(out / "best.ckpt")).ckpt["val_files"] == record["files"]
+    best = load_checkpoint(str(out / "best.ckpt")).ckpt
+    assert best["val_files"] == record["files"]  # one record: the checkpoint says what val_files.json says
+    assert (best["val_note"], best["val_grouping"]) == (record["validation"], record["grouping"])
+    assert record["grouping"].startswith("grouped 48 images into 48 patients")
     assert len(record["files"]) == history[-1]["val_n"] and all(f.startswith("train/") for f in record["files"])
     assert load_checkpoint(str(out / "last.ckpt")).ckpt["epoch"] == EPOCHS
 

@@ -66,6 +66,7 @@ class Lease:
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self.details = details or {}
+        self.holder = {**_process_identity(), "run_id": run_id}  # this process's: the same at every heartbeat
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -75,7 +76,7 @@ class Lease:
     def _record(self) -> bytes:
         now = time.time()
         return json.dumps({
-            "holder": {**_process_identity(), "run_id": self.run_id},
+            "holder": self.holder,
             "started": _iso(self.started), "heartbeat": _iso(now), "started_s": self.started, "heartbeat_s": now,
             "timeout_s": self.timeout_s, "token": self.token, **self.details}, indent=1).encode()
 

@@ -96,11 +96,12 @@ def part_files(out: str) -> list[str]:
     return sorted(storage.join(out, n) for n in storage.list_dir(out) if _PART.match(n))
 
 
-def done_path_batches(out: str, model_id: str, *, archive: str | None = None,
-                      batch_rows: int = 1 << 20) -> Iterator[pa.Array]:
+def done_path_batches(out: str, model_id: str, *, archive: str | None = None, batch_rows: int = 1 << 20,
+                      retry_parts: list | None = None) -> Iterator[pa.Array]:
     """Paths that are done in ``out`` (a row whose status is not "retry"), as Arrow string arrays of
     about ``batch_rows`` paths (10 M done paths never sit in memory at once, nor as 10 M Python
-    objects); refuses to mix two models' or two archives' rows in one table."""
+    objects); refuses to mix two models' or two archives' rows in one table. The parts that hold
+    "retry" rows are appended to ``retry_parts``: ``drop_retry_rows`` then opens only those."""
     done, rows = [], 0
     for part in part_files(out):
         fs, path = storage.resolve(part)
@@ -109,7 +110,10 @@ def done_path_batches(out: str, model_id: str, *, archive: str | None = None,
             _check_same_job(out, json.loads((pf.schema_arrow.metadata or {}).get(b"cxr_batch", b"{}")), model_id, archive)
             table = pf.read(columns=[c for c in ("path", "status") if c in pf.schema_arrow.names])
             if "status" in table.column_names:
-                table = table.filter(pc.fill_null(pc.not_equal(table["status"], RETRY), True))
+                retry = pc.fill_null(pc.equal(table["status"], RETRY), False)
+                if retry_parts is not None and pc.any(retry).as_py():
+                    retry_parts.append(part)
+                table = table.filter(pc.invert(retry))
             chunks = table.column("path").chunks
         done += chunks
         rows += sum(len(c) for c in chunks)
@@ -132,12 +136,13 @@ def _check_same_job(out: str, meta: dict, model_id: str, archive: str | None) ->
                          " to start over, or a new --out.")
 
 
-def drop_retry_rows(out: str, paths: pa.Array, *, before_publish=None) -> int:
+def drop_retry_rows(out: str, paths: pa.Array, *, parts: list | None = None, before_publish=None) -> int:
     """Rewrite each part that holds "retry" rows for any of ``paths`` without those rows (the new
     part replaces the old one atomically, under the same name), so that when those files are
-    scored again no reader sees two rows for one file. -> the number of rows dropped."""
+    scored again no reader sees two rows for one file. ``parts``: the only parts that can hold
+    such rows (``done_path_batches``'s ``retry_parts``); default every part. -> the number of rows dropped."""
     dropped = 0
-    for part in part_files(out):
+    for part in part_files(out) if parts is None else parts:
         fs, path = storage.resolve(part)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)

@@ -9,10 +9,10 @@ before them, which a user's first `cxr-batch score` has not.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
+
+from .host import run_json
 
 # The CLI's own entry point, run by this interpreter (a `cxr-batch` on PATH may belong to another venv).
 _ENTRY = "import sys; from cxr_batch.cli import main; sys.exit(main(sys.argv[1:], prog_name='cxr-batch'))"
@@ -28,13 +28,8 @@ def score_command(archive: str, out: str, model: str, *, engine: str, precision:
 def run_score_cli(command: list[str]) -> dict:
     """Run one `cxr-batch score --json`; its summary plus the wall time the user waited for it."""
     t0 = time.perf_counter()
-    p = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if p.returncode != 0:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"cxr-batch score exited with {p.returncode}: {tail[0]}")
-    summary = json.loads(p.stdout.strip().splitlines()[-1])["summary"]
-    return {"wall_s": round(seconds, 2), "summary": summary}
+    out, _ = run_json(command, what="cxr-batch score")
+    return {"wall_s": round(time.perf_counter() - t0, 2), "summary": out["summary"]}
 
 
 def startup_line(engine: str, startup: dict) -> str:

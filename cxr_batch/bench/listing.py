@@ -20,12 +20,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .host import machine, run_json
 
 SOURCES = 4  # distinct real-size images behind the hard links (plus one DICOM)
 
@@ -193,10 +194,7 @@ print(json.dumps({"files": listing.files.num_rows, "seconds": t_list, "todo": to
 
 def run_measured(code: str, *args: str, env: dict | None = None) -> dict:
     """Run ``code`` in a fresh Python (its peak RSS is its own, from getrusage); -> its JSON line."""
-    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise RuntimeError(f"measured process failed ({p.returncode}): {p.stderr[-2000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, "-c", code, *args], what="measured listing process", env=env)[0]
 
 
 # ---------------------------------------------------------------- S3 on loopback
@@ -281,7 +279,7 @@ def bench_e2e(archive: str, work: Path, src: str | None) -> dict:
 def run(s: ListingBenchSettings, log=print) -> dict:
     work = Path(s.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"settings": asdict(s), "machine": _machine()}
+    result = {"settings": asdict(s), "machine": machine()}
     try:
         if s.archive:
             local = {"path": s.archive, "files": "given"}
@@ -306,13 +304,6 @@ def run(s: ListingBenchSettings, log=print) -> dict:
             shutil.rmtree(work / "_sources", ignore_errors=True)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     return result
-
-
-def _machine() -> dict:
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
-    mem_kb = next(int(x.split()[1]) for x in open("/proc/meminfo") if x.startswith("MemTotal"))
-    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gb": round(mem_kb / 2**20, 1), "host": socket.gethostname(),
-            "loadavg_start": list(os.getloadavg())}
 
 
 def format_table(r: dict) -> str:

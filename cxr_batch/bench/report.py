@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 
 from ..archive import storage
 from ..archive.results import part_files, read_metadata, read_table
+from .host import run_json
 
 ROWS_PER_PART = 2000
 
@@ -70,10 +70,9 @@ def _measure(args: list[str]) -> dict:
     """Run ``python -m cxr_batch.bench.report --child ...``: its seconds (interpreter start included),
     peak RSS and what it printed."""
     t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "cxr_batch.bench.report", "--child", *args],
-                       capture_output=True, text=True, check=True)
-    out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {}
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": int(r.stderr.strip().splitlines()[-1]) / 1024, **out}
+    out, p = run_json(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "cxr_batch.bench.report", "--child", *args],
+                      what=f"report benchmark child ({args[0]})")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": int(p.stderr.strip().splitlines()[-1]) / 1024, **out}
 
 
 def main(argv=None) -> None:

@@ -31,12 +31,12 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InputError
+from . import host
 from .baseline import baseline_pytorch
 from .inputs import calibrated_checkpoint, make_bench_archive
 from .memory import PeakMemory
@@ -307,11 +307,4 @@ def machine() -> dict:
     import ray
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    mem_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cpus": os.cpu_count(), "memory_gb": round(mem_kb / 2**20, 1),
-            "bf16_instructions": [f for f in ("avx512_bf16", "amx_bf16") if f in flags],
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "torch_threads": torch.get_num_threads(), "loadavg_start": list(os.getloadavg())}
+    return {**host.machine(), "torch": torch.__version__, "ray": ray.__version__, "torch_threads": torch.get_num_threads()}

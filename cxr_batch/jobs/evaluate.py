@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import CLASSES, POSITIVE
 from ..archive import storage
-from ..model.checkpoint import load_checkpoint
+from ..model.entries import checkpoint_entries
 from ..errors import InputError
 from ..reports.markdown import report_markdown
 
@@ -53,21 +53,25 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     from ..archive.results import read_table
     from .score import ScoreSettings, run_score
 
-    ck = load_checkpoint(s.checkpoint)
     pred_out = storage.join(s.out, "predictions.parquet")
     score_settings = ScoreSettings(archive=s.folder, out=pred_out, model=s.checkpoint, batch_size=s.batch_size,
                                    cam_dir=storage.join(s.out, "cams"), cam_size=s.cam_size, cam_scale=s.cam_scale)
-    summary = run_score(score_settings, progress=progress, echo=echo)
+    summary = run_score(score_settings, progress=progress, echo=echo)  # refuses a bad checkpoint before any work
+    # Its small entries (threshold, history, ...): the weights were read on this driver once, by the scoring's model check.
+    ckpt, model_id = checkpoint_entries(summary.model["spec"])
+    if model_id != summary.model["model_id"]:
+        raise InputError(f"{s.checkpoint} changed while evaluate ran (hash {summary.model['model_id']} when scored,"
+                         f" {model_id} now). Run evaluate again when nothing writes to it.")
     rows = read_table(pred_out).to_pylist()
     scored = [r for r in rows if r["error"] is None and r["label"] is not None]
     if not scored:
         raise InputError(f"No labelled images scored under {s.folder}: it needs NORMAL/ and PNEUMONIA/ folders.")
     y = np.array([CLASSES.index(r["label"]) for r in scored])
     p = np.array([r["prob_pneumonia"] for r in scored], np.float64)
-    threshold = float(ck.ckpt["threshold"])
+    threshold = float(ckpt["threshold"])
     metrics = {
-        "checkpoint": s.checkpoint, "model_id": ck.model_id, "folder": s.folder,
-        "threshold": threshold, "threshold_rule": ck.ckpt.get("metrics", {}).get("threshold_rule", "from checkpoint"),
+        "checkpoint": s.checkpoint, "model_id": model_id, "folder": s.folder,
+        "threshold": threshold, "threshold_rule": ckpt.get("metrics", {}).get("threshold_rule", "from checkpoint"),
         "n_files": len(rows), "n_scored": len(scored), "n_errors": sum(r["error"] is not None for r in rows),
         "metrics": binary_metrics(y, p, threshold),
         "ci95": bootstrap_ci(y, p, threshold, n_boot=s.n_boot, seed=0),
@@ -79,13 +83,13 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
         metrics["pointing"] = _pointing(scored, truth, s.pointing_tolerance)
     metrics["calibration"] = _calibration(scored, y, float(summary.model.get("temperature", 1.0)), s.n_boot)
     metrics["deletion"] = _deletion(scored, score_settings, summary.model, s)
-    history = ck.ckpt.get("history", [])
+    history = ckpt.get("history", [])
     with tempfile.TemporaryDirectory() as tmp:
         _plots(tmp, y, p, threshold, metrics, history, scored, s.montage_size)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2, default=float)
         with open(os.path.join(tmp, "report.md"), "w") as f:
-            f.write(report_markdown(metrics, ck.ckpt))
+            f.write(report_markdown(metrics, ckpt))
         for name in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, name), "rb") as f:
                 storage.write_bytes_atomic(storage.join(s.out, name), f.read())

@@ -56,12 +56,12 @@ def dicom_patient_id(root: str, rel: str) -> str | None:
     None when absent, empty or unreadable."""
     from pydicom import dcmread
 
-    from ..pixels.dicom import is_dicom
+    from ..pixels.dicom import is_dicom, is_raw_dataset
 
     try:
         with storage.open_file(root, rel, random_access=True) as f:  # pydicom seeks past what it defers
             head = f.read(132)
-            if not (is_dicom(head) or head[:2] in (b"\x02\x00", b"\x08\x00")):
+            if not (is_dicom(head) or is_raw_dataset(head)):  # the decode stage's own test
                 return None
             f.seek(0)
             ds = dcmread(f, stop_before_pixels=True, defer_size=1024, specific_tags=["PatientID"],

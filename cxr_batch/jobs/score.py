@@ -225,7 +225,8 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
         summary.plan = asdict(plan)
         if s.overwrite:
             summary.notes += clear_output(s.out, cam_dir).notes()
-        todo = pending(files, done_path_batches(s.out, info.model_id, archive=s.archive))
+        retry_parts: list = []  # named while the done paths are read, so the retry rows cost no second pass
+        todo = pending(files, done_path_batches(s.out, info.model_id, archive=s.archive, retry_parts=retry_parts))
         summary.already_done = files.num_rows - todo.num_rows
         metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
                     "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
@@ -234,7 +235,8 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
             echo(_start_line(summary, todo.num_rows, plan))
         if todo.num_rows:
             # Old "retry" rows of these files go first (parts rewritten whole), so no reader sees two rows.
-            summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), before_publish=lease.check)
+            summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), parts=retry_parts,
+                                             before_publish=lease.check)
             publish = _publisher(writer, summary, todo.num_rows, t0, progress)
             outcome = _score(todo, s, engine, stage_config(s, info, plan, cam_dir), plan, info, summary, t0,
                              publish, echo)

@@ -179,6 +179,7 @@ class Scorer:
         self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
 
     def __call__(self, batch: dict) -> dict:
+        from ..model.calibration import margins
         from ..model.cam import log_odds_map
         from ..pixels.transforms import normalize
 
@@ -198,7 +199,7 @@ class Scorer:
                 logits, features = self.model(x)
             logits, features = logits[:m].float(), features[:m]
             prob[ok] = torch.softmax(logits / self.temperature, dim=1)[:, POSITIVE].cpu().numpy()
-            margin[ok] = (logits[:, POSITIVE] - logits[:, 1 - POSITIVE]).cpu().numpy()
+            margin[ok] = margins(logits).cpu().numpy()
             good_cams = log_odds_map(features.float(), self.weight, self.bias, POSITIVE).cpu().numpy()
             cams = np.zeros((n,) + good_cams.shape[1:], np.float32)
             cams[ok] = good_cams

@@ -88,9 +88,9 @@ def check_resumable(s: TrainSettings) -> None:
     uri = storage.join(s.out, "last.ckpt")
     if not storage.exists(uri):
         return
-    from ..model.checkpoint import load_checkpoint
+    from ..model.entries import checkpoint_entries
 
-    then = load_checkpoint(uri).ckpt.get("settings") or {}
+    then = checkpoint_entries(uri)[0].get("settings") or {}  # no weights read: the workers read them when they resume
     now = asdict(s)
     changed = [f"{k} {then.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if then.get(k) != now[k]]
     if changed:
@@ -125,7 +125,7 @@ def _fit(s: TrainSettings, split: Split, counts, use_gpu: bool, on_epoch) -> Non
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"settings": asdict(s), "train": split.train, "val": split.val, "class_counts": counts.tolist(),
-                           "validation": {"files": [rel for rel, _ in split.val], "grouping": split.val_note}},
+                           "validation": split.record()},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=use_gpu, placement_strategy=s.placement,
                                      resources_per_worker={"CPU": s.cpus_per_worker}),
         run_config=RunConfig(

@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import POSITIVE
 from ..archive import storage
 from ..errors import InputError
-from ..model.calibration import calibrated, fit_temperature
+from ..model.calibration import calibrated, fit_temperature, margins as logit_margins
 from ..model.camloss import paired_loss
 from ..model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from ..model.network import build_model
@@ -186,7 +185,7 @@ def _evaluate(model, x, y, s, device, loss_fn):
             logits, _ = model(xb)
         losses += float(loss_fn(logits.float(), yb)) * len(yb)
         logits = logits.float()
-        margins.append((logits[:, POSITIVE] - logits[:, 1 - POSITIVE]).cpu().numpy())
+        margins.append(logit_margins(logits).cpu().numpy())
     m = np.concatenate(margins) if margins else np.zeros(0, np.float32)
     gathered = _all_gather((m.tolist(), y.tolist(), losses))
     m_all = np.concatenate([np.asarray(g[0], np.float64) for g in gathered])

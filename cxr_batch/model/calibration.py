@@ -17,6 +17,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 
+from .. import POSITIVE
+
 # The search range for T. Guo et al. found T of 1-3 for over-confident modern nets; a class-
 # weighted model trained briefly can be under-confident (T = 0.4-0.7 on the phantoms). A validation
 # set that the model separates perfectly has no finite optimum (the likelihood keeps rising as
@@ -29,12 +31,15 @@ MIN_T, MAX_T = 0.25, 20.0
 MIN_CASES, MIN_PER_CLASS = 30, 5
 
 
-def margins(logits) -> np.ndarray:
-    """(N, 2) logits, NORMAL then PNEUMONIA -> (N,) margins logit_PNEUMONIA - logit_NORMAL."""
-    a = np.asarray(logits, dtype=np.float64)
+def margins(logits):
+    """(N, 2) logits, NORMAL then PNEUMONIA -> (N,) margins logit_PNEUMONIA - logit_NORMAL.
+
+    A torch tensor stays a tensor on its device (the scorer and the training loop take it from the
+    forward); anything else becomes float64 numpy."""
+    a = logits if hasattr(logits, "detach") else np.asarray(logits, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != 2:
-        raise ValueError(f"logits must have shape (N, 2), got {a.shape}.")
-    return a[:, 1] - a[:, 0]
+        raise ValueError(f"logits must have shape (N, 2), got {tuple(a.shape)}.")
+    return a[:, POSITIVE] - a[:, 1 - POSITIVE]
 
 
 def calibrated(margin, temperature: float = 1.0) -> np.ndarray:

@@ -27,15 +27,16 @@ def make_checkpoint(model: CamResNet, *, arch: str, image_size: int, threshold: 
                     epoch: int = 0, metrics: dict | None = None, optimizer: dict | None = None,
                     history: list | None = None, temperature: float = 1.0, validation: dict | None = None) -> dict:
     """``temperature``: scoring reports softmax(logits / T); ``threshold`` is on that calibrated scale.
-    ``validation``: {"files": [...], "grouping": "..."}, which files validated this model and how
-    they were grouped (stored as "val_files" and "val_grouping")."""
+    ``validation``: ``Split.record()`` (jobs/trainset.py, also written as val_files.json): which files
+    validated this model, how they were chosen and how grouped into patients (stored as "val_files",
+    "val_note" and "val_grouping")."""
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
     validation = validation or {}
     return {
         "format": FORMAT, "version": VERSION, "arch": arch, "classes": list(CLASSES),
         "image_size": int(image_size), "cam_stride": int(cam_stride), "threshold": float(threshold), "settings": settings,
         "temperature": float(temperature), "val_files": list(validation.get("files", [])),
-        "val_grouping": str(validation.get("grouping", "")),
+        "val_note": str(validation.get("validation", "")), "val_grouping": str(validation.get("grouping", "")),
         "epoch": int(epoch), "metrics": metrics or {}, "history": history or [],
         "state_dict": state, "optimizer": optimizer,
     }

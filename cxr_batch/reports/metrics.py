@@ -223,8 +223,10 @@ def bootstrap_ci(y_true, score, threshold, *, n_boot: int = 1000, seed: int = 0,
 # (the last one closed), ECE = sum over bins of (share of cases in the bin) x |mean P(PNEUMONIA) -
 # share of PNEUMONIA|. It is the reliability diagram's gap, weighted by how many cases sit where.
 
-def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
-    return np.minimum((p * n_bins).astype(np.int64), n_bins - 1)  # p = 1.0 belongs to the last bin
+def bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """The bin of each probability among ``n_bins`` equal bins of [0, 1] (the reliability diagram's,
+    and the report's histogram)."""
+    return np.clip((p * n_bins).astype(np.int64), 0, n_bins - 1)  # p = 1.0 belongs to the last bin
 
 
 def _probs(y, p) -> tuple[np.ndarray, np.ndarray]:
@@ -237,7 +239,7 @@ def _probs(y, p) -> tuple[np.ndarray, np.ndarray]:
 def reliability(y, p, n_bins: int = ECE_BINS) -> dict:
     """Per bin: edges, count, mean P(PNEUMONIA), share of PNEUMONIA (None where empty), and the ECE."""
     y, p = _probs(y, p)
-    b = _bin_index(p, n_bins)
+    b = bin_index(p, n_bins)
     count = np.bincount(b, minlength=n_bins)
     sum_p = np.bincount(b, weights=p, minlength=n_bins)
     sum_y = np.bincount(b, weights=y, minlength=n_bins)
@@ -256,7 +258,7 @@ def ece(y, p, n_bins: int = ECE_BINS) -> float:
 def _ece_resamples(y, p, idx, n_bins) -> np.ndarray:
     """ECE of each resample (rows of ``idx``): sum over bins of |sum (p - y)| / n."""
     d = (p - y)[idx]
-    b = _bin_index(p, n_bins)[idx] + n_bins * np.arange(idx.shape[0])[:, None]
+    b = bin_index(p, n_bins)[idx] + n_bins * np.arange(idx.shape[0])[:, None]
     s = np.bincount(b.ravel(), weights=d.ravel(), minlength=idx.shape[0] * n_bins)
     return np.abs(s.reshape(idx.shape[0], n_bins)).sum(1) / idx.shape[1]
 

@@ -27,6 +27,7 @@ from ... import CLASSES, POSITIVE
 from ...archive import storage
 from ...errors import InputError
 from ...archive.results import part_files, read_metadata
+from ..metrics import bin_index
 
 COLUMNS = ("path", "label", "pred", "prob_pneumonia", "threshold", "cam_path", "error", "status")
 GALLERY_COLUMNS = ("path", "label", "pred", "prob_pneumonia", "threshold", "cam_path")
@@ -193,8 +194,7 @@ def normalise_errors(messages) -> pa.Array:
 
 def _histogram(p: np.ndarray, edges: np.ndarray) -> np.ndarray:
     n = len(edges) - 1
-    idx = np.clip((p * n).astype(np.int64), 0, n - 1)  # P = 1.0 falls in the last bin
-    return np.bincount(idx, minlength=n)
+    return np.bincount(bin_index(p, n), minlength=n)
 
 
 class Aggregator:
