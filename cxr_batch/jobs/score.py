@@ -235,8 +235,7 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
             echo(_start_line(summary, todo.num_rows, plan))
         if todo.num_rows:
             # Old "retry" rows of these files go first (parts rewritten whole), so no reader sees two rows.
-            summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), parts=retry_parts,
-                                             before_publish=lease.check)
+            summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), parts=retry_parts, before_publish=lease.check)
             publish = _publisher(writer, summary, todo.num_rows, t0, progress)
             outcome = _score(todo, s, engine, stage_config(s, info, plan, cam_dir), plan, info, summary, t0,
                              publish, echo)
