@@ -16,10 +16,10 @@ import torch
 from .. import CLASSES
 from ..archive import storage
 from ..errors import CheckpointError, one_line
+from .entries import FORMAT, check_format
 from .network import ARCHS, CamResNet, build_model
 from .weights import load_state_file_bytes, read_file
 
-FORMAT = "cxr-batch-checkpoint"
 VERSION = 1
 
 
@@ -58,11 +58,7 @@ class LoadedCheckpoint:
 def load_checkpoint(uri: str) -> LoadedCheckpoint:
     data = read_file(uri)
     ckpt = load_state_file_bytes(data, uri)
-    if ckpt.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{uri} is not a cxr-batch checkpoint (no format={FORMAT!r} entry); train one with"
-            " `cxr-batch train`, or pass ARCH:WEIGHTS such as resnet101:imagenet."
-        )
+    check_format(ckpt, uri)
     if ckpt.get("arch") not in ARCHS or list(ckpt.get("classes", [])) != list(CLASSES):
         raise CheckpointError(f"{uri}: unsupported arch {ckpt.get('arch')!r} or classes {ckpt.get('classes')!r}.")
     return LoadedCheckpoint(ckpt, hashlib.sha256(data).hexdigest()[:16])

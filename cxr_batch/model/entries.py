@@ -6,7 +6,7 @@ checkpoint says (a report, evaluate after scoring, a training re-run checking wh
 should not pay that, nor hold a 170 MB file. A checkpoint is a zip whose ``data.pkl`` holds the
 dict; a restricted unpickler reads it with every tensor replaced by a placeholder and refuses any
 global that is not a tensor, a storage or an OrderedDict (nothing in the file can run). Files in
-another layout go through the checked loader (model.checkpoint.load_checkpoint).
+another layout go through the checked loader (model.weights, ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,18 @@ import pickle
 import zipfile
 
 from ..archive import storage
+from ..errors import CheckpointError
+
+FORMAT = "cxr-batch-checkpoint"
+
+
+def check_format(ckpt: dict, uri: str) -> None:
+    """Refuse a file that is a torch checkpoint but not ours (its entries would mean nothing here)."""
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{uri} is not a cxr-batch checkpoint (no format={FORMAT!r} entry); train one with"
+            " `cxr-batch train`, or pass ARCH:WEIGHTS such as resnet101:imagenet."
+        )
 
 
 class _Weights:
@@ -59,14 +71,18 @@ def _sha16(fs, path: str) -> str:
 
 def checkpoint_entries(uri: str) -> tuple[dict, str]:
     """(checkpoint dict without its weights, model id). Only data.pkl is read whole; the rest streams
-    through the hash, so a 325 MB checkpoint costs a few MB of memory."""
+    through the hash, so a 325 MB checkpoint costs a few MB of memory. A file that is not a cxr-batch
+    checkpoint is a CheckpointError, as with load_checkpoint."""
     fs, path = storage.resolve(uri)
     try:
         with fs.open_input_file(path) as f:
             ck = read_small_entries(f)
     except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
-        from .checkpoint import load_checkpoint  # a legacy or foreign file: the checked loader says what it is
+        from .weights import load_state_file_bytes, read_file  # a legacy or foreign file: the checked loader says what it is
 
-        loaded = load_checkpoint(uri)
-        return loaded.ckpt, loaded.model_id
+        data = read_file(uri)
+        ck = load_state_file_bytes(data, uri)
+        check_format(ck, uri)
+        return ck, hashlib.sha256(data).hexdigest()[:16]
+    check_format(ck, uri)
     return ck, _sha16(fs, path)
