@@ -41,16 +41,19 @@ def test_bench_archive_is_the_same_whoever_draws_it(tmp_path, monkeypatch):
     assert all((parallel / f).read_bytes() == (serial / f).read_bytes() for f in files)
 
 
-def test_baseline_builds_the_checkpoint_s_own_network(tmp_path):
-    """A trained checkpoint runs layer4 without its stride (cam_stride 16); the plain-PyTorch
-    baseline must compute the same network, or its speed and agreement compare different models."""
-    assert describe("resnet18:none").cam_stride == 32
+@pytest.mark.parametrize("cam_layer", [4, 3])
+def test_baseline_builds_the_checkpoint_s_own_network(tmp_path, cam_layer):
+    """A trained checkpoint ends at layer3 (cam_layer 3; earlier ones ran layer4 without its stride);
+    the plain-PyTorch baseline must compute the same network, or its speed and agreement compare
+    different models."""
+    assert describe("resnet18:none").cam_stride == 32 and describe("resnet18:none").cam_layer == 4
     path = str(tmp_path / "s16.ckpt")
-    net = build_model("resnet18", "none", cam_stride=16).eval()
-    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16), path)
+    net = build_model("resnet18", "none", cam_stride=16, cam_layer=cam_layer).eval()
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16,
+                                    cam_layer=cam_layer), path)
     info = describe(path)
-    assert info.cam_stride == 16
-    plain = torchvision_resnet(info.arch, info.cam_stride)  # what the baseline builds
+    assert info.cam_stride == 16 and info.cam_layer == cam_layer
+    plain = torchvision_resnet(info.arch, info.cam_stride, info.cam_layer)  # what the baseline builds
     plain.fc = torch.nn.Linear(plain.fc.in_features, 2)
     plain.load_state_dict(_torchvision_names(net.state_dict()))
     x = torch.rand(1, 3, 64, 64)
@@ -58,21 +61,29 @@ def test_baseline_builds_the_checkpoint_s_own_network(tmp_path):
         assert torch.allclose(plain.eval()(x), net(x)[0], atol=1e-5)
 
 
-def test_cam_stride_16_benchmarks_the_trained_models_network_with_the_spec_s_weights(tmp_path):
-    """`--cam-stride 16` measures the network `cxr-batch train` writes (layer4 dilated) without a trained
-    checkpoint: the spec's own weights, its own batch-norm estimate and head, stride 16."""
+def test_cam_layer_3_benchmarks_the_trained_models_network_with_the_spec_s_weights(tmp_path):
+    """`--cam-layer 3` measures the network `cxr-batch train` writes (it ends at layer3), `--cam-stride 16`
+    the one it wrote before (layer4 dilated), without a trained checkpoint: the spec's own weights, its
+    own batch-norm estimate and head."""
     from cxr_batch.bench.inputs import calibrated_checkpoint
     from cxr_batch.model.registry import load
 
     archive = make_bench_archive(tmp_path / "a", 4, 64, 64, seed=1)
     paths = sorted(str(p.relative_to(archive)) for p in archive.rglob("*.jpeg"))
-    dilated = calibrated_checkpoint("resnet18:none", str(archive), paths, tmp_path / "s16.ckpt", cam_stride=16)
+    assert BenchSettings(workdir=".", cam_layer=3).network() == (16, 3)
+    assert BenchSettings(workdir=".", cam_stride=16).network() == (16, 4) and BenchSettings(workdir=".").network() is None
+    layer3 = calibrated_checkpoint("resnet18:none", str(archive), paths, tmp_path / "l3.ckpt", network=(16, 3))
+    dilated = calibrated_checkpoint("resnet18:none", str(archive), paths, tmp_path / "s16.ckpt", network=(16, 4))
     plain = calibrated_checkpoint("resnet18:none", str(archive), paths, tmp_path / "s32.ckpt")
     assert describe(dilated).cam_stride == 16 and describe(plain).cam_stride == 32
-    a, b = load(describe(dilated)).state_dict(), load(describe(plain)).state_dict()
+    assert (describe(layer3).cam_stride, describe(layer3).cam_layer) == (16, 3)
+    a, b, c = (load(describe(m)).state_dict() for m in (dilated, plain, layer3))
     assert torch.equal(a["trunk.0.weight"], b["trunk.0.weight"])  # the same weights, only layer4's stride differs
-    with pytest.raises(InputError, match="Invalid --cam-stride 8"):
+    assert torch.equal(c["trunk.6.0.conv1.weight"], b["trunk.6.0.conv1.weight"]) and "trunk.7.0.conv1.weight" not in c
+    with pytest.raises(InputError, match="Invalid cam stride 8"):
         BenchSettings(workdir=".", cam_stride=8)
+    with pytest.raises(InputError, match="cam stride 16 with cam layer 3"):
+        BenchSettings(workdir=".", cam_layer=3, cam_stride=32)
 
 
 def test_compare_joins_on_path_and_skips_errors():
@@ -95,7 +106,7 @@ def test_peak_memory_sees_this_process():
 def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(main, ["benchmark", str(tmp_path / "work"), "--images", "8", "--min-side", "256",
-                                  "--max-side", "256", "--model", "resnet18:none", "--cam-stride", "16", "--batch-size", "4",
+                                  "--max-side", "256", "--model", "resnet18:none", "--cam-layer", "3", "--batch-size", "4",
                                   "--modes", "fp32,bf16,bf16+nocams", "--engines", "local", "--baseline-images", "6",
                                   "--decode-check",
                                   "--memory-check", "--memory-images", "4", "--train-check", "--train-images", "16",
@@ -106,7 +117,7 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
     assert {"machine", "settings", "archive", "model", "baseline", "forward", "score", "fastest_agreeing_mode",
             "memory_check"} <= set(result)
     assert result["model"]["calibrated_head"] is True and result["model"]["cam_stride"] == 16
-    assert "CAM stride 16 (layer4 dilated" in r.output
+    assert result["model"]["cam_layer"] == 3 and "CAM stride 16 (ends at layer3" in r.output
     from cxr_batch.archive.results import read_table
 
     probs = [p for p in read_table(str(tmp_path / "work" / "score-fp32")).column("prob_pneumonia").to_pylist()

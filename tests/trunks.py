@@ -6,11 +6,11 @@ from torch import nn
 from cxr_batch.model.network import build_model
 
 
-def point_spread_trunk(arch, cam_stride):
+def point_spread_trunk(arch, cam_stride, cam_layer=4):
     """The real trunk, with weights that make every layer a narrow symmetric blur (the same for every
     channel) and batch norm the identity: its features answer one bright pixel with a
     single peak at the cell whose receptive field is centred nearest that pixel."""
-    trunk = build_model(arch, "none", cam_stride=cam_stride).trunk.eval()
+    trunk = build_model(arch, "none", cam_stride=cam_stride, cam_layer=cam_layer).trunk.eval()
     with torch.no_grad():
         for m in trunk.modules():
             if isinstance(m, nn.Conv2d):

@@ -32,7 +32,7 @@ SCHEMA = pa.schema([
     ("logit_pneumonia", pa.float32()),  # log-odds logit_PNEUMONIA - logit_NORMAL, before the temperature
     ("temperature", pa.float32()),  # prob_pneumonia = sigmoid(logit_pneumonia / temperature); 1 = uncalibrated
     ("cam_path", pa.string()),
-    ("cam_peak_x", pa.float32()),  # CAM maximum as a fraction of the width (0 = left edge)
+    ("cam_peak_x", pa.float32()),  # centre of the CAM's hot spot (model.cam.hot_spot), fraction of the width (0 = left)
     ("cam_peak_y", pa.float32()),  # ... and of the height (0 = top)
     ("cam_max", pa.float32()),  # the map's maximum in its own units (logits; cam.log_odds_map), before any display scaling
     ("width", pa.int32()),  # the file's own pixel size

@@ -30,7 +30,7 @@ class XrayFiles:
 
 
 def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str, out: Path, *,
-                     batch_size: int, device: str = "cpu", cam_stride: int = 32, threshold: float = 0.5,
+                     batch_size: int, device: str = "cpu", cam_stride: int = 32, cam_layer: int = 4, threshold: float = 0.5,
                      temperature: float = 1.0, num_workers: int = 2) -> None:
     """The yardstick. Written plainly on purpose: no tuning a tutorial would not have."""
     import matplotlib
@@ -48,14 +48,15 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
                         multiprocessing_context=context)
     from ..model.network import torchvision_resnet
 
-    # torchvision's own ResNet, as a tutorial builds it, with the checkpoint's layer4 (trained
-    # cxr-batch models drop its stride: cam_stride 16), or it would be another network.
-    net = torchvision_resnet(arch, cam_stride)
+    # torchvision's own ResNet, as a tutorial builds it, shaped as the checkpoint's network (trained
+    # cxr-batch models end at layer3: cam_layer 3), or it would be another network.
+    net = torchvision_resnet(arch, cam_stride, cam_layer)
     net.fc = torch.nn.Linear(net.fc.in_features, len(CLASSES))
     net.load_state_dict(_torchvision_names(state_dict))
     net.eval().to(device)
     features = {}
-    net.layer4.register_forward_hook(lambda module, inputs, output: features.update(layer4=output))
+    last = net.layer3 if cam_layer == 3 else net.layer4
+    last.register_forward_hook(lambda module, inputs, output: features.update(last=output))
     jet = matplotlib.colormaps["jet"]
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     cam_dir = out.parent / (out.stem + "-cams")
@@ -63,7 +64,7 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
     with torch.no_grad():
         for images, names in loader:
             probs = torch.softmax(net(images.to(device)) / temperature, dim=1)[:, POSITIVE].cpu()
-            cams = torch.einsum("bchw,c->bhw", features["layer4"], net.fc.weight[POSITIVE])
+            cams = torch.einsum("bchw,c->bhw", features["last"], net.fc.weight[POSITIVE])
             cams = torch.nn.functional.interpolate(cams[:, None], size=images.shape[-2:], mode="bilinear")[:, 0].cpu()
             for image, name, prob, cam in zip(images, names, probs, cams):
                 cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-8)

@@ -56,11 +56,12 @@ def _bench_image(i: int, *, root: str, min_side: int, max_side: int, seed: int) 
 
 
 def calibrated_checkpoint(spec: str, archive: str, paths: list[str], dst: Path, *, seed: int = 0,
-                          cam_stride: int | None = None) -> str:
+                          network: tuple[int, int] | None = None) -> str:
     """The model of ``spec`` with batch-norm statistics re-estimated on up to 32 of ``paths`` and a
     seeded random head standardised on them (see the module docstring); saved as a checkpoint.
-    ``cam_stride`` 16 builds layer4 without its stride, as every model `cxr-batch train` writes (the
-    same weights, ~27% more compute in ResNet-101); None keeps the spec's own network."""
+    ``network``: (cam_stride, cam_layer) to rebuild an ARCH:WEIGHTS spec as, with the same weights:
+    (16, 3) ends it at layer3, as every model `cxr-batch train` writes; (16, 4) dilates layer4
+    (~27% more compute in ResNet-101); None keeps the spec's own network."""
     import torch
 
     from ..model.checkpoint import make_checkpoint, save_checkpoint
@@ -71,14 +72,14 @@ def calibrated_checkpoint(spec: str, archive: str, paths: list[str], dst: Path, 
     if dst.exists():
         return str(dst)
     info = describe(spec)
-    if cam_stride is None or cam_stride == info.cam_stride:
-        model, cam_stride = load(info), info.cam_stride
+    if network is None or network == (info.cam_stride, info.cam_layer):
+        model, network = load(info), (info.cam_stride, info.cam_layer)
     else:
         from ..model.network import build_model
         from ..model.registry import parse_arch_spec
 
         arch, weights = parse_arch_spec(info.spec)
-        model = build_model(arch, weights, cam_stride=cam_stride).eval()  # load()'s weights, layer4 dilated
+        model = build_model(arch, weights, cam_stride=network[0], cam_layer=network[1]).eval()  # load()'s weights
     sample = paths[:: max(1, len(paths) // 32)][:32]
     batch = decode_batch({"path": sample}, archive=archive, image_size=info.image_size, max_pixels=10**9)
     x = normalize(torch.from_numpy(batch["pixels"]))
@@ -100,7 +101,7 @@ def calibrated_checkpoint(spec: str, archive: str, paths: list[str], dst: Path, 
         # logit(PNEUMONIA) - logit(NORMAL) = 2 (proj - centre) / spread: about N(0, 2) over the archive
         model.fc.weight.copy_(torch.stack([-w, w]) if POSITIVE == 1 else torch.stack([w, -w]))
         model.fc.bias.copy_(torch.tensor([1.0, -1.0]) * centre / spread * (1 if POSITIVE == 1 else -1))
-    ckpt = make_checkpoint(model, arch=info.arch, image_size=info.image_size, threshold=0.5, cam_stride=cam_stride,
+    ckpt = make_checkpoint(model, arch=info.arch, image_size=info.image_size, threshold=0.5, cam_stride=network[0], cam_layer=network[1],
                            settings={"derived_from": spec, "by": "cxr_batch.bench.inputs.calibrated_checkpoint",
                                      "seed": seed, "calibration_images": len(sample)})
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -100,20 +100,20 @@ def _inputs(s: BenchSettings, work: Path, result: dict, log) -> tuple[str, list[
     result["archive"] = {"path": archive, "images": len(paths), "mean_kb": round(sum(sizes) / len(sizes) / 1024),
                          "prepared_s": round(time.perf_counter() - t0, 1)}
     info = describe(s.model)
-    model, stride = s.model, info.cam_stride
-    if s.cam_stride is not None and (info.trained or not s.calibrate) and s.cam_stride != info.cam_stride:
-        raise InputError(f"--cam-stride {s.cam_stride} rebuilds an ARCH:WEIGHTS model (with --calibrate); {s.model} is"
-                         f" a network with stride {info.cam_stride}. Leave --cam-stride out for a checkpoint.")
+    model, network = s.model, (info.cam_stride, info.cam_layer)
+    if s.network() not in (None, network) and (info.trained or not s.calibrate):
+        raise InputError(f"--cam-stride/--cam-layer rebuild an ARCH:WEIGHTS model (with --calibrate); {s.model} is"
+                         f" a network with stride {info.cam_stride}, layer {info.cam_layer}. Leave them out for a checkpoint.")
     if s.calibrate and not info.trained:
-        name = "".join(c if c.isalnum() else "-" for c in s.model)[-60:]  # the cache is per spec, stride and seed
-        stride = s.cam_stride or info.cam_stride
+        name = "".join(c if c.isalnum() else "-" for c in s.model)[-60:]  # the cache is per spec, network and seed
+        network = s.network() or network
         model = calibrated_checkpoint(s.model, archive, paths,
-                                      work / f"calibrated-{name}-s{stride}-seed{s.seed}.ckpt", seed=s.seed,
-                                      cam_stride=stride)
+                                      work / f"calibrated-{name}-s{network[0]}-l{network[1]}-seed{s.seed}.ckpt",
+                                      seed=s.seed, network=network)
     result["model"] = {"spec": s.model, "scored_as": model, "calibrated_head": model != s.model, "arch": info.arch,
-                       "image_size": info.image_size, "cam_stride": stride}
+                       "image_size": info.image_size, "cam_stride": network[0], "cam_layer": network[1]}
     log(f"archive {archive}: {len(paths)} images, mean {result['archive']['mean_kb']} KB; model {model}"
-        f" (CAM stride {result['model']['cam_stride']})")
+        f" (CAM stride {network[0]}, layer {network[1]})")
     return archive, paths, model
 
 
@@ -128,7 +128,7 @@ def _measure_baseline(s, work: Path, archive: str, paths: list, model: str, devi
     state = load(scored).state_dict()
     base_paths = paths[: s.baseline_images] if s.baseline_images else paths
     r = _timed(baseline_pytorch, archive, base_paths, state, scored.arch, work / "baseline.parquet",
-               batch_size=s.batch_size, device=device, cam_stride=scored.cam_stride, threshold=scored.threshold,
+               batch_size=s.batch_size, device=device, cam_stride=scored.cam_stride, cam_layer=scored.cam_layer, threshold=scored.threshold,
                temperature=scored.temperature)
     result["baseline"] = _rate(r, len(base_paths))
     log(f"(a) plain PyTorch fp32: {result['baseline']['images_per_s']:.2f} images/s")

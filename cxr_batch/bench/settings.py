@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..model.network import check_cam
 
 PRECISIONS = ("fp32", "bf16")
 MODE_FLAGS = ("compile", "nocams")  # "bf16+compile", "fp32+nocams", "bf16+compile+nocams", ...
@@ -20,9 +21,11 @@ class BenchSettings:
     max_side: int = 2000
     model: str = "resnet101:none"
     calibrate: bool = True  # untrained head -> derived checkpoint with a spread of probabilities (see above)
-    # For an ARCH:WEIGHTS model: 16 = layer4 dilated, the network every `cxr-batch train` checkpoint has;
-    # None = the spec's own (stride 32). A checkpoint brings its own.
+    # For an ARCH:WEIGHTS model, the network to rebuild it as: cam_layer 3 (stride 16) ends it at layer3,
+    # the network every `cxr-batch train` checkpoint has; cam_stride 16 with layer 4 dilates layer4 (the
+    # trained network before round 5); None = the spec's own (layer4, stride 32). A checkpoint brings its own.
     cam_stride: int | None = None
+    cam_layer: int | None = None
     batch_size: int = 16
     modes: tuple[str, ...] = ("fp32", "bf16")
     # (d) `cxr-batch score` in a fresh process per engine (fp32): start-up included and broken down
@@ -57,11 +60,18 @@ class BenchSettings:
             raise InputError(f"Invalid device {self.device!r}. Only auto, cpu and gpu are supported.")
         if self.train_check and (self.train_images < 2 or self.train_epochs < 2):
             raise InputError("--train-images must be at least 2 and the training check runs at least 2 epochs.")
-        if self.cam_stride not in (None, 16, 32):
-            raise InputError(f"Invalid --cam-stride {self.cam_stride}. Only 16 (layer4 dilated, as trained models) and"
-                             " 32 are supported.")
+        if self.network() is not None:
+            check_cam(*reversed(self.network()))
         if self.images < 1 or self.batch_size < 1 or not 32 <= self.min_side <= self.max_side:
             raise InputError("--images and --batch-size must be at least 1, and 32 <= --min-side <= --max-side.")
+
+
+    def network(self) -> tuple[int, int] | None:
+        """(cam_stride, cam_layer) to rebuild an ARCH:WEIGHTS model as; None: the spec's own network."""
+        if self.cam_stride is None and self.cam_layer is None:
+            return None
+        layer = self.cam_layer or 4
+        return self.cam_stride or (16 if layer == 3 else 32), layer
 
 
 def parse_mode(mode: str) -> tuple[str, bool, bool] | None:

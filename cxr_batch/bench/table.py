@@ -25,7 +25,7 @@ def format_table(r: dict) -> str:
     lines.append(f"fastest mode agreeing with fp32 on >= 99% of labels: {r['fastest_agreeing_mode']}")
     md = r["model"]
     lines.append(f"model: {md['spec']}{' with a calibrated head' if md['calibrated_head'] else ''}, CAM stride"
-                 f" {md['cam_stride']}{' (layer4 dilated, as trained models)' if md['cam_stride'] == 16 else ''},"
+                 f" {md['cam_stride']} {_network(md)},"
                  f" {md['image_size']} px; P(PNEUMONIA) in [0.2, 0.8] for {_pct(md.get('uncertain_share'))} of the fp32"
                  " run's images (agreement means something from about 20%)")
     m = r["machine"]
@@ -65,3 +65,9 @@ def _pct(v) -> str:
 
 def _num(v, digits: int = 4) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _network(md: dict) -> str:
+    if md.get("cam_layer", 4) == 3:
+        return "(ends at layer3, as trained models)"
+    return "(layer4 dilated, as models trained before round 5)" if md["cam_stride"] == 16 else "(layer4)"

@@ -36,7 +36,7 @@ def train_check(s, work: Path, device: str, *, log=print) -> dict:
                        epochs=s.train_epochs, batch_size=s.batch_size, image_size=s.train_image_size, workers=1,
                        gpu=use_gpu, seed=s.seed)
     plain = plain_train_rate(x, y, s.train_model, batch_size=s.batch_size, threads=threads, device=device,
-                             seed=s.seed, cam_stride=ts.cam_stride)
+                             seed=s.seed, cam_stride=ts.cam_stride, cam_layer=ts.cam_layer)
     log(f"(e) plain PyTorch training loop, {threads} threads: {plain:.2f} images/s")
     out = Path(ts.out)
     shutil.rmtree(out, ignore_errors=True)  # a re-run of an --out resumes it: start afresh
@@ -55,7 +55,7 @@ def train_check(s, work: Path, device: str, *, log=print) -> dict:
 
 
 def plain_train_rate(x, y, arch: str, *, batch_size: int, threads: int, device: str, seed: int,
-                     cam_stride: int) -> float:
+                     cam_stride: int, cam_layer: int) -> float:
     """Images/s of a plain training loop over uint8 (N, S, S) images ``x`` with labels ``y``: one
     warm-up step, then one epoch's steps (ceil(N / batch), the last batch wrapped around as the
     worker pads it), timed; N / seconds, as the worker counts."""
@@ -71,7 +71,7 @@ def plain_train_rate(x, y, arch: str, *, batch_size: int, threads: int, device: 
     torch.set_num_threads(threads)
     try:
         dev = torch.device(device)
-        model = build_model(arch, "none", seed=seed, cam_stride=cam_stride).to(dev)
+        model = build_model(arch, "none", seed=seed, cam_stride=cam_stride, cam_layer=cam_layer).to(dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         model.train()

@@ -17,9 +17,12 @@ from .options import friendly
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="Untrained head: score a derived checkpoint whose P(PNEUMONIA) spreads around 0.5, so that"
                    " agreement with fp32 means something (same compute per image).")
+@click.option("--cam-layer", type=click.Choice(["3", "4"]), default=None,
+              help="For an ARCH:WEIGHTS model: 3 ends the network at layer3 (CAM stride 16), the network every"
+                   " trained checkpoint has; default: the spec's own (4).")
 @click.option("--cam-stride", type=click.Choice(["16", "32"]), default=None,
-              help="For an ARCH:WEIGHTS model: 16 dilates layer4, the network every trained checkpoint has (~27%"
-                   " more compute in ResNet-101); default: the spec's own (32).")
+              help="For an ARCH:WEIGHTS model with layer4: 16 dilates layer4 (~27% more compute in ResNet-101);"
+                   " default: the spec's own (32).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--modes", default="fp32,bf16", show_default=True,
               help="Comma-separated modes: fp32 or bf16, optionally +compile and/or +nocams (no CAM PNGs),"
@@ -43,7 +46,7 @@ from .options import friendly
 @click.option("--out-json", default=None, help="Write every number to this JSON file.")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output too. Default: it goes to Ray's log files.")
 @friendly
-def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, cam_stride, batch_size, modes, engines, device,
+def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, cam_layer, cam_stride, batch_size, modes, engines, device,
               baseline_images, decode_check, memory_check, memory_images, train_check, train_images, num_cpus, out_json, verbose):
     """Measure `cxr-batch score` against plain PyTorch and the bare model, in one run on one archive.
 
@@ -63,7 +66,8 @@ def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, ca
 
     s = BenchSettings(workdir=workdir, archive=archive, images=images, min_side=min_side, max_side=max_side,
                       model=model, calibrate=calibrate,
-                      cam_stride=int(cam_stride) if cam_stride else None, batch_size=batch_size,
+                      cam_stride=int(cam_stride) if cam_stride else None,
+                      cam_layer=int(cam_layer) if cam_layer else None, batch_size=batch_size,
                       modes=_names(modes), engines=_names(engines), device=device,
                       baseline_images=baseline_images, decode_check=decode_check, memory_check=memory_check,
                       memory_images=memory_images, train_check=train_check,

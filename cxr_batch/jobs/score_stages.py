@@ -221,7 +221,7 @@ NON_FINITE = ("model output is not finite (NaN or infinity): no prediction made;
 
 def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int | None, archive: str,
                  max_pixels: int, cam_scale: str) -> dict:
-    from ..model.cam import encode_png, overlay, peak
+    from ..model.cam import encode_png, hot_spot, overlay
 
     n = len(batch["path"])
     prob = np.array(batch["prob_pneumonia"], np.float32)
@@ -239,7 +239,7 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
             continue
         status[i] = SCORED
         pred[i] = CLASSES[POSITIVE] if prob[i] >= info["threshold"] else CLASSES[1 - POSITIVE]
-        peak_x[i], peak_y[i] = peak(batch["cam"][i], grid)
+        peak_x[i], peak_y[i] = hot_spot(batch["cam"][i], grid)
         cam_max[i] = batch["cam"][i].max()
         if cam_dir is None:
             continue

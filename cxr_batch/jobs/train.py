@@ -78,7 +78,8 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
 
 # What a checkpoint's run must share with this one for a re-run of --out to continue it: the data, the
 # network and the schedule. (A different --workers or --max-failures is fine.)
-RESUME_KEYS = ("data", "arch", "image_size", "cam_stride", "epochs", "batch_size", "seed")
+RESUME_KEYS = ("data", "arch", "image_size", "cam_stride", "cam_layer", "epochs", "batch_size", "seed")
+_BEFORE_THE_KEY = {"cam_layer": 4}  # what a run written before a key existed had
 
 
 def check_resumable(s: TrainSettings) -> None:
@@ -90,8 +91,10 @@ def check_resumable(s: TrainSettings) -> None:
         return
     from ..model.entries import checkpoint_entries
 
-    then = checkpoint_entries(uri)[0].get("settings") or {}  # no weights read: the workers read them when they resume
+    # Neither weights nor hash read: the workers read the weights when they resume.
+    then = checkpoint_entries(uri, with_id=False)[0].get("settings") or {}
     now = asdict(s)
+    then = {**_BEFORE_THE_KEY, **then}
     changed = [f"{k} {then.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if then.get(k) != now[k]]
     if changed:
         raise InputError(f"{s.out} holds a run with other settings ({'; '.join(changed)}): re-running an --out resumes"

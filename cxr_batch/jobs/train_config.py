@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model.calibration import calibrated
-from ..model.network import check_arch
+from ..model.network import check_arch, check_cam
 from ..pixels.decode import DEFAULT_MAX_PIXELS
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
@@ -35,6 +35,9 @@ class TrainSettings:
     weight_decay: float = 1e-4
     image_size: int = 224
     cam_stride: int = 16  # 16: a 14x14 CAM at 224 px instead of 7x7 (see model.build_model)
+    # 3: the network ends at layer3 and the CAM is layer3's (stride 16); 4: layer4, dilated. At 224 px
+    # layer3's map points at the lesion, layer4's at its lung (docs/experiments/cam-findings.md, round 5).
+    cam_layer: int = 3
     # Weight of the CAM flip-consistency loss (model/camloss.py): each image trains beside its mirrored
     # twin and their maps must mirror too, which forbids the network to learn its evidence off the
     # lesion. 0 = plain training.
@@ -57,6 +60,7 @@ class TrainSettings:
 
     def __post_init__(self):
         check_arch(self.arch)
+        check_cam(self.cam_layer, self.cam_stride)
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise InputError("--epochs, --workers and --batch-size must be at least 1.")
         if self.target_sensitivity is not None and not 0 < self.target_sensitivity < 1:

@@ -42,7 +42,7 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(s.cpus_per_worker)))
     torch.manual_seed(s.seed + rank)
     (train_x, train_y), (val_x, val_y), notes = _load_shards(config, s, rank, world)
-    model = build_model(s.arch, s.weights, seed=s.seed, cam_stride=s.cam_stride).to(device)
+    model = build_model(s.arch, s.weights, seed=s.seed, cam_stride=s.cam_stride, cam_layer=s.cam_layer).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     counts = np.asarray(config["class_counts"], np.float64)
@@ -216,7 +216,7 @@ def _save(model, opt, s, row, history, phase, validation):
     """last.ckpt every epoch; best.ckpt when this epoch is the best so far (train_config.best_epoch).
     ``validation``: which files validated (and how they were grouped), kept in the checkpoint."""
     ck = make_checkpoint(model, arch=s.arch, image_size=s.image_size, threshold=row["threshold"], settings=asdict(s),
-                         cam_stride=s.cam_stride, temperature=row["temperature"], validation=validation,
+                         cam_stride=s.cam_stride, cam_layer=s.cam_layer, temperature=row["temperature"], validation=validation,
                          epoch=row["epoch"], metrics=row, history=history,
                          optimizer={"phase": phase, "state": opt.state_dict()})
     if best_epoch(history)["epoch"] == row["epoch"]:

@@ -76,6 +76,36 @@ def peak(cam: np.ndarray, grid: CamGrid) -> tuple[float, float]:
     return float(grid.to_fraction(j + dx)), float(grid.to_fraction(i + dy))
 
 
+HOT_SPOT_LEVEL = 0.5  # a cell is in the hot spot at or above this share of the map's maximum
+
+
+def hot_spot(cam: np.ndarray, grid: CamGrid) -> tuple[float, float]:
+    """The centre of the map's hot spot, as fractions (x, y) of the image: the centroid of the
+    connected cells around the maximum that reach ``HOT_SPOT_LEVEL`` of it, each weighted by how
+    far above that level it is. This is ``cam_peak_x/y`` in the scores table.
+
+    Why not the maximum alone (``peak``): a 224 px map is a blob a few cells wide over the lesion,
+    and its single hottest cell sits on whichever edge the network found most telling, not on
+    the middle. On the realistic phantom at 224 px the blob's centre landed within 1.5 lesion radii
+    of the lesion more often than the maximum in every one of 7 trained models (by 5 to 30 points;
+    docs/experiments/cam-findings.md, round 6). A map whose maximum is not above 0 (no cell votes
+    PNEUMONIA) has no hot spot: its maximum is given, as ``peak`` places it.
+    """
+    from scipy import ndimage
+
+    i, j = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    top = float(cam[i, j])
+    if not top > 0:
+        return peak(cam, grid)
+    cam = np.asarray(cam, np.float64)
+    level = HOT_SPOT_LEVEL * top
+    regions, _ = ndimage.label(cam >= level)  # 4-connected: a diagonal touch does not join two spots
+    weight = np.where(regions == regions[i, j], cam - level, 0.0)
+    rows, cols = np.indices(cam.shape)
+    total = weight.sum()
+    return float(grid.to_fraction((weight * cols).sum() / total)), float(grid.to_fraction((weight * rows).sum() / total))
+
+
 def _parabola_offset(left, centre, right) -> float:
     if left is None or right is None:
         return 0.0
@@ -96,7 +126,8 @@ def _interp_matrix(n_cells: int, n_pixels: int, grid: CamGrid) -> np.ndarray:
 
 def upsample(cam: np.ndarray, size: tuple[int, int], grid: CamGrid) -> np.ndarray:
     """(h, w) -> (H, W) bilinear between the cells' receptive-field centres. size is (W, H) like PIL.
-    Same geometry as ``peak``, so the overlay's hottest pixel is where ``peak`` says."""
+    Same geometry as ``peak`` and ``hot_spot``, so the overlay's hottest pixel is where ``peak``
+    says and its hot spot is centred where ``hot_spot`` says."""
     h, w = cam.shape
     width, height = size
     return _interp_matrix(h, height, grid) @ cam.astype(np.float32) @ _interp_matrix(w, width, grid).T

@@ -15,7 +15,7 @@ import torch
 
 from .. import CLASSES
 from ..archive import storage
-from ..errors import CheckpointError, one_line
+from ..errors import CheckpointError, InputError, one_line
 from .entries import FORMAT, check_format
 from .network import ARCHS, CamResNet, build_model
 from .weights import load_state_file_bytes, read_file
@@ -24,7 +24,7 @@ VERSION = 1
 
 
 def make_checkpoint(model: CamResNet, *, arch: str, image_size: int, threshold: float, settings: dict, cam_stride: int = 32,
-                    epoch: int = 0, metrics: dict | None = None, optimizer: dict | None = None,
+                    cam_layer: int = 4, epoch: int = 0, metrics: dict | None = None, optimizer: dict | None = None,
                     history: list | None = None, temperature: float = 1.0, validation: dict | None = None) -> dict:
     """``temperature``: scoring reports softmax(logits / T); ``threshold`` is on that calibrated scale.
     ``validation``: ``Split.record()`` (jobs/trainset.py, also written as val_files.json): which files
@@ -34,7 +34,8 @@ def make_checkpoint(model: CamResNet, *, arch: str, image_size: int, threshold: 
     validation = validation or {}
     return {
         "format": FORMAT, "version": VERSION, "arch": arch, "classes": list(CLASSES),
-        "image_size": int(image_size), "cam_stride": int(cam_stride), "threshold": float(threshold), "settings": settings,
+        "image_size": int(image_size), "cam_stride": int(cam_stride),
+        "cam_layer": int(cam_layer), "threshold": float(threshold), "settings": settings,
         "temperature": float(temperature), "val_files": list(validation.get("files", [])),
         "val_note": str(validation.get("validation", "")), "val_grouping": str(validation.get("grouping", "")),
         "epoch": int(epoch), "metrics": metrics or {}, "history": history or [],
@@ -70,8 +71,12 @@ def model_from_checkpoint(ckpt: dict, uri: str = "the checkpoint") -> CamResNet:
     # Built on the meta device: no memory and no random initialisation for weights that the
     # checkpoint replaces at once (0.4 s of each ResNet-101 scoring actor's start-up, 0.07 s now).
     arch = ckpt["arch"]
-    with torch.device("meta"):
-        model = build_model(arch, "none", cam_stride=int(ckpt.get("cam_stride", 32)))
+    try:
+        with torch.device("meta"):
+            model = build_model(arch, "none", cam_stride=int(ckpt.get("cam_stride", 32)),
+                                cam_layer=int(ckpt.get("cam_layer", 4)))  # older checkpoints: layer4
+    except InputError as e:
+        raise CheckpointError(f"{uri}: {e}") from None
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{uri} has no state_dict of weights; was it written by `cxr-batch train`?")

@@ -69,9 +69,10 @@ def _sha16(fs, path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def checkpoint_entries(uri: str) -> tuple[dict, str]:
+def checkpoint_entries(uri: str, *, with_id: bool = True) -> tuple[dict, str | None]:
     """(checkpoint dict without its weights, model id). Only data.pkl is read whole; the rest streams
-    through the hash, so a 325 MB checkpoint costs a few MB of memory. A file that is not a cxr-batch
+    through the hash, so a 325 MB checkpoint costs a few MB of memory; ``with_id=False`` skips the
+    hash (id None) for a caller that only reads the entries. A file that is not a cxr-batch
     checkpoint is a CheckpointError, as with load_checkpoint."""
     fs, path = storage.resolve(uri)
     try:
@@ -85,4 +86,4 @@ def checkpoint_entries(uri: str) -> tuple[dict, str]:
         check_format(ck, uri)
         return ck, hashlib.sha256(data).hexdigest()[:16]
     check_format(ck, uri)
-    return ck, _sha16(fs, path)
+    return ck, _sha16(fs, path) if with_id else None

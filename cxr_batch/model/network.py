@@ -22,7 +22,7 @@ _TORCHVISION = {
 
 
 class CamResNet(nn.Module):
-    """ResNet trunk + global average pool + linear head; ``forward`` -> (logits, layer4 features).
+    """ResNet trunk + global average pool + linear head; ``forward`` -> (logits, last features).
 
     Because the head is linear on the average-pooled features, the CAM of class k,
     ``sum_c fc.weight[k, c] * features[c]``, averages exactly to that class's logit minus its bias.
@@ -46,9 +46,22 @@ def check_arch(arch: str) -> str:
 
 
 CAM_STRIDES = (32, 16)
+CAM_LAYERS = (4, 3)
 
 
-def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0, cam_stride: int = 32) -> CamResNet:
+def check_cam(cam_layer: int, cam_stride: int) -> None:
+    """The CAM's layer and stride, refused in one line when they do not make a network."""
+    if cam_layer not in CAM_LAYERS:
+        raise InputError(f"Invalid cam layer {cam_layer}. Only {', '.join(map(str, CAM_LAYERS))} are supported.")
+    if cam_stride not in CAM_STRIDES:
+        raise InputError(f"Invalid cam stride {cam_stride}. Only {', '.join(map(str, CAM_STRIDES))} are supported.")
+    if cam_layer == 3 and cam_stride != 16:
+        raise InputError("A CAM from layer3 has stride 16 (layer4, which alone can drop its stride, is not built);"
+                         " pass cam stride 16 with cam layer 3.")
+
+
+def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0, cam_stride: int = 32,
+                cam_layer: int = 4) -> CamResNet:
     """A fresh model. ``weights``: "imagenet" (torchvision's file, downloaded or from the torch hub
     cache, sha256-checked, loaded without unpickling: see weights.py), "none" (random, seeded so the
     same spec gives the same model), or a path to a file holding an ImageNet ResNet state dict (a
@@ -58,10 +71,18 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     VGG's last pooling layers: the CAM becomes 14x14 instead of 7x7 at 224 px, so its peak can say
     which part of a lung is involved. Bottleneck nets (50/101) dilate layer4 instead, which keeps
     the receptive fields pretrained weights expect. The weights are the same either way.
+
+    ``cam_layer`` 3 ends the network at layer3 (stride 16, undilated) and puts the head on its
+    channels (1024 in ResNet-50/101): the map every `cxr-batch train` model has since round 5 of
+    docs/experiments/cam-findings.md. At 224 px, layer4's receptive field covers the whole lung and
+    its map peaked mid-lung, 1.7-2.1 lesion radii from the lesion (13-30% pointing); layer3's map
+    pointed 49-77% at the same accuracy, for ~30% less compute than the dilated layer4. ImageNet
+    weights load into the full network and layer4's go unused.
     """
     _, tv_weights = _TORCHVISION[check_arch(arch)]
+    check_cam(cam_layer, cam_stride)
     torch.manual_seed(seed)
-    net = torchvision_resnet(arch, cam_stride)
+    net = _full_resnet(arch, cam_stride if cam_layer == 4 else 32)
     if weights == "imagenet":
         net.load_state_dict(imagenet_state(tv_weights.url))
     elif weights != "none":
@@ -73,20 +94,34 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
                 f"{weights} does not hold {arch} weights ({len(missing)} missing, {len(unexpected)} unexpected keys);"
                 f" pass a torchvision {arch} state dict, --weights imagenet or --weights none."
             )
-    n_features = net.fc.in_features
-    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-    model = CamResNet(trunk, n_features)
+    layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
+    trunk = nn.Sequential(*layers[: 4 + cam_layer])
+    model = CamResNet(trunk, last_channels(net, cam_layer))
     torch.manual_seed(seed + 1)
     nn.init.normal_(model.fc.weight, std=0.01)
     nn.init.zeros_(model.fc.bias)
     return model
 
 
-def torchvision_resnet(arch: str, cam_stride: int = 32) -> nn.Module:
-    """torchvision's ResNet (random weights, 1000-class fc) with layer4 as ``cam_stride`` asks."""
+def last_channels(net: nn.Module, cam_layer: int) -> int:
+    """Channels out of ``net``'s layer ``cam_layer`` (its last block's last batch norm)."""
+    block = getattr(net, f"layer{cam_layer}")[-1]
+    return (getattr(block, "bn3", None) or block.bn2).num_features
+
+
+def torchvision_resnet(arch: str, cam_stride: int = 32, cam_layer: int = 4) -> nn.Module:
+    """torchvision's ResNet (random weights, 1000-class fc) as ``build_model`` shapes it: layer4 as
+    ``cam_stride`` asks, or with ``cam_layer`` 3 no layer4 (an identity) and fc on layer3's channels."""
+    check_cam(cam_layer, cam_stride)
+    net = _full_resnet(arch, cam_stride if cam_layer == 4 else 32)
+    if cam_layer == 3:
+        net.fc = nn.Linear(last_channels(net, 3), net.fc.out_features)
+        net.layer4 = nn.Identity()
+    return net
+
+
+def _full_resnet(arch: str, cam_stride: int) -> nn.Module:
     ctor, _ = _TORCHVISION[check_arch(arch)]
-    if cam_stride not in CAM_STRIDES:
-        raise InputError(f"Invalid cam stride {cam_stride}. Only {', '.join(map(str, CAM_STRIDES))} are supported.")
     dilate = cam_stride == 16 and arch != "resnet18"
     net = ctor(weights=None, replace_stride_with_dilation=[False, False, dilate])
     if cam_stride == 16 and arch == "resnet18":  # BasicBlock has no dilation: drop the stride alone

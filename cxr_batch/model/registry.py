@@ -28,7 +28,8 @@ class ModelInfo:
     image_size: int
     threshold: float  # P(PNEUMONIA) at or above which the prediction is PNEUMONIA
     trained: bool  # False for ARCH:WEIGHTS: the 2-class head is random
-    cam_stride: int = 32  # 16 when layer4 runs without its stride (every trained model; see model.build_model)
+    cam_stride: int = 32  # 16: layer4 without its stride, or a map from layer3 (see model.build_model)
+    cam_layer: int = 4  # 3: the network ends at layer3 (every model `cxr-batch train` writes; model.build_model)
     temperature: float = 1.0  # P(PNEUMONIA) = softmax(logits / T): fitted on validation (model/calibration.py); 1 = none
     cam_offset: float = 0.0  # input pixel on which CAM cell 0's receptive field is centred (receptive.cam_grid)
 
@@ -92,7 +93,7 @@ def describe(spec: str | None) -> ModelInfo:
     model = model_from_checkpoint(ck, spec)  # weights that do not fit fail here, in one line, not in every actor
     grid = cam_grid(model.trunk, int(ck["image_size"]))
     return ModelInfo(spec, ck["arch"], loaded.model_id, int(ck["image_size"]), float(ck["threshold"]), True,
-                     cam_stride=grid.stride, cam_offset=grid.offset,
+                     cam_stride=grid.stride, cam_offset=grid.offset, cam_layer=int(ck.get("cam_layer", 4)),
                      temperature=float(ck.get("temperature", 1.0)))  # older checkpoints: T = 1
 
 

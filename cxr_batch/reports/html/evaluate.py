@@ -170,7 +170,8 @@ def _model_rows(ck: dict | None) -> list:
     if not ck or ck.get("error"):
         return []
     model = [("architecture", ck.get("arch")), ("input size", f"{ck['image_size']} px" if ck.get("image_size") else None),
-             ("model id", ck.get("model_id")), ("CAM stride", ck.get("cam_stride"))]
+             ("model id", ck.get("model_id")), ("CAM stride", ck.get("cam_stride")),
+             ("CAM layer", ck.get("cam_layer", 4 if ck.get("cam_stride") else None))]
     return [(k, str(v)) for k, v in model if v is not None] + checkpoint_rows(ck)
 
 

@@ -14,7 +14,7 @@ from ...archive.results import cam_uri
 
 # Checkpoint entries shown in their own rows, or not at all (arch and size are in the model's rows).
 _CHECKPOINT_SHOWN = {"uri", "same_file", "model_id", "settings", "metrics", "epoch", "epochs_trained", "threshold",
-                     "arch", "image_size", "cam_stride"}
+                     "arch", "image_size", "cam_stride", "cam_layer"}
 
 
 @lru_cache(maxsize=1)

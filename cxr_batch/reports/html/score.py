@@ -182,11 +182,12 @@ def _model(prov: dict) -> dict:
     m, ck = prov["model"], prov["checkpoint"]
     rows = [("model", m.get("spec")), ("model id", prov["model_id"]), ("architecture", m.get("arch")),
             ("input size", f"{m['image_size']} px" if m.get("image_size") else None),
-            ("threshold", m.get("threshold")), ("trained head", m.get("trained")), ("CAM stride", m.get("cam_stride"))]
+            ("threshold", m.get("threshold")), ("trained head", m.get("trained")), ("CAM stride", m.get("cam_stride")),
+            ("CAM layer", m.get("cam_layer"))]
     if "temperature" in m:
         rows.append(("calibration temperature", m["temperature"]))
     rows += [(k.replace("_", " "), v) for k, v in m.items()
-             if k not in {"spec", "model_id", "arch", "image_size", "threshold", "trained", "cam_stride", "temperature"}]
+             if k not in {"spec", "model_id", "arch", "image_size", "threshold", "trained", "cam_stride", "cam_layer", "temperature"}]
     out = {"rows": [(k, show(v)) for k, v in rows], "checkpoint_rows": [], "training_rows": [],
            "lead": "As recorded in the table's Parquet metadata (key cxr_batch) when it was scored."}
     if ck and ck.get("error"):
