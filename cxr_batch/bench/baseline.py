@@ -30,8 +30,8 @@ class XrayFiles:
 
 
 def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str, out: Path, *,
-                     batch_size: int, device: str = "cpu", cam_stride: int = 32, cam_layer: int = 4, threshold: float = 0.5,
-                     temperature: float = 1.0, num_workers: int = 2) -> None:
+                     batch_size: int, device: str = "cpu", cam_stride: int = 32, cam_layer: int = 4,
+                     threshold: float = 0.5, temperature: float = 1.0, num_workers: int = 2) -> None:
     """The yardstick. Written plainly on purpose: no tuning a tutorial would not have."""
     import matplotlib
     import pandas as pd

@@ -101,7 +101,8 @@ def calibrated_checkpoint(spec: str, archive: str, paths: list[str], dst: Path, 
         # logit(PNEUMONIA) - logit(NORMAL) = 2 (proj - centre) / spread: about N(0, 2) over the archive
         model.fc.weight.copy_(torch.stack([-w, w]) if POSITIVE == 1 else torch.stack([w, -w]))
         model.fc.bias.copy_(torch.tensor([1.0, -1.0]) * centre / spread * (1 if POSITIVE == 1 else -1))
-    ckpt = make_checkpoint(model, arch=info.arch, image_size=info.image_size, threshold=0.5, cam_stride=network[0], cam_layer=network[1],
+    ckpt = make_checkpoint(model, arch=info.arch, image_size=info.image_size, threshold=0.5,
+                           cam_stride=network[0], cam_layer=network[1],
                            settings={"derived_from": spec, "by": "cxr_batch.bench.inputs.calibrated_checkpoint",
                                      "seed": seed, "calibration_images": len(sample)})
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,8 @@ def _inputs(s: BenchSettings, work: Path, result: dict, log) -> tuple[str, list[
     model, network = s.model, (info.cam_stride, info.cam_layer)
     if s.network() not in (None, network) and (info.trained or not s.calibrate):
         raise InputError(f"--cam-stride/--cam-layer rebuild an ARCH:WEIGHTS model (with --calibrate); {s.model} is"
-                         f" a network with stride {info.cam_stride}, layer {info.cam_layer}. Leave them out for a checkpoint.")
+                         f" a network with stride {info.cam_stride}, layer {info.cam_layer}. Leave them out for a"
+                         " checkpoint.")
     if s.calibrate and not info.trained:
         name = "".join(c if c.isalnum() else "-" for c in s.model)[-60:]  # the cache is per spec, network and seed
         network = s.network() or network
@@ -128,7 +129,8 @@ def _measure_baseline(s, work: Path, archive: str, paths: list, model: str, devi
     state = load(scored).state_dict()
     base_paths = paths[: s.baseline_images] if s.baseline_images else paths
     r = _timed(baseline_pytorch, archive, base_paths, state, scored.arch, work / "baseline.parquet",
-               batch_size=s.batch_size, device=device, cam_stride=scored.cam_stride, cam_layer=scored.cam_layer, threshold=scored.threshold,
+               batch_size=s.batch_size, device=device, cam_stride=scored.cam_stride, cam_layer=scored.cam_layer,
+               threshold=scored.threshold,
                temperature=scored.temperature)
     result["baseline"] = _rate(r, len(base_paths))
     log(f"(a) plain PyTorch fp32: {result['baseline']['images_per_s']:.2f} images/s")

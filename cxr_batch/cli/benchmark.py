@@ -46,8 +46,9 @@ from .options import friendly
 @click.option("--out-json", default=None, help="Write every number to this JSON file.")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output too. Default: it goes to Ray's log files.")
 @friendly
-def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, cam_layer, cam_stride, batch_size, modes, engines, device,
-              baseline_images, decode_check, memory_check, memory_images, train_check, train_images, num_cpus, out_json, verbose):
+def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, cam_layer, cam_stride, batch_size, modes,
+              engines, device, baseline_images, decode_check, memory_check, memory_images, train_check, train_images,
+              num_cpus, out_json, verbose):
     """Measure `cxr-batch score` against plain PyTorch and the bare model, in one run on one archive.
 
     Prints images/s of (a) a tutorial-style PyTorch loop, (b) `cxr-batch score` per precision mode,

@@ -50,8 +50,8 @@ from .summaries import format_eval_summary, format_train_summary
 @output_options
 @friendly
 def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image_size, workers, gpu, cpus_per_worker,
-          placement, max_failures, target_sensitivity, val_fraction, cam_consistency, cam_layer, seed, register, address, wait_for_gpus,
-          wait_timeout, as_json, verbose):
+          placement, max_failures, target_sensitivity, val_fraction, cam_consistency, cam_layer, seed, register, address,
+          wait_for_gpus, wait_timeout, as_json, verbose):
     """Fine-tune a ResNet on DATA/train (NORMAL/ and PNEUMONIA/ folders), validate on DATA/val.
 
     Data-parallel over --workers with Ray Train. Each epoch writes OUT/last.ckpt; the best epoch

@@ -216,7 +216,8 @@ def _save(model, opt, s, row, history, phase, validation):
     """last.ckpt every epoch; best.ckpt when this epoch is the best so far (train_config.best_epoch).
     ``validation``: which files validated (and how they were grouped), kept in the checkpoint."""
     ck = make_checkpoint(model, arch=s.arch, image_size=s.image_size, threshold=row["threshold"], settings=asdict(s),
-                         cam_stride=s.cam_stride, cam_layer=s.cam_layer, temperature=row["temperature"], validation=validation,
+                         cam_stride=s.cam_stride, cam_layer=s.cam_layer, temperature=row["temperature"],
+                         validation=validation,
                          epoch=row["epoch"], metrics=row, history=history,
                          optimizer={"phase": phase, "state": opt.state_dict()})
     if best_epoch(history)["epoch"] == row["epoch"]:

@@ -103,7 +103,8 @@ def hot_spot(cam: np.ndarray, grid: CamGrid) -> tuple[float, float]:
     weight = np.where(regions == regions[i, j], cam - level, 0.0)
     rows, cols = np.indices(cam.shape)
     total = weight.sum()
-    return float(grid.to_fraction((weight * cols).sum() / total)), float(grid.to_fraction((weight * rows).sum() / total))
+    x, y = (weight * cols).sum() / total, (weight * rows).sum() / total
+    return float(grid.to_fraction(x)), float(grid.to_fraction(y))
 
 
 def _parabola_offset(left, centre, right) -> float:

@@ -187,7 +187,8 @@ def _model(prov: dict) -> dict:
     if "temperature" in m:
         rows.append(("calibration temperature", m["temperature"]))
     rows += [(k.replace("_", " "), v) for k, v in m.items()
-             if k not in {"spec", "model_id", "arch", "image_size", "threshold", "trained", "cam_stride", "cam_layer", "temperature"}]
+             if k not in {"spec", "model_id", "arch", "image_size", "threshold", "trained", "cam_stride", "cam_layer",
+                          "temperature"}]
     out = {"rows": [(k, show(v)) for k, v in rows], "checkpoint_rows": [], "training_rows": [],
            "lead": "As recorded in the table's Parquet metadata (key cxr_batch) when it was scored."}
     if ck and ck.get("error"):
