@@ -36,7 +36,7 @@ class TrainSettings:
     image_size: int = 224
     cam_stride: int = 16  # 16: a 14x14 CAM at 224 px instead of 7x7 (see model.build_model)
     # 3: the network ends at layer3 and the CAM is layer3's (stride 16); 4: layer4, dilated. At 224 px
-    # layer3's map points at the lesion, layer4's at its lung (docs/experiments/cam-findings.md, round 5).
+    # layer3's map points at the lesion, layer4's at its lung (docs/experiments/cam-findings.md, rounds 5-6).
     cam_layer: int = 3
     # Weight of the CAM flip-consistency loss (model/camloss.py): each image trains beside its mirrored
     # twin and their maps must mirror too, which forbids the network to learn its evidence off the
