@@ -87,7 +87,7 @@ def hot_spot(cam: np.ndarray, grid: CamGrid) -> tuple[float, float]:
     Why not the maximum alone (``peak``): a 224 px map is a blob a few cells wide over the lesion,
     and its single hottest cell sits on whichever edge the network found most telling, not on
     the middle. On the realistic phantom at 224 px the blob's centre landed within 1.5 lesion radii
-    of the lesion more often than the maximum in every one of 7 trained models (by 5 to 30 points;
+    of the lesion more often than the maximum in every one of 9 trained models (by 5 to 30 points;
     docs/experiments/cam-findings.md, round 6). A map whose maximum is not above 0 (no cell votes
     PNEUMONIA) has no hot spot: its maximum is given, as ``peak`` places it.
     """

@@ -76,7 +76,7 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     channels (1024 in ResNet-50/101): the map every `cxr-batch train` model has since round 6 of
     docs/experiments/cam-findings.md. At 224 px, layer4's receptive field covers the whole lung and
     its map peaked mid-lung, 1.7-2.1 lesion radii from the lesion (13-30% pointing); layer3's map
-    pointed 21-88% (mean 58%; 43-96% with the hot spot's centre) at the same accuracy, for ~30% less
+    pointed 21-88% (mean 60%; 43-96%, mean 75%, with the hot spot's centre) at the same accuracy, for ~30% less
     compute than the dilated layer4. ImageNet weights load into the full network and layer4's go unused.
     """
     _, tv_weights = _TORCHVISION[check_arch(arch)]
