@@ -92,9 +92,8 @@ def check_resumable(s: TrainSettings) -> None:
     from ..model.entries import checkpoint_entries
 
     # Neither weights nor hash read: the workers read the weights when they resume.
-    then = checkpoint_entries(uri, with_id=False)[0].get("settings") or {}
+    then = {**_BEFORE_THE_KEY, **(checkpoint_entries(uri, with_id=False)[0].get("settings") or {})}
     now = asdict(s)
-    then = {**_BEFORE_THE_KEY, **then}
     changed = [f"{k} {then.get(k)!r} -> {now[k]!r}" for k in RESUME_KEYS if then.get(k) != now[k]]
     if changed:
         raise InputError(f"{s.out} holds a run with other settings ({'; '.join(changed)}): re-running an --out resumes"

@@ -82,7 +82,7 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     _, tv_weights = _TORCHVISION[check_arch(arch)]
     check_cam(cam_layer, cam_stride)
     torch.manual_seed(seed)
-    net = _full_resnet(arch, cam_stride if cam_layer == 4 else 32)
+    net = _full_resnet(arch, cam_stride, cam_layer)
     if weights == "imagenet":
         net.load_state_dict(imagenet_state(tv_weights.url))
     elif weights != "none":
@@ -113,18 +113,21 @@ def torchvision_resnet(arch: str, cam_stride: int = 32, cam_layer: int = 4) -> n
     """torchvision's ResNet (random weights, 1000-class fc) as ``build_model`` shapes it: layer4 as
     ``cam_stride`` asks, or with ``cam_layer`` 3 no layer4 (an identity) and fc on layer3's channels."""
     check_cam(cam_layer, cam_stride)
-    net = _full_resnet(arch, cam_stride if cam_layer == 4 else 32)
+    net = _full_resnet(arch, cam_stride, cam_layer)
     if cam_layer == 3:
         net.fc = nn.Linear(last_channels(net, 3), net.fc.out_features)
         net.layer4 = nn.Identity()
     return net
 
 
-def _full_resnet(arch: str, cam_stride: int) -> nn.Module:
+def _full_resnet(arch: str, cam_stride: int, cam_layer: int) -> nn.Module:
+    """torchvision's whole ResNet (layer4 included, so ImageNet weights load into it); layer4 drops its
+    stride only when the map is layer4's (a layer3 map never sees it)."""
     ctor, _ = _TORCHVISION[check_arch(arch)]
-    dilate = cam_stride == 16 and arch != "resnet18"
+    drop = cam_stride == 16 and cam_layer == 4
+    dilate = drop and arch != "resnet18"
     net = ctor(weights=None, replace_stride_with_dilation=[False, False, dilate])
-    if cam_stride == 16 and arch == "resnet18":  # BasicBlock has no dilation: drop the stride alone
+    if drop and arch == "resnet18":  # BasicBlock has no dilation: drop the stride alone
         net.layer4[0].conv1.stride = (1, 1)
         net.layer4[0].downsample[0].stride = (1, 1)
     return net
