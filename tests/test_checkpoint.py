@@ -105,6 +105,28 @@ def test_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_weights_that_do_not_fit_are_refused_by_the_local_engine_before_any_row(tmp_path):
+    """With files to score, the local engine checks the weights when it builds the model (its decode pool
+    already running): still one line, no row, no output folder left behind."""
+    from PIL import Image
+
+    from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
+    from cxr_batch.model.network import build_model
+
+    ckpt = make_checkpoint(build_model("resnet18", "none"), arch="resnet18", image_size=64, threshold=0.5, settings={})
+    ckpt["state_dict"]["fc.weight"] = ckpt["state_dict"]["fc.weight"][:, :8]  # a hand-edited head
+    save_checkpoint(ckpt, str(tmp_path / "bad.ckpt"))
+    (tmp_path / "archive" / "NORMAL").mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (80, 80), 40 * i).save(tmp_path / "archive" / "NORMAL" / f"{i}.png")
+    r = CliRunner().invoke(main, ["score", str(tmp_path / "archive"), "--out", str(tmp_path / "o"),
+                                  "--model", str(tmp_path / "bad.ckpt"), "--engine", "local"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "do not fit a resnet18" in errors[0] and "fc.weight" in errors[0], r.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o-cams").exists()
+
+
 def test_the_entries_reader_agrees_with_the_loader_without_reading_weights(tmp_path):
     from cxr_batch.model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
     from cxr_batch.model.entries import checkpoint_entries

@@ -55,3 +55,34 @@ def test_a_layer3_network_has_stride_16_and_bad_choices_are_refused():
         build_model("resnet18", "none", cam_layer=5)
     with pytest.raises(InputError, match="Invalid cam stride 8"):
         torchvision_resnet("resnet18", 8)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet101"])
+@pytest.mark.parametrize("layer,stride", [(4, 32), (4, 16), (3, 16)])
+def test_the_torch_free_cam_grid_is_the_one_walked_out_of_the_built_network(arch, layer, stride):
+    """`cxr-batch score` places the CAM cells from a checkpoint's entries without building the network
+    (model/archs.resnet_grid); it must be where the network's own layers put them."""
+    from cxr_batch.model.archs import resnet_grid
+
+    with torch.device("meta"):
+        trunk = build_model(arch, "none", cam_stride=stride, cam_layer=layer).trunk
+    for size in (224, 320):
+        assert resnet_grid(stride, size) == cam_grid(trunk, size)
+
+
+def test_a_model_described_from_its_entries_alone_is_the_one_described_by_building_it(tmp_path):
+    """describe(check=False) reads no weights and imports no torch; it must say what the full describe says."""
+    import subprocess
+    import sys
+
+    from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
+    from cxr_batch.model.registry import describe
+
+    net = build_model("resnet18", "none", cam_stride=16, cam_layer=3)
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=96, threshold=0.4, settings={}, cam_stride=16,
+                                    cam_layer=3, temperature=1.7), str(tmp_path / "m.ckpt"))
+    for spec in (str(tmp_path / "m.ckpt"), "resnet18:none", "resnet50:none"):
+        assert describe(spec, check=False) == describe(spec)
+    code = (f"import sys, cxr_batch.jobs.score, cxr_batch.cli; from cxr_batch.model.registry import describe;"
+            f" describe({str(tmp_path / 'm.ckpt')!r}, check=False); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

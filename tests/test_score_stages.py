@@ -182,3 +182,15 @@ def test_native_bf16_matches_the_cpu_flags_and_the_scorer_uses_it():
     assert scorer.precision == ("bf16" if native else "fp32") and scorer.autocast == native
     assert Scorer(describe("resnet18:none").to_dict(), threads=1, precision="fp32", compile=False,
                   channels_last=False).autocast is False
+
+
+def test_a_scorer_refuses_a_cam_grid_that_its_network_does_not_have():
+    """The driver places the cells without the network (archs.resnet_grid); a Scorer whose network puts
+    them elsewhere must stop rather than write every peak half a cell off."""
+    from cxr_batch.jobs.score_stages import Scorer
+    from cxr_batch.model.registry import describe
+
+    info = describe("resnet18:none").to_dict()
+    Scorer(info, threads=1, precision="fp32", compile=False, channels_last=False)
+    with pytest.raises(RuntimeError, match="resnet_grid"):
+        Scorer({**info, "cam_offset": 8.0}, threads=1, precision="fp32", compile=False, channels_last=False)

@@ -81,6 +81,7 @@ class Lease:
             "timeout_s": self.timeout_s, "token": self.token, **self.details}, indent=1).encode()
 
     def acquire(self) -> "Lease":
+        self._made_dir = not storage.is_uri(self.out) and not os.path.isdir(self.out)
         storage.makedirs(self.out)
         for _ in range(5):  # a lease that vanished (released) between two steps: look again
             with self.store.mutex():
@@ -125,8 +126,11 @@ class Lease:
     def __enter__(self) -> "Lease":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.release()
+        if exc_type is not None and getattr(self, "_made_dir", False):
+            with contextlib.suppress(OSError):  # a run refused after the lease (a bad model) leaves no empty --out
+                os.rmdir(self.out)  # only if empty: whatever was written stays
 
     def _heartbeat(self) -> None:
         interval = max(0.2, self.timeout_s / 6)

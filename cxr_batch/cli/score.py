@@ -88,7 +88,7 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, a
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     t0 = time.perf_counter()
-    s, info = prepare(s)  # fails on a bad model or output folder before Ray starts
+    s, info = prepare(s)  # fails on a bad model file or output folder before anything starts (no torch yet)
     warn_if_untrained(info, console)
     # Ray starts only if the engine needs it (run_score decides once it knows the number of files).
     ray = partial(ray_for_job, address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,

@@ -176,8 +176,12 @@ class ScoreSummary:
 
 def prepare(s: ScoreSettings) -> tuple[ScoreSettings, ModelInfo]:
     """-> (settings with absolute paths and the model's resolved spec, its ModelInfo). Refuses a bad
-    model or an --out / CAM folder in the wrong place; the CLI calls it before it starts Ray."""
-    info = describe(s.model)
+    model or an --out / CAM folder in the wrong place; the CLI calls it before it starts Ray.
+
+    The model is described from a checkpoint's small entries, without torch (~4 s to import): its
+    weights are checked before Ray starts (``_vetted``) or, in the local engine, by the model build
+    in this process, which runs while the decode pool already reads the first images."""
+    info = describe(s.model, check=False)
     s = replace(s, model=info.spec, archive=storage.absolute(s.archive), out=storage.absolute(s.out),
                 cam_dir=storage.absolute(s.cam_dir) if s.cam_dir else None,
                 manifest=storage.absolute(s.manifest) if s.manifest else None)
@@ -197,8 +201,7 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
     (jobs/runloop.py).
     ``progress(summary, total)`` is called as rows arrive (at most every 2 s, and at the end);
     ``echo(line)`` gets one line per stage of the job. ``prepared``: what ``prepare(s)`` returned and the
-    seconds it took, when the caller already ran it (the CLI does, to fail before anything starts):
-    describing a checkpoint reads, hashes and unpickles the whole file, so it is done once."""
+    seconds it took, when the caller already ran it (the CLI does, to fail before anything starts)."""
     t0 = time.perf_counter()
     if prepared is None:
         s, info = prepare(s)
@@ -214,13 +217,13 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
         # start it and refuse node-local paths before the lease writes anything to --out.
         early = choose_engine(s.engine, 0) == "ray"
         if early:
-            stack.enter_context(_ray_engine(s, cam_dir, summary, ray_context))
+            info = stack.enter_context(_ray_engine(s, info, cam_dir, summary, ray_context))
         lease = stack.enter_context(Lease(s.out, run_id=run_id, timeout_s=s.lease_timeout_s,
                                           details={"archive": s.archive}))
         files = _listing(s, summary)
         engine = choose_engine(s.engine, files.num_rows)
         if engine == "ray" and not early:
-            stack.enter_context(_ray_engine(s, cam_dir, summary, ray_context))
+            info = stack.enter_context(_ray_engine(s, info, cam_dir, summary, ray_context))
         plan = _plan(engine, s)
         summary.plan = asdict(plan)
         if s.overwrite:
@@ -228,6 +231,7 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
         retry_parts: list = []  # named while the done paths are read, so the retry rows cost no second pass
         todo = pending(files, done_path_batches(s.out, info.model_id, archive=s.archive, retry_parts=retry_parts))
         summary.already_done = files.num_rows - todo.num_rows
+        info = info if todo.num_rows else _vetted(info, summary)  # nothing to score: a bad model is still refused
         metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
                     "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
         writer = PartWriter(s.out, metadata, s.rows_per_part, run=run_id, before_publish=lease.check)
@@ -249,14 +253,28 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
 
 
 @contextmanager
-def _ray_engine(s: ScoreSettings, cam_dir: str | None, summary: ScoreSummary, ray_context):
+def _ray_engine(s: ScoreSettings, info: ModelInfo, cam_dir: str | None, summary: ScoreSummary, ray_context):
     """Ray for the Ray engine: the one this process is connected to, else ``ray_context()`` (default a
-    local Ray). On several nodes every path the workers touch must be on shared storage."""
+    local Ray). On several nodes every path the workers touch must be on shared storage. Yields the
+    model's ModelInfo, its weights checked first: in Ray, every model actor would fail on its own."""
+    info = _vetted(info, summary)
     t = time.perf_counter()
     with nullcontext() if ray_is_up() else (ray_context or _local_ray)():
         summary.startup["ray_start_s"] = round(time.perf_counter() - t, 2)
         check_shared_storage({"ARCHIVE": s.archive, "--out": s.out, "--cam-dir": cam_dir}, job="the decode and CAM tasks")
-        yield
+        yield info
+
+
+def _vetted(info: ModelInfo, summary: ScoreSummary) -> ModelInfo:
+    """``describe`` with the network built and its weights loaded (prepare() only read the entries);
+    the time goes to ``model_check_s``."""
+    t = time.perf_counter()
+    checked = describe(info.spec)
+    if checked.model_id != info.model_id:
+        raise InputError(f"{info.spec} changed while the job started (hash {checked.model_id} != {info.model_id}).")
+    summary.model = checked.to_dict()
+    summary.startup["model_check_s"] = round(summary.startup.get("model_check_s", 0.0) + time.perf_counter() - t, 3)
+    return checked
 
 
 def _start_line(summary: ScoreSummary, todo: int, plan: ResourcePlan) -> str:

@@ -173,6 +173,7 @@ class Scorer:
         self.autocast = self.precision == "bf16"
         self.channels_last = channels_last
         model = load(ModelInfo(**info)).to(self.device)
+        _check_grid(model, info)
         self.temperature = float(info.get("temperature", 1.0))
         self.weight, self.bias = fc_weight(model).float(), fc_bias(model).float()
         self.model = prepare_model(model, self.device, channels_last=channels_last, compile=compile)
@@ -211,6 +212,18 @@ class Scorer:
             if k in batch:
                 batch[k] = np.asarray(_strings(batch[k]), dtype=object)
         return batch
+
+
+def _check_grid(model, info: dict) -> None:
+    """The driver placed the CAM's cells without building the network (model/archs.resnet_grid);
+    the network built here, walked layer by layer, must put them in the same place."""
+    from ..model.receptive import cam_grid
+
+    built = cam_grid(model.trunk, int(info["image_size"]))
+    told = cam_grid_of(info)
+    if (built.stride, built.offset) != (told.stride, told.offset):
+        raise RuntimeError(f"the model's CAM cells sit at stride {built.stride}, offset {built.offset}; the job was"
+                           f" told stride {told.stride}, offset {told.offset} (model/archs.resnet_grid is out of date)")
 
 
 # ---------------------------------------------------------------- stage 3: finish (CPU tasks)

@@ -9,10 +9,8 @@ from torchvision import models
 
 from .. import CLASSES
 from ..errors import InputError
+from .archs import ARCHS, WEIGHTS, check_arch, check_cam  # noqa: F401  (callers import them from here too)
 from .weights import imagenet_state, load_weights_file
-
-ARCHS = ("resnet18", "resnet50", "resnet101")
-WEIGHTS = ("imagenet", "none")  # or a path to a local file
 
 _TORCHVISION = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
@@ -37,27 +35,6 @@ class CamResNet(nn.Module):
         features = self.trunk(x)
         logits = self.fc(features.mean(dim=(2, 3)))
         return logits, features
-
-
-def check_arch(arch: str) -> str:
-    if arch not in ARCHS:
-        raise InputError(f"Invalid arch {arch!r}. Only {', '.join(ARCHS)} are supported.")
-    return arch
-
-
-CAM_STRIDES = (32, 16)
-CAM_LAYERS = (4, 3)
-
-
-def check_cam(cam_layer: int, cam_stride: int) -> None:
-    """The CAM's layer and stride, refused in one line when they do not make a network."""
-    if cam_layer not in CAM_LAYERS:
-        raise InputError(f"Invalid cam layer {cam_layer}. Only {', '.join(map(str, CAM_LAYERS))} are supported.")
-    if cam_stride not in CAM_STRIDES:
-        raise InputError(f"Invalid cam stride {cam_stride}. Only {', '.join(map(str, CAM_STRIDES))} are supported.")
-    if cam_layer == 3 and cam_stride != 16:
-        raise InputError("A CAM from layer3 has stride 16 (layer4, which alone can drop its stride, is not built);"
-                         " pass cam stride 16 with cam layer 3.")
 
 
 def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0, cam_stride: int = 32,

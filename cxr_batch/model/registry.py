@@ -1,5 +1,8 @@
 """Which model a command uses: ``--model`` (a checkpoint or ARCH:WEIGHTS), else ``CXR_BATCH_MODEL``,
-else the checkpoint that the last finished training registered as the user's default."""
+else the checkpoint that the last finished training registered as the user's default.
+
+Importing this module imports no torch: ``describe(spec, check=False)`` answers from a checkpoint's
+small entries, so `cxr-batch score` can start decoding while torch loads (jobs/local_engine.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +11,17 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from .. import CLASSES
 from ..archive import storage
-from .checkpoint import load_checkpoint, model_from_checkpoint
-from ..errors import InputError
-from .network import ARCHS, WEIGHTS, CamResNet, build_model
-from .receptive import cam_grid
+from ..errors import CheckpointError, InputError
+from .archs import ARCHS, WEIGHTS, check_cam, resnet_grid
+
+if TYPE_CHECKING:
+    import torch
+
+    from .network import CamResNet
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -67,8 +73,13 @@ def parse_arch_spec(spec: str) -> tuple[str, str] | None:
     return arch, weights
 
 
-def describe(spec: str | None) -> ModelInfo:
-    """Resolve the model on the driver: fails fast, before any Ray work, on a bad spec or file."""
+def describe(spec: str | None, *, check: bool = True) -> ModelInfo:
+    """Resolve the model on the driver: fails fast, before any Ray work, on a bad spec or file.
+
+    ``check``: also build the network and load its weights, so that weights which do not fit fail
+    here, in one line, not in every scoring actor. ``check=False`` reads only a checkpoint's small
+    entries and hash, without torch: for the local engine, whose model is built in this same
+    process, after its decode pool has started (the build checks the weights then)."""
     spec = spec or default_spec()
     if not spec:
         raise InputError(
@@ -83,22 +94,63 @@ def describe(spec: str | None) -> ModelInfo:
             spec = f"{arch}:{weights}"
             if not storage.exists(weights):
                 raise InputError(f"Invalid --model {spec}: weights must be imagenet, none or an existing file.")
-            build_model(arch, weights)  # refuse an unsafe or foreign file here, not in every scoring actor
-        with torch.device("meta"):  # the layers alone tell the geometry; no weights needed
-            grid = cam_grid(build_model(arch, "none").trunk, DEFAULT_IMAGE_SIZE)
+            if check:
+                from .network import build_model
+
+                build_model(arch, weights)  # refuse an unsafe or foreign file here, not in every scoring actor
+        grid = _grid(arch, 32, 4, DEFAULT_IMAGE_SIZE, check)
         return ModelInfo(spec, arch, spec, DEFAULT_IMAGE_SIZE, 0.5, False, cam_stride=grid.stride, cam_offset=grid.offset)
     spec = storage.absolute(spec)
-    loaded = load_checkpoint(spec)
-    ck = loaded.ckpt
-    model = model_from_checkpoint(ck, spec)  # weights that do not fit fail here, in one line, not in every actor
-    grid = cam_grid(model.trunk, int(ck["image_size"]))
-    return ModelInfo(spec, ck["arch"], loaded.model_id, int(ck["image_size"]), float(ck["threshold"]), True,
+    if check:
+        from .checkpoint import load_checkpoint, model_from_checkpoint
+        from .receptive import cam_grid
+
+        loaded = load_checkpoint(spec)
+        ck, model_id = loaded.ckpt, loaded.model_id
+        model = model_from_checkpoint(ck, spec)  # weights that do not fit fail here, in one line, not in every actor
+        grid = cam_grid(model.trunk, int(ck["image_size"]))
+    else:
+        from .entries import checkpoint_entries
+
+        ck, model_id = checkpoint_entries(spec)
+        grid = _checkpoint_grid(ck, spec)
+    return ModelInfo(spec, ck["arch"], model_id, int(ck["image_size"]), float(ck["threshold"]), True,
                      cam_stride=grid.stride, cam_offset=grid.offset, cam_layer=int(ck.get("cam_layer", 4)),
                      temperature=float(ck.get("temperature", 1.0)))  # older checkpoints: T = 1
 
 
+def _grid(arch: str, cam_stride: int, cam_layer: int, image_size: int, check: bool):
+    """The map's geometry: walked out of the network's layers when it is built anyway (check),
+    else from archs.resnet_grid, which tests and every Scorer hold to the walked one."""
+    if not check:
+        return resnet_grid(cam_stride, image_size)
+    import torch
+
+    from .network import build_model
+    from .receptive import cam_grid
+
+    with torch.device("meta"):  # the layers alone tell the geometry; no weights needed
+        return cam_grid(build_model(arch, "none", cam_stride=cam_stride, cam_layer=cam_layer).trunk, image_size)
+
+
+def _checkpoint_grid(ck: dict, uri: str):
+    """What load_checkpoint and model_from_checkpoint refuse, refused from the entries alone."""
+    try:
+        if ck.get("arch") not in ARCHS or list(ck.get("classes", [])) != list(CLASSES):
+            raise InputError(f"unsupported arch {ck.get('arch')!r} or classes {ck.get('classes')!r}")
+        stride, layer = int(ck.get("cam_stride", 32)), int(ck.get("cam_layer", 4))  # older checkpoints: layer4
+        check_cam(layer, stride)
+        float(ck["threshold"])
+        return resnet_grid(stride, int(ck["image_size"]))
+    except (InputError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{uri}: {e}. Was it written by `cxr-batch train`, unmodified?") from None
+
+
 def load(info: ModelInfo) -> CamResNet:
     """Build the network for ``info`` (in each scoring actor: the weights never travel through Ray)."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .network import build_model
+
     parsed = parse_arch_spec(info.spec)
     if parsed:
         model = build_model(*parsed)

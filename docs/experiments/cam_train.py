@@ -124,7 +124,29 @@ def step_loss(a, model, xb, yb, loss_fn, grid, step):
     if a.eq > 0:
         loss, cls, _ = paired_loss(model, model.fc, normalize(xb), yb, loss_fn, weight=a.eq, grid=grid, step=step)
         return loss, cls, (loss - cls) / a.eq
+    if a.hide > 0:
+        return hidden_loss(model, normalize(xb), yb, loss_fn, a.hide, a.hide_level)
     logits, _ = model(normalize(xb))
+    cls = loss_fn(logits, yb)
+    return cls, cls, torch.zeros(())
+
+
+def hide_hottest(feats, fc, prob, level, gen=None):
+    """Zero the features of the cells whose PNEUMONIA log-odds reach ``level`` of the map's
+    maximum, in a random ``prob`` share of the images (attention-based dropout, Choe & Shim 2019):
+    the head must then find evidence beyond the single most telling spot."""
+    with torch.no_grad():
+        m = log_odds_map(feats, fc.weight, fc.bias, 1)
+        top = m.flatten(1).amax(1).clamp_min(0).view(-1, 1, 1)
+        hot = (m >= level * top) & (top > 0)
+        pick = torch.rand(len(m), generator=gen) < prob
+        keep = ~(hot & pick.view(-1, 1, 1))
+    return feats * keep.unsqueeze(1).to(feats.dtype)
+
+
+def hidden_loss(model, x, yb, loss_fn, prob, level):
+    feats = model.trunk(x)
+    logits = model.fc(hide_hottest(feats, model.fc, prob, level).mean(dim=(2, 3)))
     cls = loss_fn(logits, yb)
     return cls, cls, torch.zeros(())
 
@@ -293,6 +315,8 @@ def main():
     ap.add_argument("--lse", type=float, default=0.0, help="log-sum-exp pooling of the log-odds map, sharpness r (0: mean)")
     ap.add_argument("--eval-archive", default=None, help="evaluate on this archive's test/ instead")
     ap.add_argument("--layer", type=int, default=4, choices=[3, 4], help="3: the CAM from layer3 with its own head")
+    ap.add_argument("--hide", type=float, default=0.0, help="share of images whose hottest cells are hidden in training")
+    ap.add_argument("--hide-level", type=float, default=0.8, help="cells at or above this fraction of the maximum")
     ap.add_argument("--translate", type=float, default=0.0, help="extra random shift, fraction of the side")
     ap.add_argument("--eval-only", default=None, metavar="STATE", help="no training: evaluate this state dict")
     a = ap.parse_args()
