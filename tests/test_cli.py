@@ -135,3 +135,31 @@ def test_no_module_imports_from_the_cli():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and "cli" in node.module.split("."):
                 assert [a.name for a in node.names] == ["main"] and path.parent.name == "jobs", (path, node.module)
+
+
+def test_the_console_script_skips_teardown_after_a_score_and_keeps_every_row(tmp_path):
+    """`cxr-batch` (cli.run) ends a finished score with os._exit (torch's teardown cost 1.1-1.6 s): every
+    row must be written by then and the exit code kept; a refused run exits the normal way."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    (tmp_path / "a" / "NORMAL").mkdir(parents=True)
+    for i in range(5):
+        Image.new("L", (48, 48), 30 * i).save(tmp_path / "a" / "NORMAL" / f"{i}.png")
+    marker = tmp_path / "atexit-ran"
+    code = (f"import atexit, sys; atexit.register(lambda: open({str(marker)!r}, 'w').close()); sys.argv[0] = 'cxr-batch';"
+            " from cxr_batch.cli import run; run()")
+
+    p = subprocess.run([sys.executable, "-c", code, "score",
+                        str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--model", "resnet18:none", "--engine",
+                        "local"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert sorted(pq.read_table(tmp_path / "o").column("path").to_pylist()) == [f"NORMAL/{i}.png" for i in range(5)]
+    assert "5 scored" in p.stdout and not marker.exists()  # teardown (and so atexit) skipped
+    p = subprocess.run([sys.executable, "-c", code, "score",
+                        str(tmp_path / "missing"), "--out", str(tmp_path / "o2"), "--model", "resnet18:none"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Error" in p.stderr + p.stdout and marker.exists()

@@ -95,6 +95,7 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, a
                   echo=console.note)
     summary = run_score(s, progress=console.score_progress(), echo=console.note, ray_context=ray,
                         prepared=(s, info, time.perf_counter() - t0))
+    _FINISHED.append(True)  # the work is done and its files closed: the process may skip teardown (cli.run)
     console.summary(format_summary(summary), asdict(summary))
     if report_:
         from ..reports.html.score import ReportSettings, write_score_report
@@ -102,6 +103,14 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, a
         console.note(f"  report        {write_score_report(ReportSettings(results=summary.out)).path}")
     if summary.retry:  # finished, but not every file got its verdict: a re-run retries exactly those
         click.get_current_context().exit(EXIT_INCOMPLETE)
+
+
+_FINISHED: list = []
+
+
+def finished() -> bool:
+    """Whether a `score` in this process ran to its end (with or without files left to retry)."""
+    return bool(_FINISHED)
 
 
 def _engine(engine: str, address: str | None, wait_for_gpus: int) -> str:

@@ -54,6 +54,18 @@ def reflect_padding(model):
     return model
 
 
+def intensity_field(x, gen, amp, cells=5):
+    """Add a smooth random intensity field (``cells`` x ``cells`` normal values, bicubic up to the image;
+    amplitude ``amp`` of the [0, 1] range): a whole lung field brighter or darker than usual stops
+    being evidence, a lesion's own edges and texture still are."""
+    if amp <= 0:
+        return x
+    b, s, _ = x.shape
+    f = torch.randn(b, 1, cells, cells, generator=gen)
+    f = torch.nn.functional.interpolate(f, size=(s, s), mode="bicubic", align_corners=True).squeeze(1)
+    return (x + amp * f).clamp(0, 1)
+
+
 def translate(x, gen, frac):
     """Shift each image by up to ``frac`` of the side in x and y, edge rows repeated."""
     if frac <= 0:
@@ -82,10 +94,11 @@ class LsePooled(nn.Module):
         return torch.stack([-z / 2, z / 2], 1), feats
 
 
-def layer3_head(model, seed):
-    """The trunk cut after layer3 (stride 16, a smaller receptive field), with a fresh head on its channels."""
+def layer3_head(model, seed, cut=1):
+    """The trunk cut after layer3 (``cut`` 1: stride 16, a smaller receptive field) or layer2 (``cut`` 2: stride 8,
+    smaller still), with a fresh head on its channels."""
     from cxr_batch.model.network import CamResNet
-    trunk = nn.Sequential(*list(model.trunk.children())[:-1])
+    trunk = nn.Sequential(*list(model.trunk.children())[:-cut])
     with torch.no_grad():
         c = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
     torch.manual_seed(seed + 1)
@@ -98,8 +111,8 @@ def layer3_head(model, seed):
 def model_for(arch, stride, seed, pad="zeros", lse=0.0, layer=4):
     if layer == 3 and pad == "zeros" and not lse:  # the network `cxr-batch train` ships since round 6
         return build_model(arch, "none", seed=seed, cam_stride=16, cam_layer=3)
-    if layer == 3:
-        return layer3_head(model_for(arch, 32, seed, pad, lse), seed)
+    if layer in (2, 3):
+        return layer3_head(model_for(arch, 32, seed, pad, lse), seed, cut=4 - layer)
     if lse > 0:
         return LsePooled(model_for(arch, stride, seed, pad), lse)
     if pad == "reflect":
@@ -168,6 +181,7 @@ def train(a, model, x, y, grid):
         for step in range(math.ceil(len(y) / bs)):
             idx = order[step * bs:(step + 1) * bs].numpy()
             xb = translate(augment(torch.from_numpy(x[idx]), gen, scale=(a.crop, 1.0)), gen, a.translate)
+            xb = intensity_field(xb, gen, a.field)
             loss, cls, eq = step_loss(a, model, xb, torch.from_numpy(y[idx]), loss_fn, grid, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -230,6 +244,9 @@ def view_peak(r, view, g, gf):
         mm = np.mean(ms, 0)
         iy, ix = np.unravel_index(np.argmax(mm), mm.shape)
         return (ix + 0.5) / 224, (iy + 0.5) / 224
+    if view == "centre":  # the shipped table point (model.cam.hot_spot)
+        from cxr_batch.model.cam import hot_spot
+        return hot_spot(r["plain"][1], g)
     m = r[view][1]
     if view == "plain":
         return peak(m, g)
@@ -287,7 +304,7 @@ def summarise(rows, truth, grid, threshold=0.5):
     if not tp:
         return out
     for gname, (g, gf) in geoms.items():
-        for view in ("plain", "hflip", "vflip", "tta_h", "tta_v", "tta_hv"):
+        for view in ("plain", "centre", "hflip", "vflip", "tta_h", "tta_v", "tta_hv"):
             out[f"{gname}/{view}"] = offsets(tp, truth, g, gf, view)
     out["cam_max"] = cam_max_stats(rows, y)
     out["rf_by_size"] = hits_by_size(tp, truth, grid)
@@ -314,7 +331,8 @@ def main():
     ap.add_argument("--pad", default="zeros", choices=["zeros", "reflect"], help="padding mode of the trunk's convs")
     ap.add_argument("--lse", type=float, default=0.0, help="log-sum-exp pooling of the log-odds map, sharpness r (0: mean)")
     ap.add_argument("--eval-archive", default=None, help="evaluate on this archive's test/ instead")
-    ap.add_argument("--layer", type=int, default=4, choices=[3, 4], help="3: the CAM from layer3 with its own head")
+    ap.add_argument("--layer", type=int, default=4, choices=[2, 3, 4], help="3 (2): the CAM from layer3 (layer2) with its own head")
+    ap.add_argument("--field", type=float, default=0.0, help="amplitude of a smooth random intensity field added in training")
     ap.add_argument("--hide", type=float, default=0.0, help="share of images whose hottest cells are hidden in training")
     ap.add_argument("--hide-level", type=float, default=0.8, help="cells at or above this fraction of the maximum")
     ap.add_argument("--translate", type=float, default=0.0, help="extra random shift, fraction of the side")
@@ -352,7 +370,7 @@ def main():
     out.mkdir(exist_ok=True)
     (out / f"{a.name}.json").write_text(json.dumps(res, indent=1))
     torch.save(model.state_dict(), ROOT / f"{a.name}.pt")
-    for k in ("acc", "auc", "n_tp", "rf/plain", "naive/plain", "rf/hflip", "rf/vflip", "rf/tta_hv", "rf_by_size", "cam_max"):
+    for k in ("acc", "auc", "n_tp", "rf/plain", "rf/centre", "naive/plain", "rf/hflip", "rf/vflip", "rf/tta_hv", "rf_by_size", "cam_max"):
         print(k, res[k])
 
 
