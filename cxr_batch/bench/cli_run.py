@@ -14,8 +14,9 @@ import time
 
 from .host import run_json
 
-# The CLI's own entry point, run by this interpreter (a `cxr-batch` on PATH may belong to another venv).
-_ENTRY = "import sys; from cxr_batch.cli import main; sys.exit(main(sys.argv[1:], prog_name='cxr-batch'))"
+# The CLI's own console script (cli.run, as `cxr-batch` runs it), run by this interpreter (a `cxr-batch` on PATH may
+# belong to another venv).
+_ENTRY = "from cxr_batch.cli import run; run()"
 
 
 def score_command(archive: str, out: str, model: str, *, engine: str, precision: str, batch_size: int,
