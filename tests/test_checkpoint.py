@@ -142,3 +142,18 @@ def test_the_entries_reader_agrees_with_the_loader_without_reading_weights(tmp_p
     assert {k: v for k, v in loaded.ckpt.items() if k not in small} == {k: v for k, v in entries.items() if k not in small}
     again, no_id = checkpoint_entries(uri, with_id=False)
     assert no_id is None and again["settings"] == {"seed": 1} and again["cam_layer"] == 3
+
+
+def test_a_missing_or_folder_checkpoint_reads_the_same_with_or_without_torch(tmp_path):
+    """`cxr-batch score` describes the model from its entries (no torch): a missing file or a folder must
+    get the same one-line error as the full loader gives."""
+    from cxr_batch.errors import CheckpointError
+    from cxr_batch.model.registry import describe
+
+    for spec in (str(tmp_path / "missing.ckpt"), str(tmp_path)):
+        messages = []
+        for check in (True, False):
+            with pytest.raises(CheckpointError) as e:
+                describe(spec, check=check)
+            messages.append(str(e.value))
+        assert messages[0] == messages[1] and spec in messages[0], messages

@@ -17,6 +17,8 @@ import io
 import pickle
 import zipfile
 
+import pyarrow.fs as pafs
+
 from ..archive import storage
 from ..errors import CheckpointError
 
@@ -75,6 +77,11 @@ def checkpoint_entries(uri: str, *, with_id: bool = True) -> tuple[dict, str | N
     hash (id None) for a caller that only reads the entries. A file that is not a cxr-batch
     checkpoint is a CheckpointError, as with load_checkpoint."""
     fs, path = storage.resolve(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
+        raise CheckpointError(f"Checkpoint not found: {uri}")  # the words weights.read_file uses
+    if kind == pafs.FileType.Directory:
+        raise CheckpointError(f"{uri} is a folder; pass the checkpoint file in it (e.g. best.ckpt).")
     try:
         with fs.open_input_file(path) as f:
             ck = read_small_entries(f)
