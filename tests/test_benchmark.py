@@ -41,18 +41,18 @@ def test_bench_archive_is_the_same_whoever_draws_it(tmp_path, monkeypatch):
     assert all((parallel / f).read_bytes() == (serial / f).read_bytes() for f in files)
 
 
-@pytest.mark.parametrize("cam_layer", [4, 3])
-def test_baseline_builds_the_checkpoint_s_own_network(tmp_path, cam_layer):
+@pytest.mark.parametrize("cam_layer,cam_stride", [(4, 16), (3, 16), (2, 8)])
+def test_baseline_builds_the_checkpoint_s_own_network(tmp_path, cam_layer, cam_stride):
     """A trained checkpoint ends at layer3 (cam_layer 3; earlier ones ran layer4 without its stride);
     the plain-PyTorch baseline must compute the same network, or its speed and agreement compare
     different models."""
     assert describe("resnet18:none").cam_stride == 32 and describe("resnet18:none").cam_layer == 4
     path = str(tmp_path / "s16.ckpt")
-    net = build_model("resnet18", "none", cam_stride=16, cam_layer=cam_layer).eval()
-    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16,
-                                    cam_layer=cam_layer), path)
+    net = build_model("resnet18", "none", cam_stride=cam_stride, cam_layer=cam_layer).eval()
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={},
+                                    cam_stride=cam_stride, cam_layer=cam_layer), path)
     info = describe(path)
-    assert info.cam_stride == 16 and info.cam_layer == cam_layer
+    assert info.cam_stride == cam_stride and info.cam_layer == cam_layer
     plain = torchvision_resnet(info.arch, info.cam_stride, info.cam_layer)  # what the baseline builds
     plain.fc = torch.nn.Linear(plain.fc.in_features, 2)
     plain.load_state_dict(_torchvision_names(net.state_dict()))
@@ -80,7 +80,8 @@ def test_cam_layer_3_benchmarks_the_trained_models_network_with_the_spec_s_weigh
     a, b, c = (load(describe(m)).state_dict() for m in (dilated, plain, layer3))
     assert torch.equal(a["trunk.0.weight"], b["trunk.0.weight"])  # the same weights, only layer4's stride differs
     assert torch.equal(c["trunk.6.0.conv1.weight"], b["trunk.6.0.conv1.weight"]) and "trunk.7.0.conv1.weight" not in c
-    with pytest.raises(InputError, match="Invalid cam stride 8"):
+    assert BenchSettings(workdir=".", cam_layer=2).network() == (8, 2)
+    with pytest.raises(InputError, match="stride 8 is layer2's"):
         BenchSettings(workdir=".", cam_stride=8)
     with pytest.raises(InputError, match="cam stride 16 with cam layer 3"):
         BenchSettings(workdir=".", cam_layer=3, cam_stride=32)

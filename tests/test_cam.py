@@ -73,7 +73,7 @@ def test_hot_spot_is_the_centre_of_the_blob_around_the_maximum():
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet101"])
-@pytest.mark.parametrize("network", [(32, 4), (16, 4), (16, 3)])
+@pytest.mark.parametrize("network", [(32, 4), (16, 4), (16, 3), (8, 2)])
 def test_peak_lands_on_a_bright_pixel_through_the_real_trunk(arch, network):
     """Receptive-field geometry, end to end: a bright pixel placed on a cell's receptive-field centre
     comes back as the peak, and as the hot spot's centre, within one pixel; the tile-middle geometry

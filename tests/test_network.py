@@ -51,14 +51,36 @@ def test_a_torchvision_weights_file_loads_into_the_layer3_network(tmp_path):
 def test_a_layer3_network_has_stride_16_and_bad_choices_are_refused():
     with pytest.raises(InputError, match="cam stride 16 with cam layer 3"):
         build_model("resnet18", "none", cam_layer=3)  # stride 32 would need layer4
+    with pytest.raises(InputError, match="cam stride 8 with cam layer 2"):
+        build_model("resnet18", "none", cam_layer=2, cam_stride=16)
+    with pytest.raises(InputError, match="stride 8 is layer2's"):
+        build_model("resnet18", "none", cam_stride=8)
     with pytest.raises(InputError, match="Invalid cam layer 5"):
         build_model("resnet18", "none", cam_layer=5)
-    with pytest.raises(InputError, match="Invalid cam stride 8"):
-        torchvision_resnet("resnet18", 8)
+    with pytest.raises(InputError, match="Invalid cam stride 4"):
+        torchvision_resnet("resnet18", 4)
+
+
+def test_cam_layer_2_ends_the_network_at_layer2_with_the_same_weights_up_to_it():
+    """`--cam-layer 2`: layer2's cells (stride 8), the head on its channels, layers 1-2 those of the full
+    network; the baseline's torchvision network computes the same features."""
+    x = torch.randn(2, 3, 128, 128)
+    for arch, channels in (("resnet18", 128), ("resnet50", 512)):
+        full, cut = build_model(arch, "none", seed=4), build_model(arch, "none", seed=4, cam_stride=8, cam_layer=2)
+        assert len(cut.trunk) == 6 and cut.fc.in_features == channels
+        a, b = full.state_dict(), cut.state_dict()
+        assert all(torch.equal(a[k], v) for k, v in b.items() if k.startswith("trunk."))
+        with torch.no_grad():
+            logits, features = cut.eval()(x)
+        assert features.shape[1:] == (channels, 16, 16) and cam_grid(cut.trunk, 128).stride == 8
+        cam = torch.einsum("bchw,c->bhw", features, cut.fc.weight[1].detach())
+        assert torch.allclose(cam.mean(dim=(1, 2)) + cut.fc.bias[1].detach(), logits[:, 1], atol=1e-4)
+        tv = torchvision_resnet(arch, 8, 2)
+        assert isinstance(tv.layer3, torch.nn.Identity) and tv.fc.in_features == channels
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet101"])
-@pytest.mark.parametrize("layer,stride", [(4, 32), (4, 16), (3, 16)])
+@pytest.mark.parametrize("layer,stride", [(4, 32), (4, 16), (3, 16), (2, 8)])
 def test_the_torch_free_cam_grid_is_the_one_walked_out_of_the_built_network(arch, layer, stride):
     """`cxr-batch score` places the CAM cells from a checkpoint's entries without building the network
     (model/archs.resnet_grid); it must be where the network's own layers put them."""

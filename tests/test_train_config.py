@@ -129,3 +129,22 @@ def test_cpu_workers_get_the_most_cpus_that_still_place_every_worker():
     assert fit_worker_cpus(4, [2.0], use_gpu=False) == 1  # more workers than CPUs: _check_fits says so
     assert fit_worker_cpus(1, [16.0], use_gpu=True) == 1  # GPU workers: the GPU does the arithmetic
     assert fit_worker_cpus(1, [], use_gpu=False) == 1
+
+
+def test_train_cam_layer_gives_the_stride_its_layer_has(tmp_path):
+    """`--cam-layer 2` trains the layer2 map (stride 8), `--cam-layer 3` layer3's (stride 16); a layer with a
+    stride it cannot have is refused in one line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cxr_batch.cli import main
+
+    for layer, stride in (("2", 8), ("3", 16), ("4", 16)):
+        r = CliRunner().invoke(main, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+                                      "--cam-layer", layer, "--json"])
+        settings = json.loads(r.output.split("settings: ", 1)[1].splitlines()[0])
+        assert (settings["cam_layer"], settings["cam_stride"]) == (int(layer), stride)
+        assert "No labelled images" in r.output  # it got as far as the data
+    with pytest.raises(InputError, match="cam stride 8 with cam layer 2"):
+        TrainSettings(data="d", out="o", cam_layer=2)

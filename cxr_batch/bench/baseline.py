@@ -55,7 +55,7 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
     net.load_state_dict(_torchvision_names(state_dict))
     net.eval().to(device)
     features = {}
-    last = net.layer3 if cam_layer == 3 else net.layer4
+    last = getattr(net, f"layer{cam_layer}")  # the layers after it are identities (torchvision_resnet)
     last.register_forward_hook(lambda module, inputs, output: features.update(last=output))
     jet = matplotlib.colormaps["jet"]
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..model.network import check_cam
+from ..model.archs import TRAIN_STRIDE, check_cam
 
 PRECISIONS = ("fp32", "bf16")
 MODE_FLAGS = ("compile", "nocams")  # "bf16+compile", "fp32+nocams", "bf16+compile+nocams", ...
@@ -71,7 +71,7 @@ class BenchSettings:
         if self.cam_stride is None and self.cam_layer is None:
             return None
         layer = self.cam_layer or 4
-        return self.cam_stride or (16 if layer == 3 else 32), layer
+        return self.cam_stride or (TRAIN_STRIDE[layer] if layer < 4 else 32), layer
 
 
 def parse_mode(mode: str) -> tuple[str, bool, bool] | None:

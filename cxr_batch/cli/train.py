@@ -38,9 +38,10 @@ from .summaries import format_eval_summary, format_train_summary
 @click.option("--cam-consistency", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the CAM flip-consistency loss: each image trains beside its mirror image and their"
                    " CAMs must mirror too, so the network cannot learn its evidence off the lesion. 0 = off.")
-@click.option("--cam-layer", type=click.Choice(["3", "4"]), default="3", show_default=True,
+@click.option("--cam-layer", type=click.Choice(["2", "3", "4"]), default="3", show_default=True,
               help="Where the CAM (and the head) sits: 3 ends the network at layer3, whose 14x14 map at 224 px"
-                   " points at the lesion; 4 keeps layer4 (dilated, ~40% more compute), whose map marks the lung.")
+                   " points at the lesion; 2 ends it at layer2 (a 28x28 map: points more reliably, needs more"
+                   " epochs to classify as well); 4 keeps layer4 (dilated, ~40% more compute), whose map marks the lung.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--register/--no-register", default=None,
               help="Make best.ckpt the default model of `cxr-batch score` on this machine when the run finishes."
@@ -62,12 +63,14 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
     from ..jobs.ray_env import joining_a_cluster, ray_for_job
     from ..jobs.train import run_train
     from ..jobs.train_config import TrainSettings
+    from ..model.archs import TRAIN_STRIDE
 
     s = TrainSettings(data=data, out=out, arch=arch, weights=weights, epochs=epochs, warmup_epochs=warmup_epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, workers=workers, gpu=gpu,
                       cpus_per_worker=cpus_per_worker, placement=placement, max_failures=max_failures,
                       target_sensitivity=target_sensitivity, val_fraction=val_fraction,
-                      cam_consistency=cam_consistency, cam_layer=int(cam_layer), seed=seed)
+                      cam_consistency=cam_consistency, cam_layer=int(cam_layer), cam_stride=TRAIN_STRIDE[int(cam_layer)],
+                      seed=seed)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     if register is None:

@@ -9,8 +9,11 @@ from .cam import CamGrid
 
 ARCHS = ("resnet18", "resnet50", "resnet101")
 WEIGHTS = ("imagenet", "none")  # or a path to a local file
-CAM_STRIDES = (32, 16)
-CAM_LAYERS = (4, 3)
+CAM_STRIDES = (32, 16, 8)
+CAM_LAYERS = (4, 3, 2)
+# A map from layer3 has stride 16 and one from layer2 stride 8 (only layer4, which can drop its stride, has a
+# choice: 32, or 16 dilated); what `cxr-batch train --cam-layer N` uses.
+TRAIN_STRIDE = {4: 16, 3: 16, 2: 8}
 
 
 def check_arch(arch: str) -> str:
@@ -25,9 +28,12 @@ def check_cam(cam_layer: int, cam_stride: int) -> None:
         raise InputError(f"Invalid cam layer {cam_layer}. Only {', '.join(map(str, CAM_LAYERS))} are supported.")
     if cam_stride not in CAM_STRIDES:
         raise InputError(f"Invalid cam stride {cam_stride}. Only {', '.join(map(str, CAM_STRIDES))} are supported.")
-    if cam_layer == 3 and cam_stride != 16:
-        raise InputError("A CAM from layer3 has stride 16 (layer4, which alone can drop its stride, is not built);"
-                         " pass cam stride 16 with cam layer 3.")
+    if cam_layer < 4 and cam_stride != TRAIN_STRIDE[cam_layer]:
+        raise InputError(f"A CAM from layer{cam_layer} has stride {TRAIN_STRIDE[cam_layer]} (layer4, which alone can"
+                         f" drop its stride, is not built); pass cam stride {TRAIN_STRIDE[cam_layer]} with cam layer"
+                         f" {cam_layer}.")
+    if cam_layer == 4 and cam_stride == 8:
+        raise InputError("A CAM from layer4 has stride 32, or 16 with layer4 dilated; stride 8 is layer2's.")
 
 
 def resnet_grid(cam_stride: int, input_size: int) -> CamGrid:
