@@ -55,12 +55,15 @@ def run() -> None:
     try:
         main.main(prog_name="cxr-batch")
     except SystemExit as e:
-        code = e.code
+        code = 0 if e.code is None else e.code
     else:
         code = 0
     if _may_skip_teardown():
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more can be said
+                pass
         os._exit(code if isinstance(code, int) else 1)
     sys.exit(code)
 
