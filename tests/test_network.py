@@ -19,22 +19,28 @@ def test_cam_stride_16_doubles_the_map_resolution_with_the_same_weights():
             assert fine.eval()(x)[1].shape[-2:] == (8, 8)
 
 
-def test_cam_layer_3_ends_the_network_at_layer3_with_the_same_weights_up_to_it():
-    """The map of every trained model: layer3's cells (stride 16, undilated), the head on its channels,
-    layers 1-3 exactly those of the full network built from the same seed (ImageNet's, when loaded)."""
+@pytest.mark.parametrize("layer,stride,channels", [(3, 16, {"resnet18": 256, "resnet50": 1024}),
+                                                   (2, 8, {"resnet18": 128, "resnet50": 512})])
+def test_cam_layer_3_or_2_ends_the_network_there_with_the_same_weights_up_to_it(layer, stride, channels):
+    """The map of every trained model (layer3's cells, stride 16, undilated) or of `--cam-layer 2` (stride 8):
+    the head on that layer's channels, the layers up to it exactly those of the full network built from the
+    same seed (ImageNet's, when loaded); the benchmark's torchvision network drops the layers after it."""
     x = torch.randn(2, 3, 128, 128)
-    for arch, channels in (("resnet18", 256), ("resnet50", 1024)):
-        full, cut = build_model(arch, "none", seed=4), build_model(arch, "none", seed=4, cam_stride=16, cam_layer=3)
-        assert len(cut.trunk) == 7 and cut.fc.in_features == channels
+    for arch, c in channels.items():
+        full, cut = build_model(arch, "none", seed=4), build_model(arch, "none", seed=4, cam_stride=stride, cam_layer=layer)
+        assert len(cut.trunk) == 4 + layer and cut.fc.in_features == c
         a, b = full.state_dict(), cut.state_dict()
         assert all(torch.equal(a[k], v) for k, v in b.items() if k.startswith("trunk."))
-        assert not [k for k in b if k.startswith("trunk.7.")]
+        assert not [k for k in b if k.startswith(f"trunk.{4 + layer}.")]
         with torch.no_grad():
             logits, features = cut.eval()(x)
-        assert features.shape[1:] == (channels, 8, 8) and cam_grid(cut.trunk, 128).stride == 16
+        assert features.shape[1:] == (c, 128 // stride, 128 // stride) and cam_grid(cut.trunk, 128).stride == stride
         # the head is linear on the pooled features: the class map averages to the logit minus its bias
         cam = torch.einsum("bchw,c->bhw", features, cut.fc.weight[1].detach())
         assert torch.allclose(cam.mean(dim=(1, 2)) + cut.fc.bias[1].detach(), logits[:, 1], atol=1e-4)
+        tv = torchvision_resnet(arch, stride, layer)
+        assert isinstance(tv.layer4, torch.nn.Identity) and tv.fc.in_features == c
+        assert isinstance(tv.layer3, torch.nn.Identity) == (layer == 2)
 
 
 def test_a_torchvision_weights_file_loads_into_the_layer3_network(tmp_path):
@@ -59,24 +65,6 @@ def test_a_layer3_network_has_stride_16_and_bad_choices_are_refused():
         build_model("resnet18", "none", cam_layer=5)
     with pytest.raises(InputError, match="Invalid cam stride 4"):
         torchvision_resnet("resnet18", 4)
-
-
-def test_cam_layer_2_ends_the_network_at_layer2_with_the_same_weights_up_to_it():
-    """`--cam-layer 2`: layer2's cells (stride 8), the head on its channels, layers 1-2 those of the full
-    network; the baseline's torchvision network computes the same features."""
-    x = torch.randn(2, 3, 128, 128)
-    for arch, channels in (("resnet18", 128), ("resnet50", 512)):
-        full, cut = build_model(arch, "none", seed=4), build_model(arch, "none", seed=4, cam_stride=8, cam_layer=2)
-        assert len(cut.trunk) == 6 and cut.fc.in_features == channels
-        a, b = full.state_dict(), cut.state_dict()
-        assert all(torch.equal(a[k], v) for k, v in b.items() if k.startswith("trunk."))
-        with torch.no_grad():
-            logits, features = cut.eval()(x)
-        assert features.shape[1:] == (channels, 16, 16) and cam_grid(cut.trunk, 128).stride == 8
-        cam = torch.einsum("bchw,c->bhw", features, cut.fc.weight[1].detach())
-        assert torch.allclose(cam.mean(dim=(1, 2)) + cut.fc.bias[1].detach(), logits[:, 1], atol=1e-4)
-        tv = torchvision_resnet(arch, 8, 2)
-        assert isinstance(tv.layer3, torch.nn.Identity) and tv.fc.in_features == channels
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet101"])
