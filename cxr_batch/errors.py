@@ -23,6 +23,13 @@ class InputError(CxrError, ValueError):
 class CheckpointError(CxrError):
     """A checkpoint that is missing, foreign, or unsafe to load."""
 
+    @classmethod
+    def not_a_file(cls, uri: str, *, folder: bool) -> "CheckpointError":
+        """A --model path that is missing or a folder: one message whichever reader found it."""
+        if folder:
+            return cls(f"{uri} is a folder; pass the checkpoint file in it (e.g. best.ckpt).")
+        return cls(f"Checkpoint not found: {uri}")
+
 
 class DecodeError(CxrError):
     """One image that cannot be read or turned into pixels. Its message becomes the row's ``error``."""

@@ -157,3 +157,23 @@ def test_a_missing_or_folder_checkpoint_reads_the_same_with_or_without_torch(tmp
                 describe(spec, check=check)
             messages.append(str(e.value))
         assert messages[0] == messages[1] and spec in messages[0], messages
+
+
+def test_a_checkpoint_of_an_unknown_network_is_refused_alike_with_or_without_torch(tmp_path):
+    """An arch or class list this version does not build: the same one-line error from the entries alone."""
+    from cxr_batch.errors import CheckpointError
+    from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
+    from cxr_batch.model.network import build_model
+    from cxr_batch.model.registry import describe
+
+    for entry, value in (("arch", "vgg16"), ("classes", ["A", "B"])):
+        ckpt = make_checkpoint(build_model("resnet18", "none"), arch="resnet18", image_size=64, threshold=0.5, settings={})
+        ckpt[entry] = value
+        path = str(tmp_path / f"{entry}.ckpt")
+        save_checkpoint(ckpt, path)
+        messages = []
+        for check in (True, False):
+            with pytest.raises(CheckpointError, match="unsupported arch") as e:
+                describe(path, check=check)
+            messages.append(str(e.value))
+        assert messages[0] == messages[1], messages

@@ -27,7 +27,7 @@ from ray.train import UserCallback
 
 from ..archive import storage
 from ..errors import InputError, TrainingError, one_line
-from ..model.network import WEIGHTS
+from ..model.archs import WEIGHTS
 from .ray_env import check_shared_storage, node_cpus
 from .train_config import TrainSettings, best_epoch, fit_worker_cpus
 from .trainset import Split, make_split

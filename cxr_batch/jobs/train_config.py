@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model.calibration import calibrated
-from ..model.network import check_arch, check_cam
+from ..model.archs import check_arch, check_cam
 from ..pixels.decode import DEFAULT_MAX_PIXELS
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")

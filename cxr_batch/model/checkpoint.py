@@ -16,8 +16,8 @@ import torch
 from .. import CLASSES
 from ..archive import storage
 from ..errors import CheckpointError, InputError, one_line
-from .entries import FORMAT, check_format
-from .network import ARCHS, CamResNet, build_model
+from .entries import FORMAT, check_format, check_model
+from .network import CamResNet, build_model
 from .weights import load_state_file_bytes, read_file
 
 VERSION = 1
@@ -60,8 +60,7 @@ def load_checkpoint(uri: str) -> LoadedCheckpoint:
     data = read_file(uri)
     ckpt = load_state_file_bytes(data, uri)
     check_format(ckpt, uri)
-    if ckpt.get("arch") not in ARCHS or list(ckpt.get("classes", [])) != list(CLASSES):
-        raise CheckpointError(f"{uri}: unsupported arch {ckpt.get('arch')!r} or classes {ckpt.get('classes')!r}.")
+    check_model(ckpt, uri)
     return LoadedCheckpoint(ckpt, hashlib.sha256(data).hexdigest()[:16])
 
 

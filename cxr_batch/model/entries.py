@@ -19,8 +19,10 @@ import zipfile
 
 import pyarrow.fs as pafs
 
+from .. import CLASSES
 from ..archive import storage
 from ..errors import CheckpointError
+from .archs import ARCHS
 
 FORMAT = "cxr-batch-checkpoint"
 
@@ -32,6 +34,12 @@ def check_format(ckpt: dict, uri: str) -> None:
             f"{uri} is not a cxr-batch checkpoint (no format={FORMAT!r} entry); train one with"
             " `cxr-batch train`, or pass ARCH:WEIGHTS such as resnet101:imagenet."
         )
+
+
+def check_model(ckpt: dict, uri: str) -> None:
+    """Refuse a checkpoint of ours whose network this version does not build (arch, classes)."""
+    if ckpt.get("arch") not in ARCHS or list(ckpt.get("classes", [])) != list(CLASSES):
+        raise CheckpointError(f"{uri}: unsupported arch {ckpt.get('arch')!r} or classes {ckpt.get('classes')!r}.")
 
 
 class _Weights:
@@ -78,10 +86,8 @@ def checkpoint_entries(uri: str, *, with_id: bool = True) -> tuple[dict, str | N
     checkpoint is a CheckpointError, as with load_checkpoint."""
     fs, path = storage.resolve(uri)
     kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.NotFound:
-        raise CheckpointError(f"Checkpoint not found: {uri}")  # the words weights.read_file uses
-    if kind == pafs.FileType.Directory:
-        raise CheckpointError(f"{uri} is a folder; pass the checkpoint file in it (e.g. best.ckpt).")
+    if kind in (pafs.FileType.NotFound, pafs.FileType.Directory):
+        raise CheckpointError.not_a_file(uri, folder=kind == pafs.FileType.Directory)
     try:
         with fs.open_input_file(path) as f:
             ck = read_small_entries(f)

@@ -9,7 +9,7 @@ from torchvision import models
 
 from .. import CLASSES
 from ..errors import InputError
-from .archs import ARCHS, WEIGHTS, check_arch, check_cam  # noqa: F401  (callers import them from here too)
+from .archs import check_arch, check_cam
 from .weights import imagenet_state, load_weights_file
 
 _TORCHVISION = {

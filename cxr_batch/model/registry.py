@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import CLASSES
 from ..archive import storage
 from ..errors import CheckpointError, InputError
 from .archs import ARCHS, WEIGHTS, check_cam, resnet_grid
+from .entries import check_model
 
 if TYPE_CHECKING:
     import torch
@@ -135,9 +135,8 @@ def _grid(arch: str, cam_stride: int, cam_layer: int, image_size: int, check: bo
 
 def _checkpoint_grid(ck: dict, uri: str):
     """What load_checkpoint and model_from_checkpoint refuse, refused from the entries alone."""
+    check_model(ck, uri)
     try:
-        if ck.get("arch") not in ARCHS or list(ck.get("classes", [])) != list(CLASSES):
-            raise InputError(f"unsupported arch {ck.get('arch')!r} or classes {ck.get('classes')!r}")
         stride, layer = int(ck.get("cam_stride", 32)), int(ck.get("cam_layer", 4))  # older checkpoints: layer4
         check_cam(layer, stride)
         float(ck["threshold"])

@@ -63,9 +63,9 @@ def read_file(uri: str) -> bytes:
     try:
         return storage.read_bytes(uri)
     except FileNotFoundError:
-        raise CheckpointError(f"Checkpoint not found: {uri}") from None
+        raise CheckpointError.not_a_file(uri, folder=False) from None
     except IsADirectoryError:
-        raise CheckpointError(f"{uri} is a folder; pass the checkpoint file in it (e.g. best.ckpt).") from None
+        raise CheckpointError.not_a_file(uri, folder=True) from None
 
 
 # ---------------------------------------------------------------- ImageNet-style weights files
