@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
-# Tests must never pick up a developer's registered default model.
+# Tests must never pick up a developer's registered default model. The process that makes the folder's
+# name (the run's first, not an xdist worker, which inherits it) removes it at the end.
+_MADE_HOME = "CXR_BATCH_HOME" not in os.environ
 os.environ.setdefault("CXR_BATCH_HOME", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cxr-batch-test-home-{os.getpid()}"))
 os.environ.pop("CXR_BATCH_MODEL", None)
 
@@ -16,6 +19,11 @@ os.environ.pop("CXR_BATCH_MODEL", None)
 # collection order: the longest files go first, so that neither worker is left with one of them at the end.
 LONGEST_FIRST = ("test_train.py", "test_cluster.py", "test_train_resume.py", "test_s3.py", "test_failures.py",
                  "test_benchmark.py", "test_resume.py", "test_one_writer.py")
+
+
+def pytest_unconfigure(config):
+    if _MADE_HOME:
+        shutil.rmtree(os.environ["CXR_BATCH_HOME"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
