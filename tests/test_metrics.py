@@ -210,6 +210,22 @@ def test_pointing_game_mean_offset_is_signed_and_in_radii():
     assert m.pointing_game([], [])["mean_dy_in_radii"] is None
 
 
+def test_pointing_game_follow_tells_a_pull_to_the_middle_from_a_shift():
+    """Peaks pulled 30% of the way to mid-height: a mean offset of 0 (upper and lower lesions cancel),
+    but they follow the lesions down by only 0.7; a plain shift keeps the slope at 1."""
+    rng = np.random.default_rng(0)
+    truth = np.column_stack([rng.uniform(0.2, 0.8, 40), rng.uniform(0.2, 0.8, 40), np.full(40, 0.05)])
+    truth[:, 1] -= truth[:, 1].mean() - 0.5  # lesions centred on mid-height: the pull averages out
+    pulled = np.column_stack([truth[:, 0], 0.5 + 0.7 * (truth[:, 1] - 0.5)])
+    r = m.pointing_game(pulled, truth)
+    assert r["mean_dy_in_radii"] == pytest.approx(0, abs=1e-9)
+    assert r["follow_y"] == pytest.approx(0.7) and r["follow_x"] == pytest.approx(1.0)
+    r = m.pointing_game(truth[:, :2] + [0.01, -0.02], truth)
+    assert r["follow_x"] == pytest.approx(1.0) and r["follow_y"] == pytest.approx(1.0)
+    assert r["mean_dy_in_radii"] == pytest.approx(-0.4)
+    assert m.pointing_game(truth[:2, :2], truth[:2])["follow_y"] is None  # two lesions: no slope to speak of
+
+
 def test_pointing_game_aspect_scales_vertical_distance():
     # On an image twice as wide as tall, 0.2 of the height is 0.1 of the width: 1 radius.
     r = m.pointing_game([[0.5, 0.7]], [[0.5, 0.5, 0.1]], tolerance=1.0, aspect=2.0)

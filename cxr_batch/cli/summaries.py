@@ -84,6 +84,9 @@ def format_eval_summary(m: dict, out: str) -> str:
     if pt:
         lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion;"
                      f" mean offset dx {pt['mean_dx_in_radii']:+.2f}, dy {pt['mean_dy_in_radii']:+.2f} lesion radii")
+        if pt.get("follow_y") is not None:
+            lines.append(f"                peaks follow the lesions by {pt['follow_x']:.2f} across, {pt['follow_y']:.2f} down"
+                         " (1 = exactly; below 1 = pulled towards the middle)")
     lines += _eval_calibration_lines(m)
     lines.append(f"  report        {out}/report.html (open it in a browser; also report.md, metrics.json and the PNG plots)")
     return "\n".join(lines)

@@ -32,7 +32,10 @@ def report_markdown(metrics: dict, ckpt: dict) -> str:
         lines += [f"CAM pointing game (peak within {g['tolerance']} lesion radii of the planted lesion): "
                   f"{g['hits']}/{g['n']} = {g['rate']:.1%} of correctly flagged PNEUMONIA images;"
                   f" mean offset of the peak dx {g['mean_dx_in_radii']:+.2f}, dy {g['mean_dy_in_radii']:+.2f} lesion"
-                  f" radii (x right, y down), median distance {g['median_distance_in_radii']:.2f} radii.", ""]
+                  f" radii (x right, y down), median distance {g['median_distance_in_radii']:.2f} radii."
+                  + (f" The peaks follow the lesions by {g['follow_x']:.2f} across and {g['follow_y']:.2f} down"
+                     " (least-squares slope; 1 = exactly, below 1 = pulled towards the middle)."
+                     if g.get("follow_y") is not None else ""), ""]
     lines += _calibration_md(metrics["calibration"]) + _deletion_md(metrics.get("deletion"))
     lines += ["![ROC](roc.png)", "", "![Confusion matrix](confusion.png)", "",
               "![Training curves](training_curves.png)", "", "![Most confident errors](errors_montage.png)", "",

@@ -126,6 +126,29 @@ def model_for(arch, stride, seed, pad="zeros", lse=0.0, layer=4):
     return build_model(arch, "none", seed=seed, cam_stride=stride)
 
 
+class HighPass(nn.Module):
+    """Subtract a Gaussian blur (sigma ``frac`` of the side, reflect padding) from the input: the lung zones'
+    slow brightness gradient goes, a lesion's local contrast stays. Not learnable; linear, so applying it after
+    the per-channel normalisation is the same as before it, up to scale."""
+
+    def __init__(self, frac):
+        super().__init__()
+        self.frac = frac
+
+    def forward(self, x):
+        sigma = self.frac * x.shape[-1]
+        k = int(3 * sigma)
+        t = torch.arange(-k, k + 1, dtype=x.dtype)
+        g = torch.exp(-0.5 * (t / sigma) ** 2)
+        g = (g / g.sum()).to(x.device)
+        c = x.shape[1]
+        b = torch.nn.functional.pad(x, (k, k, 0, 0), mode="reflect")
+        b = torch.nn.functional.conv2d(b, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        b = torch.nn.functional.pad(b, (0, 0, k, k), mode="reflect")
+        b = torch.nn.functional.conv2d(b, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        return x - b
+
+
 def maps_of(model, x):
     logits, feats = model(x)
     return logits, log_odds_map(feats, model.fc.weight, model.fc.bias, 1)
@@ -336,6 +359,7 @@ def main():
     ap.add_argument("--hide", type=float, default=0.0, help="share of images whose hottest cells are hidden in training")
     ap.add_argument("--hide-level", type=float, default=0.8, help="cells at or above this fraction of the maximum")
     ap.add_argument("--translate", type=float, default=0.0, help="extra random shift, fraction of the side")
+    ap.add_argument("--highpass", type=float, default=0.0, help="subtract a Gaussian blur of this sigma (fraction of the side) from the input")
     ap.add_argument("--eval-only", default=None, metavar="STATE", help="no training: evaluate this state dict")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -347,6 +371,8 @@ def main():
     xt, yt, _ = load_pixels(str(d), te, a.image_size, 10**8)
     model = model_for(a.arch, a.stride, a.seed, a.pad, a.lse, a.layer)
     grid = cam_grid(model.trunk, a.image_size)
+    if a.highpass > 0:  # after the grid: the blur moves no cell centre
+        model.trunk = nn.Sequential(HighPass(a.highpass), *model.trunk.children())
     with torch.no_grad():
         w = model.eval()(torch.zeros(1, 3, a.image_size, a.image_size))[1].shape[-1]
     t0 = time.time()
