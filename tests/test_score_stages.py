@@ -22,6 +22,25 @@ def test_prepared_model_gives_the_same_outputs():
     assert torch.allclose(features, features2, rtol=1e-4, atol=1e-3 * features.abs().max().item())
 
 
+def test_an_fp32_cpu_model_is_frozen_and_gives_the_same_outputs_at_any_batch_size():
+    """Traced on one image, the frozen model must hold for every batch size the engines hand it (the
+    last batch of a run is short), and only fp32 is frozen: a trace would drop bf16 autocast."""
+    model = build_model("resnet18", "none", cam_layer=3, cam_stride=16).eval()
+    frozen = prepare_model(build_model("resnet18", "none", cam_layer=3, cam_stride=16), torch.device("cpu"),
+                           channels_last=True, compile=False, precision="fp32", image_size=64)
+    assert isinstance(frozen, torch.jit.ScriptModule)  # not the eager fallback
+    with torch.inference_mode():
+        for n in (1, 3, 5):
+            x = normalize(torch.randint(0, 256, (n, 64, 64), dtype=torch.uint8))
+            (logits, features), (logits2, features2) = model(x), frozen(x)
+            assert features2.shape == features.shape == (n, 256, 4, 4)
+            assert torch.allclose(logits, logits2, rtol=1e-4, atol=1e-4)
+            assert torch.allclose(features, features2, rtol=1e-4, atol=1e-4 * features.abs().max().item())
+    bf16 = prepare_model(build_model("resnet18", "none", cam_layer=3, cam_stride=16), torch.device("cpu"),
+                         channels_last=True, compile=False, precision="bf16", image_size=64)
+    assert not isinstance(bf16, torch.jit.ScriptModule)
+
+
 def test_decode_and_finish_workers_do_not_import_torch():
     """Every Ray worker that runs a decode or finish task imports cxr_batch.jobs.score_stages: with torch that
     cost ~3 s and ~400 MB per worker."""

@@ -20,7 +20,8 @@ def bare_forward(spec: str, *, precision: str, compile: bool, batch_size: int, b
 
     info = describe(spec)
     dev = torch.device(device)
-    model = prepare_model(load(info), dev, channels_last=True, compile=compile)
+    model = prepare_model(load(info), dev, channels_last=True, compile=compile, precision=precision,
+                          image_size=info.image_size)
     g = torch.Generator().manual_seed(0)
     x = normalize(torch.randint(0, 256, (batch_size, info.image_size, info.image_size), dtype=torch.uint8,
                                 generator=g).to(dev), channels_last=True)

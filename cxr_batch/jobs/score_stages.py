@@ -113,13 +113,15 @@ def _strings(column) -> list:
 
 # ---------------------------------------------------------------- stage 2: model (actor pool)
 
-def prepare_model(model, device, *, channels_last: bool, compile: bool):
+def prepare_model(model, device, *, channels_last: bool, compile: bool, precision: str = "fp32",
+                  image_size: int | None = None):
     """Inference-only rewrites of an eval-mode CamResNet; same outputs, less work per image.
 
     Batch norm is folded into the preceding convolutions (5-7% less CPU time per image on
     ResNet-101, fp32 and bf16). channels_last is oneDNN's native layout. torch.compile with
     freezing takes ~1 min per actor on CPU and then saves another ~15%: worth it only for archives
-    of many thousands of images per actor.
+    of many thousands of images per actor. Without it, an fp32 model on a CPU is frozen for
+    inference (``frozen_for_cpu``) when ``image_size`` says what to trace it with.
     """
     import torch
     from torch.fx.experimental.optimization import fuse
@@ -132,7 +134,32 @@ def prepare_model(model, device, *, channels_last: bool, compile: bool):
 
         torch._inductor.config.freezing = True  # constant-fold the weights: this process only infers
         model = torch.compile(model)
+    elif device.type == "cpu" and precision == "fp32" and image_size:
+        model = frozen_for_cpu(model, image_size, channels_last=channels_last)
     return model
+
+
+def frozen_for_cpu(model, image_size: int, *, channels_last: bool):
+    """The model traced on one image and frozen by TorchScript for inference: convolutions fused
+    with the ReLU and residual add after them, weights prepacked for oneDNN. ResNet-101 (layer3
+    head), fp32, batch 16, 2 Zen 4 CPUs: 11.3-12.3 images/s against 10.5-10.7 eager, for ~0.7 s of
+    preparation; outputs equal to ~1e-6 (relative), at any batch size. torch.jit is deprecated in
+    favour of torch.compile (~1 min per process on a CPU), so where it fails or is gone the eager
+    model, the same network, is returned. Not for bf16: a trace does not carry autocast."""
+    import warnings
+
+    import torch
+
+    x = torch.zeros(1, 3, image_size, image_size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice, once per process
+            traced = torch.jit.trace(model, x, check_trace=False)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+    except (AttributeError, RuntimeError, TypeError):
+        return model
 
 
 def auto_precision(device_type: str, native: bool) -> str:
@@ -176,7 +203,8 @@ class Scorer:
         _check_grid(model, info)
         self.temperature = float(info.get("temperature", 1.0))
         self.weight, self.bias = fc_weight(model).float(), fc_bias(model).float()
-        self.model = prepare_model(model, self.device, channels_last=channels_last, compile=compile)
+        self.model = prepare_model(model, self.device, channels_last=channels_last, compile=compile,
+                                   precision=self.precision, image_size=int(info["image_size"]))
         self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
 
     def __call__(self, batch: dict) -> dict:
