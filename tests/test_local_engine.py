@@ -44,6 +44,20 @@ def test_finishing_goes_before_decoding():
     assert order.index("finish") <= 1 and len(low) == 3 and high is not None
 
 
+def test_decoding_ahead_of_the_model_start_is_bounded_in_bytes():
+    """While torch loads, the pool may decode more than the steady queue, but never more than
+    STARTUP_BYTES of pixels, whatever the archive's size or the model's image size."""
+    from cxr_batch.jobs.local_engine import STARTUP_BYTES, startup_rows
+    from cxr_batch.jobs.score_stages import StageConfig
+
+    for side, rows in ((224, 32), (512, 16), (4096, 32), (224, 1)):
+        stages = StageConfig(decode=dict(image_size=side), decode_rows=rows)
+        n = startup_rows(stages, 8 * rows)
+        assert n % rows == 0 and n >= 8 * rows  # whole decode calls, never below the steady queue
+        assert n * side * side <= max(STARTUP_BYTES, 8 * rows * side * side)
+    assert startup_rows(StageConfig(decode=dict(image_size=224), decode_rows=32), 256) > 1000  # covers a start-up
+
+
 def test_auto_is_local_only_where_ray_would_start_for_this_run(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # connected=False: a Ray left running by an earlier test in this process must not decide.
