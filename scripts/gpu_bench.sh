@@ -8,19 +8,36 @@
 #
 # Sized to fit a 10-minute slot: 2,000 images of 1000-2000 px (the archive is generated with every
 # CPU, then kept in WORKDIR for a rerun), the baseline on 300 of them (it runs at ~20 images/s).
+# IMAGES=20000 is issue 13's size, for a second run once the first has shown how long each part takes.
+#
+# The lent H200 machines (/work/.library/device) have Python 3.12 with torch and torchvision but no
+# Ray, and Ray's wheel (79 MB) is larger than what travels there (64 MiB): without Ray the benchmark
+# measures (a), (c), (b) and the memory check on the local engine and (d) local, and says so. pydicom
+# is not there either; carry its wheel (pure Python), once, in the repository's root here:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl pydicom==3.0.2
+# then run this with carry [".whl"]: the wheels below are installed into /tmp/site.
 set -euo pipefail
-WORK=${1:-/tmp/cxr-gpu-bench}
-OUT=${2:-${OUT:-.}}
+WORK=$(realpath -m "${1:-/tmp/cxr-gpu-bench}")
+OUT=$(realpath -m "${2:-${OUT:-.}}")
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
 mkdir -p "$WORK" "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # cxr_batch from this checkout, installed or not
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi: runs on the CPU"
-python - <<'PY'
+"$PY" - <<'PY'
 import torch, torchvision
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, cuda {torch.cuda.is_available()}")
 PY
+if "$PY" -c "import ray" 2> /dev/null; then ENGINES=${ENGINES:-local,ray}; else ENGINES=${ENGINES:-local}; fi
 uptime
-# IMAGES, BASELINE, SIDE_MIN/SIDE_MAX, BATCH override the sizes (a CPU smoke run: IMAGES=8 BASELINE=4 ...).
-python jobs/benchmark.py "$WORK" --images "${IMAGES:-2000}" --batch-size "${BATCH:-64}" \
+# IMAGES, BASELINE, SIDE_MIN/SIDE_MAX, BATCH, MEMORY override the sizes (a CPU smoke run: IMAGES=8 BASELINE=4 ...).
+"$PY" jobs/benchmark.py "$WORK" --images "${IMAGES:-2000}" --batch-size "${BATCH:-64}" \
   --min-side "${SIDE_MIN:-1000}" --max-side "${SIDE_MAX:-2000}" --modes fp32,bf16,bf16+nocams \
-  --engines local,ray --baseline-images "${BASELINE:-300}" --decode-check --memory-check --memory-images "${MEMORY:-200}" \
+  --engines "$ENGINES" --baseline-images "${BASELINE:-300}" --decode-check --memory-check --memory-images "${MEMORY:-200}" \
   --out-json "$OUT/gpu-bench.json" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench.txt"
 uptime

@@ -1,6 +1,10 @@
 """The benchmark keeps working (tiny archive, small model); its numbers are never asserted."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +15,13 @@ from cxr_batch.bench.inputs import make_bench_archive
 from cxr_batch.bench.memory import PeakMemory
 from cxr_batch.bench.run import compare
 from cxr_batch.bench.settings import BenchSettings, parse_mode
-from cxr_batch.errors import InputError
+from cxr_batch.errors import EXIT_ERROR, InputError
 from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
 from cxr_batch.cli import main
 from cxr_batch.model.network import build_model, torchvision_resnet
 from cxr_batch.model.registry import describe
+
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def test_modes_parse_and_bad_ones_are_refused():
@@ -161,3 +167,32 @@ def test_benchmark_runs_end_to_end_and_writes_every_field(ray_session, tmp_path)
     assert t["worker_cpus"] == t["threads"] == 2 and t["images"] == 16 and t["epochs"] == 2
     assert t["plain_images_per_s"] > 0 and t["worker_images_per_s"] > 0 and t["worker_over_plain"] > 0
     assert "(e) training resnet18" in r.output and "worker/plain" in r.output
+
+
+def _without_ray(tmp_path) -> dict:
+    """The environment of a machine where `import ray` fails, as on the lent GPU machines (torch, no
+    Ray): a sitecustomize that every Python process started with it (the (d) command too) imports first."""
+    block = tmp_path / "no-ray"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text('import sys\nsys.modules["ray"] = None  # import ray -> ImportError\n')
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), ROOT])}
+
+
+@pytest.mark.slow
+def test_benchmark_runs_without_ray_on_the_local_engine_and_says_what_it_left_out(tmp_path):
+    env, out = _without_ray(tmp_path), tmp_path / "bench.json"
+    cmd = [sys.executable, "jobs/benchmark.py", str(tmp_path / "work"), "--images", "4", "--min-side", "256",
+           "--max-side", "256", "--model", "resnet18:none", "--batch-size", "4", "--modes", "fp32",
+           "--engines", "local,ray", "--baseline-images", "2", "--memory-check", "--memory-images", "2",
+           "--out-json", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["machine"]["ray"] is None and result["score_engine"] == "local"
+    assert result["score"]["fp32"]["plan"]["engine"] == "local" and result["score"]["fp32"]["images"] == 4
+    assert list(result["cli"]) == ["local"] and result["skipped"] == ["(d) --engine ray"]
+    assert result["memory_check"]["large"]["images"] == 20
+    assert "(b) ran on the local engine: Ray is not installed here; not measured: (d) --engine ray" in r.stdout
+    refused = subprocess.run(cmd + ["--train-check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == EXIT_ERROR and "--train-check runs `cxr-batch train`, which needs Ray" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr

@@ -5,6 +5,7 @@ PIL directly, on purpose: it is the code a reader would write, not ours."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,8 @@ def baseline_pytorch(archive: str, paths: list[str], state_dict: dict, arch: str
 
     transform = T.Compose([T.Resize(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     # DataLoader forks its workers; after Ray has started threads in this process, forkserver is safer.
-    import ray
-
-    context = "forkserver" if ray.is_initialized() else None
+    ray = sys.modules.get("ray")  # not imported here: a machine without Ray runs the baseline too
+    context = "forkserver" if ray is not None and ray.is_initialized() else None
     loader = DataLoader(XrayFiles(archive, paths, transform), batch_size=batch_size, num_workers=num_workers,
                         multiprocessing_context=context)
     from ..model.network import torchvision_resnet

@@ -32,7 +32,7 @@ import gc
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..errors import InputError
@@ -69,6 +69,7 @@ def run_benchmark(s: BenchSettings, *, log=print, verbose: bool = False) -> dict
     work = Path(s.workdir)
     work.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "settings": asdict(s)}
+    s = _without_ray(s, result, log)  # first: a refused --train-check is the only line
     log(f"benchmark settings: {json.dumps(asdict(s))}")
     t0 = time.perf_counter()
     archive, paths, model = _inputs(s, work, result, log)
@@ -86,6 +87,30 @@ def run_benchmark(s: BenchSettings, *, log=print, verbose: bool = False) -> dict
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def ray_installed() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _without_ray(s: BenchSettings, result: dict, log) -> BenchSettings:
+    """Where Ray is not installed (the lent GPU machines have torch but no Ray, and its wheel is larger
+    than what travels there), measure what runs without it: (a), (c), (b) and the memory check on the
+    local engine, (d) local. Ray's own rows are left out and said so; (e) trains with Ray and is refused."""
+    result["score_engine"] = "ray" if ray_installed() else "local"
+    if result["score_engine"] == "ray":
+        return s
+    if s.train_check:
+        raise InputError("--train-check runs `cxr-batch train`, which needs Ray, and Ray is not installed here;"
+                         " install ray[data,train,default] or leave --train-check out.")
+    result["skipped"] = ["(d) --engine ray"] if "ray" in s.engines else []
+    log("Ray is not installed here: (b) and the memory check run on the local engine (no Ray)"
+        + ("; (d) --engine ray is skipped" if result["skipped"] else ""))
+    return replace(s, engines=tuple(e for e in s.engines if e != "ray"))
 
 
 def _inputs(s: BenchSettings, work: Path, result: dict, log) -> tuple[str, list[str], str]:
@@ -158,7 +183,15 @@ def _measure_forward(s: BenchSettings, model: str, device: str, result: dict, lo
 
 def _measure_score(s, work: Path, archive: str, paths: list, model: str, device: str, result: dict, log,
                    verbose: bool) -> None:
-    """(b) ``run_score`` per mode on a local Ray that this starts (and the memory check)."""
+    """(b) ``run_score`` per mode on a local Ray that this starts (and the memory check); without Ray
+    installed, on the local engine."""
+    engine = result["score_engine"]
+    if engine == "local":
+        result["score"] = {mode: _score_mode(s, work, archive, len(paths), model, device, mode, log, engine)
+                           for mode in s.modes}
+        if s.memory_check:
+            result["memory_check"] = memory_check(s, work, log=log, engine=engine)
+        return
     from ..jobs.ray_env import ray_running
 
     with ray_running(None, num_cpus=s.num_cpus, verbose=verbose):
@@ -171,19 +204,19 @@ def _measure_score(s, work: Path, archive: str, paths: list, model: str, device:
         t_warm = time.perf_counter()
         ray.data.range(2).map_batches(lambda b: b).materialize()
         result["ray_data_warmup_s"] = round(time.perf_counter() - t_warm, 1)
-        result["score"] = {mode: _score_mode(s, work, archive, len(paths), model, device, mode, log)
+        result["score"] = {mode: _score_mode(s, work, archive, len(paths), model, device, mode, log, engine)
                            for mode in s.modes}
         if s.memory_check:
-            result["memory_check"] = memory_check(s, work, log=log)
+            result["memory_check"] = memory_check(s, work, log=log, engine=engine)
 
 
-def _score_mode(s, work: Path, archive: str, n: int, model: str, device: str, mode: str, log) -> dict:
+def _score_mode(s, work: Path, archive: str, n: int, model: str, device: str, mode: str, log, engine: str) -> dict:
     from ..jobs.score import ScoreSettings, run_score
 
     precision, compiled, cams = parse_mode(mode)
     settings = ScoreSettings(archive=archive, out=str(_score_out(work, mode)), model=model, batch_size=s.batch_size,
                              precision=precision, compile=compiled, cams=cams, overwrite=True, limit=n,
-                             device="gpu" if device == "cuda" else "cpu")
+                             device="gpu" if device == "cuda" else "cpu", engine=engine)
     marks = []  # (time, rows done) each time rows reach the driver (at most every 2 s)
     started_at = time.perf_counter()
     r = _timed(run_score, settings, progress=lambda sm, total: marks.append((time.perf_counter(), sm.scored + sm.errors)))
@@ -284,7 +317,7 @@ def _rate(r: dict, images: int) -> dict:
     return {"images": images, "images_per_s": round(images / r["seconds"], 2), **r}
 
 
-def memory_check(s: BenchSettings, work: Path, *, log=print) -> dict:
+def memory_check(s: BenchSettings, work: Path, *, log=print, engine: str = "ray") -> dict:
     """Score N, then 10N small phantoms with the same settings: peak memory must not grow with N."""
     from ..jobs.score import ScoreSettings, run_score
 
@@ -294,7 +327,7 @@ def memory_check(s: BenchSettings, work: Path, *, log=print) -> dict:
     out = {"model": s.memory_model, "side": s.memory_side}
     for key, limit in (("small", n), ("large", 10 * n)):
         settings = ScoreSettings(archive=str(archive), out=str(work / f"memory-{key}"), model=s.memory_model,
-                                 batch_size=s.batch_size, overwrite=True, limit=limit)
+                                 batch_size=s.batch_size, overwrite=True, limit=limit, engine=engine)
         r = _timed(run_score, settings)
         r.pop("value")
         out[key] = {"images": limit, **r}
@@ -306,7 +339,12 @@ def memory_check(s: BenchSettings, work: Path, *, log=print) -> dict:
 
 
 def machine() -> dict:
-    import ray
     import torch
 
-    return {**host.machine(), "torch": torch.__version__, "ray": ray.__version__, "torch_threads": torch.get_num_threads()}
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
+    return {**host.machine(), "torch": torch.__version__, "ray": ray_version, "torch_threads": torch.get_num_threads()}

@@ -22,6 +22,9 @@ def format_table(r: dict) -> str:
                      f"{d['peak_rss_mb']:>13}{_pct(d.get('label_agreement')):>12}{_num(d.get('max_prob_diff')):>10}")
     for engine, d in r.get("cli", {}).items():
         lines.append(startup_line(engine, d["startup"]))
+    if r.get("score_engine") == "local":
+        lines.append("(b) ran on the local engine: Ray is not installed here"
+                     + (f"; not measured: {', '.join(r['skipped'])}" if r.get("skipped") else ""))
     lines.append(f"fastest mode agreeing with fp32 on >= 99% of labels: {r['fastest_agreeing_mode']}")
     md = r["model"]
     lines.append(f"model: {md['spec']}{' with a calibrated head' if md['calibrated_head'] else ''}, CAM stride"
@@ -29,7 +32,7 @@ def format_table(r: dict) -> str:
                  f" {md['image_size']} px; P(PNEUMONIA) in [0.2, 0.8] for {_pct(md.get('uncertain_share'))} of the fp32"
                  " run's images (agreement means something from about 20%)")
     m = r["machine"]
-    lines.append(f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch {m['torch']}, ray {m['ray']};"
+    lines.append(f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gb']} GB; torch {m['torch']}, ray {m['ray'] or 'not installed'};"
                  f" load average {m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end;"
                  f" device {r.get('device', 'cpu')}")
     if a["images"] != r["archive"]["images"]:
