@@ -68,8 +68,9 @@ def run_benchmark(s: BenchSettings, *, log=print, verbose: bool = False) -> dict
     """Run (a), (c) and (b) on one archive and compare them; returns every number as a dict."""
     work = Path(s.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "settings": asdict(s)}
-    s = _without_ray(s, result, log)  # first: a refused --train-check is the only line
+    result = {"settings": asdict(s)}
+    s = _without_ray(s, result, log)  # first: a refused --train-check is the only line, before torch loads
+    result["machine"] = machine()
     log(f"benchmark settings: {json.dumps(asdict(s))}")
     t0 = time.perf_counter()
     archive, paths, model = _inputs(s, work, result, log)
