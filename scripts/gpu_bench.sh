@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurement of issue 13 in one run (prepared on a CPU-only machine, not yet run on a GPU):
-# (a) plain PyTorch, (b) cxr-batch score per precision mode, (c) the bare forward, (d) the score
+# (a) plain PyTorch, (b) cxr-batch score per precision mode (bf16 with JPEGs decoded on the GPU, the
+# default there, and +cpudecode with them decoded by the CPUs), (c) the bare forward, (d) the score
 # command per engine in a fresh process (start-up included and broken down), the nvJPEG decode
 # check, and the peak-memory check at N and 10N images. One JSON with every number lands in $OUT.
 #
@@ -37,7 +38,7 @@ if "$PY" -c "import ray" 2> /dev/null; then ENGINES=${ENGINES:-local,ray}; else 
 uptime
 # IMAGES, BASELINE, SIDE_MIN/SIDE_MAX, BATCH, MEMORY override the sizes (a CPU smoke run: IMAGES=8 BASELINE=4 ...).
 "$PY" jobs/benchmark.py "$WORK" --images "${IMAGES:-2000}" --batch-size "${BATCH:-64}" \
-  --min-side "${SIDE_MIN:-1000}" --max-side "${SIDE_MAX:-2000}" --modes fp32,bf16,bf16+nocams \
+  --min-side "${SIDE_MIN:-1000}" --max-side "${SIDE_MAX:-2000}" --modes fp32,bf16,bf16+cpudecode,bf16+nocams \
   --engines "$ENGINES" --baseline-images "${BASELINE:-300}" --decode-check --memory-check --memory-images "${MEMORY:-200}" \
   --out-json "$OUT/gpu-bench.json" 2> "$OUT/gpu-bench.log" | tee "$OUT/gpu-bench.txt"
 uptime

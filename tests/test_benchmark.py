@@ -14,7 +14,7 @@ from cxr_batch.bench.baseline import _torchvision_names
 from cxr_batch.bench.inputs import make_bench_archive
 from cxr_batch.bench.memory import PeakMemory
 from cxr_batch.bench.run import compare
-from cxr_batch.bench.settings import BenchSettings, parse_mode
+from cxr_batch.bench.settings import BenchSettings, decode_on, parse_mode
 from cxr_batch.errors import EXIT_ERROR, InputError
 from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
 from cxr_batch.cli import main
@@ -28,6 +28,8 @@ def test_modes_parse_and_bad_ones_are_refused():
     assert parse_mode("fp32") == ("fp32", False, True)
     assert parse_mode("bf16+compile") == ("bf16", True, True)
     assert parse_mode("bf16+nocams+compile") == ("bf16", True, False)
+    assert parse_mode("bf16+cpudecode") == ("bf16", False, True) and decode_on("bf16+cpudecode") == "cpu"
+    assert decode_on("bf16+nocams") == "auto"  # score's default: the GPU decodes where the model runs on one
     for bad in ("fp16", "bf16+fast", "fp32+compile+compile", ""):
         assert parse_mode(bad) is None, bad
     with pytest.raises(InputError, match="fp32 is required"):

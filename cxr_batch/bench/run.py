@@ -41,7 +41,7 @@ from .baseline import baseline_pytorch
 from .inputs import calibrated_checkpoint, make_bench_archive
 from .memory import PeakMemory
 from .probes import bare_forward, decode_check
-from .settings import REFERENCE, BenchSettings, parse_mode
+from .settings import REFERENCE, BenchSettings, decode_on, parse_mode
 
 
 def _timed(fn, *args, **kwargs) -> dict:
@@ -217,7 +217,7 @@ def _score_mode(s, work: Path, archive: str, n: int, model: str, device: str, mo
     precision, compiled, cams = parse_mode(mode)
     settings = ScoreSettings(archive=archive, out=str(_score_out(work, mode)), model=model, batch_size=s.batch_size,
                              precision=precision, compile=compiled, cams=cams, overwrite=True, limit=n,
-                             device="gpu" if device == "cuda" else "cpu", engine=engine)
+                             device="gpu" if device == "cuda" else "cpu", engine=engine, decode_on=decode_on(mode))
     marks = []  # (time, rows done) each time rows reach the driver (at most every 2 s)
     started_at = time.perf_counter()
     r = _timed(run_score, settings, progress=lambda sm, total: marks.append((time.perf_counter(), sm.scored + sm.errors)))
@@ -301,7 +301,7 @@ def _device(choice: str) -> str:
 
 
 def _forward_key(mode: str) -> str:
-    return mode.replace("+nocams", "")
+    return mode.replace("+nocams", "").replace("+cpudecode", "")
 
 
 def _steady(marks: list, t0: float) -> dict:

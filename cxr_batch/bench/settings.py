@@ -8,7 +8,9 @@ from ..errors import InputError
 from ..model.archs import TRAIN_STRIDE, check_cam
 
 PRECISIONS = ("fp32", "bf16")
-MODE_FLAGS = ("compile", "nocams")  # "bf16+compile", "fp32+nocams", "bf16+compile+nocams", ...
+# "bf16+compile", "fp32+nocams", "bf16+compile+nocams", ...; "+cpudecode": JPEGs decoded by the CPUs even
+# where the model runs on a GPU (score's --decode-on cpu; the other modes use its auto: the GPU there).
+MODE_FLAGS = ("compile", "nocams", "cpudecode")
 REFERENCE = "fp32"  # every other mode's labels are compared with this one's
 
 
@@ -81,3 +83,8 @@ def parse_mode(mode: str) -> tuple[str, bool, bool] | None:
     if precision not in PRECISIONS or len(set(flags)) != len(flags) or not set(flags) <= set(MODE_FLAGS):
         return None
     return precision, "compile" in flags, "nocams" not in flags
+
+
+def decode_on(mode: str) -> str:
+    """score's --decode-on for a benchmark mode."""
+    return "cpu" if "cpudecode" in mode.split("+") else "auto"

@@ -25,8 +25,9 @@ from .options import friendly
                    " default: the spec's own (32).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--modes", default="fp32,bf16", show_default=True,
-              help="Comma-separated modes: fp32 or bf16, optionally +compile and/or +nocams (no CAM PNGs),"
-                   " e.g. fp32,bf16,bf16+compile,bf16+nocams. fp32 is required: it is the reference.")
+              help="Comma-separated modes: fp32 or bf16, optionally +compile, +nocams (no CAM PNGs) and/or"
+                   " +cpudecode (JPEGs decoded by the CPUs where the model runs on a GPU), e.g."
+                   " fp32,bf16,bf16+compile,bf16+nocams. fp32 is required: it is the reference.")
 @click.option("--engines", default="local,ray", show_default=True,
               help="(d): run `cxr-batch score --engine E` (fp32) in a fresh process for each, start-up included"
                    " and broken down. Empty: skip (d).")

@@ -52,6 +52,10 @@ from .summaries import format_summary
               help="ray: Ray Data (tasks, an actor pool; any cluster). local: this process and a process pool, no"
                    " Ray start-up. auto: local on one machine with at most one GPU (and for up to 20,000 files on"
                    " a CPU machine of more than 8 CPUs), ray when joining a cluster (--address, RAY_ADDRESS).")
+@click.option("--decode-on", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded. device: beside the model, in one batched call (nvJPEG on a GPU), the"
+                   " CPUs only read and check them; other formats and files the device fails on are decoded on the"
+                   " CPUs. auto: device when the model runs on a GPU, else cpu.")
 @click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
               help="Rows per published Parquet part: small values make tests see parts early.")
 @click.option("--lease-timeout", type=click.FloatRange(min=1), default=None, hidden=True,
@@ -62,8 +66,8 @@ from .summaries import format_summary
 @friendly
 def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, actors, cpus_per_actor, device, precision,
           compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, max_bytes, retries,
-          retry_backoff, engine, rows_per_part, lease_timeout, report_, address, wait_for_gpus, wait_timeout, as_json,
-          verbose):
+          retry_backoff, engine, decode_on, rows_per_part, lease_timeout, report_, address, wait_for_gpus, wait_timeout,
+          as_json, verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
@@ -84,7 +88,8 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, a
                       overwrite=overwrite, limit=limit, manifest=manifest, follow_symlinks=follow_symlinks,
                       rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,
                       lease_timeout_s=lease_timeout or DEFAULT_TIMEOUT_S, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
-                      retries=retries, retry_backoff_s=retry_backoff, engine=_engine(engine, address, wait_for_gpus))
+                      retries=retries, retry_backoff_s=retry_backoff, engine=_engine(engine, address, wait_for_gpus),
+                      decode_on=decode_on)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     t0 = time.perf_counter()

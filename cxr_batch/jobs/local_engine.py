@@ -101,7 +101,10 @@ STARTUP_BYTES = 64 << 20  # 1,312 rows at 224 px
 
 def startup_rows(stages: StageConfig, ahead: int) -> int:
     """Rows that may be decoded before the model is ready: STARTUP_BYTES of model-sized pixels
-    (uint8, one channel: 50 KB at 224 px), in whole decode batches, never fewer than the steady ``ahead``."""
+    (uint8, one channel: 50 KB at 224 px), in whole decode batches, never fewer than the steady ``ahead``.
+    JPEGs left for the device (``device_decode``) travel as whole files, ten times that: only ``ahead``."""
+    if stages.decode.get("device_decode"):
+        return ahead
     side = int(stages.decode["image_size"])  # decode_batch requires it: no default to hide a missing one
     rows = stages.decode_rows
     return max(ahead, STARTUP_BYTES // (side * side) // rows * rows)

@@ -40,6 +40,7 @@ from .score_stages import Scorer, StageConfig, decode_batch, finish_batch
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
 ENGINES = ("auto", "ray", "local")
+DECODE_ON = ("auto", "cpu", "device")
 # The largest input file read (--max-bytes). Chest radiographs are 0.1-50 MB (a DICOM of a 3000 x 3000
 # 16-bit detector image is 18 MB); 1 GiB leaves room for odd multi-frame objects while one decode
 # worker holding a few such files still fits a 4 GB worker.
@@ -76,6 +77,9 @@ class ScoreSettings:
     retries: int = 3  # retry passes for transient failures and files whose worker died (see jobs/runloop.py)
     retry_backoff_s: float = 2.0  # wait before retry pass k: retry_backoff_s * 2**(k-1)
     engine: str = "auto"  # ray | local (no Ray: this process + a process pool) | auto (see choose_engine)
+    # Where JPEGs are decoded: cpu (the decode stage), device (the Scorer, on the model's device: nvJPEG
+    # on a GPU; pixels/device_decode.py), auto (device when the model runs on a GPU).
+    decode_on: str = "auto"
     stall_timeout_s: float = 900  # Ray Data raises instead of hanging this long without progress
 
     def __post_init__(self):
@@ -87,6 +91,8 @@ class ScoreSettings:
             raise InputError(f"Invalid --cam-scale {self.cam_scale}. Only {', '.join(CAM_SCALES)} are supported.")
         if self.device not in DEVICES:
             raise InputError(f"Invalid device {self.device!r}. Only {', '.join(DEVICES)} are supported.")
+        if self.decode_on not in DECODE_ON:
+            raise InputError(f"Invalid --decode-on {self.decode_on!r}. Only {', '.join(DECODE_ON)} are supported.")
         if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
             raise InputError("--batch-size and --actors must be at least 1.")
 
@@ -103,6 +109,7 @@ class ResourcePlan:
     task_cpus: float  # per decode / finish task
     engine: str = "ray"
     workers: int = 0  # local engine: decode/finish processes beside the model
+    decode_on: str = "cpu"  # where JPEGs are decoded: cpu (decode stage) or device (the Scorer's)
 
 
 def plan_resources(cluster_cpus: float, cluster_gpus: float, s: ScoreSettings) -> ResourcePlan:
@@ -343,25 +350,32 @@ def _local_ray():
 
 def _plan(engine: str, s: ScoreSettings) -> ResourcePlan:
     if engine == "local":
-        from .local_engine import node_cpus
+        from .local_engine import node_cpus, node_gpus
 
         cpus = node_cpus()
         # The model gets every CPU: the pool's decode and finish work is ~12 CPU-ms per image against
         # ~100-180 for ResNet-101, and a pool process only runs when there is work.
-        return ResourcePlan(1, float(cpus), 0.0, s.cpus_per_actor and int(s.cpus_per_actor) or cpus, 1.0,
+        plan = ResourcePlan(1, float(cpus), 0.0, s.cpus_per_actor and int(s.cpus_per_actor) or cpus, 1.0,
                             engine="local", workers=max(1, cpus - 1))
-    import ray
+        on_gpu = s.device != "cpu" and node_gpus() > 0  # the local Scorer takes a GPU when it sees one
+    else:
+        import ray
 
-    res = ray.cluster_resources()
-    return plan_resources(res.get("CPU", 0), res.get("GPU", 0), s)
+        res = ray.cluster_resources()
+        plan = plan_resources(res.get("CPU", 0), res.get("GPU", 0), s)
+        on_gpu = plan.gpus_per_actor > 0
+    # On a GPU node the CPUs set the rate (decode ~9 ms of CPU per image): JPEGs go to the GPU there.
+    decode_on = ("device" if on_gpu else "cpu") if s.decode_on == "auto" else s.decode_on
+    return replace(plan, decode_on=decode_on)
 
 
 def _describe_plan(plan: ResourcePlan) -> str:
+    jpegs = "; JPEGs decoded where the model runs" if plan.decode_on == "device" else ""
     if plan.engine == "local":
         return (f"local engine (no Ray): model in this process with {plan.torch_threads} threads,"
-                f" {plan.workers} decode/finish process(es)")
+                f" {plan.workers} decode/finish process(es){jpegs}")
     return (f"{plan.actors} model actor(s) x {plan.cpus_per_actor:g} CPU"
-            + (f" + {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else ""))
+            + (f" + {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else "") + jpegs)
 
 
 def stage_config(s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir: str | None) -> StageConfig:
@@ -372,9 +386,9 @@ def stage_config(s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir:
     # recompiles under torch.compile). So blocks and decode batches are multiples of the batch.
     return StageConfig(
         decode=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels,
-                    follow_symlinks=s.follow_symlinks, max_bytes=s.max_bytes),
+                    follow_symlinks=s.follow_symlinks, max_bytes=s.max_bytes, device_decode=plan.decode_on == "device"),
         scorer=dict(info=info_d, threads=plan.torch_threads, precision=s.precision, compile=s.compile,
-                    channels_last=s.channels_last),
+                    channels_last=s.channels_last, max_pixels=s.max_pixels),
         finish=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive, max_pixels=s.max_pixels,
                     cam_scale=s.cam_scale),
         batch_size=s.batch_size, decode_rows=s.batch_size * max(1, 32 // s.batch_size))

@@ -21,7 +21,8 @@ from ..archive import storage
 from ..archive.discover import label_from_path, opened_outside, outside_archive
 from ..archive.results import ERROR, RETRY, SCORED, SKIPPED, TEXT_COLUMNS, cam_uri
 from ..errors import DecodeError, TransientError, one_line
-from ..pixels.decode import decode_image
+from ..pixels.decode import DEFAULT_MAX_PIXELS, decode_image
+from ..pixels.device_decode import decode_on_device, device_jpeg_header
 from ..pixels.gray import to_u8
 from ..pixels.transforms import to_model_pixels
 
@@ -46,33 +47,53 @@ OUTSIDE = "symlink to outside the archive: not read (pass --follow-symlinks to r
 
 
 def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int, follow_symlinks: bool = False,
-                 max_bytes: int | None = None) -> dict:
+                 max_bytes: int | None = None, device_decode: bool = False) -> dict:
     """Read and decode a batch of archive paths. ``batch["sniff"]`` (optional) marks files with no
-    extension: they are scored only if their first bytes say DICOM (the listing never opens a file)."""
+    extension: they are scored only if their first bytes say DICOM (the listing never opens a file).
+    ``device_decode``: JPEGs the model's device can decode (pixels/device_decode.py) are only read,
+    hashed and checked here, and travel as bytes in a ``jpeg`` column for the Scorer to decode."""
     n = len(batch["path"])
     sniff = batch.get("sniff", np.zeros(n, bool))
     out = {k: [None] * n for k in TEXT_COLUMNS}  # every text column of the schema travels from here on
     out.update(path=list(batch["path"]), bytes=np.full(n, -1, np.int64),
                width=np.zeros(n, np.int32), height=np.zeros(n, np.int32),
                pixels=np.zeros((n, image_size, image_size), np.uint8))
+    if device_decode:  # b"" (not None) where the CPU decoded: a block's column is binary even when no row has a file
+        out["jpeg"] = [b""] * n
     for i, rel in enumerate(out["path"]):
         out["label"][i] = label_from_path(rel)
         try:
             data = _read(archive, rel, sniff=bool(sniff[i]), follow_symlinks=follow_symlinks, max_bytes=max_bytes)
             out["bytes"][i] = len(data)
             out["sha256"][i] = hashlib.sha256(data).hexdigest()
-            d = decode_image(data, max_pixels=max_pixels, draft=image_size)
-            out["pixels"][i] = to_model_pixels(d.gray, image_size)
-            out["width"][i], out["height"][i], out["format"][i] = d.width, d.height, d.format
-            for k in d.meta.keys() & set(TEXT_COLUMNS):  # the DICOM attributes the schema has
-                out[k][i] = d.meta[k]
-        except DecodeError as e:
-            out["error"][i], out["status"][i] = str(e), failure_status(e)
-        except MemoryError:  # this worker's memory, not the file: other batches share it
-            out["error"][i], out["status"][i] = "out of memory while decoding", RETRY
+            size = device_jpeg_header(data, max_pixels) if device_decode else None
+            if size:
+                out["jpeg"][i] = data
+                (out["width"][i], out["height"][i]), out["format"][i] = size, "JPEG"
+            else:
+                decode_row(out, i, data, image_size=image_size, max_pixels=max_pixels)
         except Exception as e:  # never let one file take down a batch of good ones
-            out["error"][i], out["status"][i] = f"unexpected {type(e).__name__}: {one_line(e)}", ERROR
+            record_failure(out, i, e)
     return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def decode_row(out: dict, i: int, data: bytes, *, image_size: int, max_pixels: int) -> None:
+    """Decode one file on the CPU into row ``i`` of ``out`` (pixels, size, format, DICOM attributes)."""
+    d = decode_image(data, max_pixels=max_pixels, draft=image_size)
+    out["pixels"][i] = to_model_pixels(d.gray, image_size)
+    out["width"][i], out["height"][i], out["format"][i] = d.width, d.height, d.format
+    for k in d.meta.keys() & set(TEXT_COLUMNS):  # the DICOM attributes the schema has
+        out[k][i] = d.meta[k]
+
+
+def record_failure(out: dict, i: int, e: Exception) -> None:
+    """Row ``i``'s error and status for a file that could not be read or decoded."""
+    if isinstance(e, DecodeError):
+        out["error"][i], out["status"][i] = str(e), failure_status(e)
+    elif isinstance(e, MemoryError):  # this worker's memory, not the file: other batches share it
+        out["error"][i], out["status"][i] = "out of memory while decoding", RETRY
+    else:
+        out["error"][i], out["status"][i] = f"unexpected {type(e).__name__}: {one_line(e)}", ERROR
 
 
 def failure_status(e: DecodeError) -> str:
@@ -188,7 +209,8 @@ class Scorer:
     model's temperature), ``logit_pneumonia`` (the raw margin) and ``cam`` (the log-odds map,
     cam.log_odds_map: its mean is the raw margin) to a batch."""
 
-    def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool):
+    def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         import torch
 
         from ..model.registry import ModelInfo, fc_bias, fc_weight, load
@@ -206,6 +228,30 @@ class Scorer:
         self.model = prepare_model(model, self.device, channels_last=channels_last, compile=compile,
                                    precision=self.precision, image_size=int(info["image_size"]))
         self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
+        self.image_size, self.max_pixels = int(info["image_size"]), max_pixels
+
+    def decode_jpegs(self, batch: dict) -> None:
+        """Rows the decode stage left as JPEG bytes (``--decode-on device``), decoded here on the model's
+        device in one call; a file the device fails on is decoded on the CPU, and a file that fails
+        there too gets the CPU decoder's error, as it would have in the decode stage."""
+        jpeg = batch.pop("jpeg")
+        rows = [i for i, b in enumerate(jpeg) if isinstance(b, bytes) and b]  # b"" where the CPU decoded
+        if not rows:
+            return
+        for k in ("error", "status", "format"):  # writable, and None where Ray Data made an all-None column NaN
+            batch[k] = np.asarray(_strings(batch[k]), dtype=object)
+        for k in ("pixels", "width", "height"):
+            batch[k] = np.array(batch[k])  # Ray Data hands read-only views
+        for i, image in zip(rows, decode_on_device([jpeg[i] for i in rows], self.image_size, self.device)):
+            if not isinstance(image, Exception):
+                batch["pixels"][i] = image
+                continue
+            try:
+                decode_row(batch, i, jpeg[i], image_size=self.image_size, max_pixels=self.max_pixels)
+            except Exception as e:  # the row the decode stage would have written: no size, no format
+                batch["width"][i] = batch["height"][i] = 0
+                batch["format"][i] = None
+                record_failure(batch, i, e)
 
     def __call__(self, batch: dict) -> dict:
         from ..model.calibration import margins
@@ -213,6 +259,8 @@ class Scorer:
         from ..pixels.transforms import normalize
 
         torch = self.torch
+        if "jpeg" in batch:
+            self.decode_jpegs(batch)
         ok = np.array([e is None for e in _strings(batch["error"])], dtype=bool)
         n = len(ok)
         prob, margin = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
