@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
 from PIL import Image
 
 JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
@@ -53,7 +52,13 @@ def decode_on_device(blobs: list[bytes], size: int, device) -> list:
         images = decode_jpeg(tensors, mode=ImageReadMode.GRAY, device=device)
     except Exception:  # one bad stream fails the whole call: find it file by file
         images = [_decode_one(t, device) for t in tensors]
-    return [im if isinstance(im, Exception) else _square(im, size) for im in images]
+    good = [i for i, im in enumerate(images) if not isinstance(im, Exception)]
+    out = list(images)
+    if good:  # one device-to-host copy for the batch, not one per image
+        squares = torch.stack([_square(images[i], size) for i in good]).cpu().numpy()
+        for k, i in enumerate(good):
+            out[i] = squares[k]
+    return out
 
 
 def _decode_one(tensor, device):
@@ -65,12 +70,12 @@ def _decode_one(tensor, device):
         return e
 
 
-def _square(image, size: int) -> np.ndarray:
-    """(1, H, W) uint8 on the device -> (size, size) uint8 numpy, the whole image squashed to a square
+def _square(image, size: int):
+    """(1, H, W) uint8 -> (size, size) uint8, on the same device: the whole image squashed to a square
     (no crop, no letterbox), as pixels/transforms.to_model_pixels does."""
     import torch
 
     x = image[None].float()
     if x.shape[-2:] != (size, size):
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)[0, 0].cpu().numpy()
+    return x.round().clamp(0, 255).to(torch.uint8)[0, 0]
