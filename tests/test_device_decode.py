@@ -70,12 +70,13 @@ def test_device_decoded_jpegs_give_the_model_the_cpu_path_s_pixels_and_failures_
     assert (dev["pixels"][[p not in to_device for p in paths]] == cpu["pixels"][[p not in to_device for p in paths]]).all()
 
 
-def test_a_device_decoded_run_on_ray_has_the_cpu_run_s_rows(folder, ray_session, tmp_path):
-    """Through Ray Data the bytes travel from the decode tasks to the model actor as an Arrow column."""
+def test_a_device_decoded_run_on_ray_has_the_cpu_run_s_rows_and_pictures(folder, ray_session, tmp_path):
+    """Through Ray Data the bytes travel from the decode tasks to the model actor as an Arrow column, and
+    the overlays composed beside the model come back to the finish tasks, which only encode them."""
     runs = {}
     for decode_on, engine in (("cpu", "local"), ("device", "ray")):
         s = ScoreSettings(archive=str(folder), out=str(tmp_path / decode_on), model="resnet18:none", engine=engine,
-                          decode_on=decode_on, batch_size=4, cams=False)
+                          decode_on=decode_on, batch_size=4, cam_scale="relative")
         summary = run_score(s)
         assert summary.plan["decode_on"] == decode_on and summary.plan["engine"] == engine
         runs[decode_on] = {r["path"]: r for r in pq.read_table(tmp_path / decode_on).to_pylist()}
@@ -85,6 +86,25 @@ def test_a_device_decoded_run_on_ray_has_the_cpu_run_s_rows(folder, ray_session,
         assert (dev[p]["error"], dev[p]["status"], dev[p]["width"]) == (cpu[p]["error"], cpu[p]["status"], cpu[p]["width"]), p
         if cpu[p]["error"] is None:
             assert abs(dev[p]["logit_pneumonia"] - cpu[p]["logit_pneumonia"]) < 0.05 * (1 + abs(cpu[p]["logit_pneumonia"])), p
+            a, b = (np.asarray(Image.open(r[p]["cam_path"]), dtype=int) for r in (cpu, dev))
+            assert a.shape == b.shape == (224, 224, 3) and dev[p]["cam_path"] != cpu[p]["cam_path"]
+            assert np.abs(a - b).mean() < 2, (p, np.abs(a - b).mean())  # the same picture, to rounding
+
+
+@pytest.mark.parametrize("scale", ["absolute", "relative"])
+def test_overlays_composed_in_torch_are_the_numpy_overlays(scale):
+    import torch
+
+    from cxr_batch.model.cam import CamGrid, overlay, overlay_batch
+
+    rng = np.random.default_rng(0)
+    grid = CamGrid(16, 7.5, 224)
+    gray = rng.integers(0, 256, (4, 224, 224), dtype=np.uint8)
+    cams = rng.normal(2, 4, (4, 14, 14)).astype(np.float32)
+    cams[3] = 1.0  # a flat map: no heat on the relative scale, a constant one on the absolute
+    want = np.stack([overlay(g, c, grid, scale=scale) for g, c in zip(gray, cams)])
+    got = overlay_batch(torch.from_numpy(gray), torch.from_numpy(cams), grid, scale=scale).numpy()
+    assert got.dtype == np.uint8 and np.abs(got.astype(int) - want.astype(int)).max() <= 1
 
 
 def test_decode_on_auto_is_the_cpu_without_a_gpu_and_bad_values_are_refused(tmp_path):

@@ -53,9 +53,10 @@ from .summaries import format_summary
                    " Ray start-up. auto: local on one machine with at most one GPU (and for up to 20,000 files on"
                    " a CPU machine of more than 8 CPUs), ray when joining a cluster (--address, RAY_ADDRESS).")
 @click.option("--decode-on", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
-              help="Where JPEGs are decoded. device: beside the model, in one batched call (nvJPEG on a GPU), the"
-                   " CPUs only read and check them; other formats and files the device fails on are decoded on the"
-                   " CPUs. auto: device when the model runs on a GPU, else cpu.")
+              help="Where JPEGs are decoded and CAM overlays composed. device: beside the model, in one batched"
+                   " call (nvJPEG on a GPU), the CPUs only read and check the files and encode the PNGs; other formats"
+                   " and files the device fails on are decoded on the CPUs. auto: device when the model runs on a"
+                   " GPU, else cpu.")
 @click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
               help="Rows per published Parquet part: small values make tests see parts early.")
 @click.option("--lease-timeout", type=click.FloatRange(min=1), default=None, hidden=True,

@@ -388,7 +388,10 @@ def stage_config(s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir:
         decode=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels,
                     follow_symlinks=s.follow_symlinks, max_bytes=s.max_bytes, device_decode=plan.decode_on == "device"),
         scorer=dict(info=info_d, threads=plan.torch_threads, precision=s.precision, compile=s.compile,
-                    channels_last=s.channels_last, max_pixels=s.max_pixels),
+                    channels_last=s.channels_last, max_pixels=s.max_pixels,
+                    # Beside the device's decode, the overlays too (at the model's size: its input is the base).
+                    overlay_scale=s.cam_scale if plan.decode_on == "device" and cam_dir and
+                    s.cam_size in (None, info.image_size) else None),
         finish=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive, max_pixels=s.max_pixels,
                     cam_scale=s.cam_scale),
         batch_size=s.batch_size, decode_rows=s.batch_size * max(1, 32 // s.batch_size))

@@ -210,7 +210,7 @@ class Scorer:
     cam.log_odds_map: its mean is the raw margin) to a batch."""
 
     def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, overlay_scale: str | None = None):
         import torch
 
         from ..model.registry import ModelInfo, fc_bias, fc_weight, load
@@ -229,6 +229,21 @@ class Scorer:
                                    precision=self.precision, image_size=int(info["image_size"]))
         self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
         self.image_size, self.max_pixels = int(info["image_size"]), max_pixels
+        # The overlays at the model's input size, composed on its device (set with --decode-on device).
+        self.overlay_scale, self.grid = overlay_scale, cam_grid_of(info)
+
+    def add_overlays(self, batch: dict, ok, gray, maps) -> None:
+        """With ``overlay_scale``, the CAM overlays composed here on the model's device (model.cam.overlay_batch),
+        in an ``overlay`` column (zeros for rows without a prediction) that the finish stage only encodes."""
+        from ..model.cam import overlay_batch
+
+        if not self.overlay_scale:
+            return
+        size = self.image_size
+        out = np.zeros((len(ok), size, size, 3), np.uint8)  # in every batch: blocks must share their columns
+        if gray is not None:
+            out[ok] = overlay_batch(gray, maps, self.grid, scale=self.overlay_scale).cpu().numpy()
+        batch["overlay"] = out
 
     def decode_jpegs(self, batch: dict) -> None:
         """Rows the decode stage left as JPEG bytes (``--decode-on device``), decoded here on the model's
@@ -271,15 +286,19 @@ class Scorer:
             if self.pad_to is not None:  # a new batch shape would recompile: about a minute on a CPU
                 self.pad_to = max(self.pad_to, m)
                 pixels = np.concatenate([pixels, np.zeros((self.pad_to - m,) + pixels.shape[1:], pixels.dtype)])
-            x = normalize(torch.from_numpy(pixels).to(self.device, non_blocking=True), channels_last=self.channels_last)
+            gray = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+            x = normalize(gray, channels_last=self.channels_last)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits, features = self.model(x)
             logits, features = logits[:m].float(), features[:m]
             prob[ok] = torch.softmax(logits / self.temperature, dim=1)[:, POSITIVE].cpu().numpy()
             margin[ok] = margins(logits).cpu().numpy()
-            good_cams = log_odds_map(features.float(), self.weight, self.bias, POSITIVE).cpu().numpy()
-            cams = np.zeros((n,) + good_cams.shape[1:], np.float32)
-            cams[ok] = good_cams
+            maps = log_odds_map(features.float(), self.weight, self.bias, POSITIVE)
+            cams = np.zeros((n,) + tuple(maps.shape[1:]), np.float32)
+            cams[ok] = maps.cpu().numpy()
+            self.add_overlays(batch, ok, gray[:m], maps)
+        elif self.overlay_scale:
+            self.add_overlays(batch, ok, None, None)
         batch["prob_pneumonia"], batch["logit_pneumonia"] = prob, margin
         batch["cam"] = cams if cams is not None else np.zeros((n, 1, 1), np.float32)
         # Text columns come in as float NaN where a whole block was None: hand them on as None, or the
@@ -333,9 +352,12 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
         if cam_dir is None:
             continue
         try:
-            base = _cam_base(batch, i, cam_size, archive, max_pixels)
+            if "overlay" in batch:  # composed beside the model (Scorer.add_overlays)
+                rgb = batch["overlay"][i]
+            else:
+                rgb = overlay(_cam_base(batch, i, cam_size, archive, max_pixels), batch["cam"][i], grid, scale=cam_scale)
             uri = cam_uri(cam_dir, batch["path"][i])
-            storage.write_bytes_atomic(uri, encode_png(overlay(base, batch["cam"][i], grid, scale=cam_scale)))
+            storage.write_bytes_atomic(uri, encode_png(rgb))
             cam_path[i] = uri
         except Exception as e:  # a failed PNG must not lose the row's prediction
             error[i] = f"CAM PNG not written: {type(e).__name__}: {one_line(e, 160)}"
