@@ -115,3 +115,8 @@ def test_decode_on_auto_is_the_cpu_without_a_gpu_and_bad_values_are_refused(tmp_
     assert _plan("local", ScoreSettings(archive=".", out="o", decode_on="device")).decode_on == "device"
     with pytest.raises(InputError, match="Invalid --decode-on 'gpu'"):
         ScoreSettings(archive=".", out="o", decode_on="gpu")
+    from cxr_batch.cli.summaries import _engine_line
+
+    plan = {"engine": "local", "torch_threads": 2, "workers": 1}
+    assert "beside the model" in _engine_line({**plan, "decode_on": "device"})  # the summary says where
+    assert "beside the model" not in _engine_line({**plan, "decode_on": "cpu"})

@@ -44,11 +44,12 @@ def _failure_lines(sm) -> list[str]:
 
 
 def _engine_line(plan: dict) -> str:
+    device = "; JPEGs decoded and overlays composed beside the model" if plan.get("decode_on") == "device" else ""
     if plan.get("engine") == "local":
         return (f"  engine        local (no Ray): the model in this process, {plan['torch_threads']} threads;"
-                f" {plan['workers']} decode/finish process(es)")
+                f" {plan['workers']} decode/finish process(es){device}")
     return (f"  model actors  {plan['actors']} x {plan['cpus_per_actor']:g} CPU"
-            + (f" + {plan['gpus_per_actor']:g} GPU" if plan.get("gpus_per_actor") else ""))
+            + (f" + {plan['gpus_per_actor']:g} GPU" if plan.get("gpus_per_actor") else "") + device)
 
 
 def _calibration_line(t: dict) -> str:

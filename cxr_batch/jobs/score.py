@@ -370,7 +370,7 @@ def _plan(engine: str, s: ScoreSettings) -> ResourcePlan:
 
 
 def _describe_plan(plan: ResourcePlan) -> str:
-    jpegs = "; JPEGs decoded where the model runs" if plan.decode_on == "device" else ""
+    jpegs = "; JPEGs decoded and overlays composed beside the model" if plan.decode_on == "device" else ""
     if plan.engine == "local":
         return (f"local engine (no Ray): model in this process with {plan.torch_threads} threads,"
                 f" {plan.workers} decode/finish process(es){jpegs}")
