@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -90,19 +91,20 @@ def run_benchmark(s: BenchSettings, *, log=print, verbose: bool = False) -> dict
     return result
 
 
-def ray_installed() -> bool:
+def ray_version() -> str | None:
+    """Ray's version, or None where it is not installed."""
     try:
-        import ray  # noqa: F401
+        import ray
     except ImportError:
-        return False
-    return True
+        return None
+    return ray.__version__
 
 
 def _without_ray(s: BenchSettings, result: dict, log) -> BenchSettings:
     """Where Ray is not installed (the lent GPU machines have torch but no Ray, and its wheel is larger
     than what travels there), measure what runs without it: (a), (c), (b) and the memory check on the
     local engine, (d) local. Ray's own rows are left out and said so; (e) trains with Ray and is refused."""
-    result["score_engine"] = "ray" if ray_installed() else "local"
+    result["score_engine"] = "ray" if ray_version() else "local"
     if result["score_engine"] == "ray":
         return s
     if s.train_check:
@@ -187,12 +189,16 @@ def _measure_score(s, work: Path, archive: str, paths: list, model: str, device:
     """(b) ``run_score`` per mode on a local Ray that this starts (and the memory check); without Ray
     installed, on the local engine."""
     engine = result["score_engine"]
-    if engine == "local":
+    with _local_ray(s, result, verbose) if engine == "ray" else nullcontext():
         result["score"] = {mode: _score_mode(s, work, archive, len(paths), model, device, mode, log, engine)
                            for mode in s.modes}
         if s.memory_check:
             result["memory_check"] = memory_check(s, work, log=log, engine=engine)
-        return
+
+
+@contextmanager
+def _local_ray(s: BenchSettings, result: dict, verbose: bool):
+    """A local Ray for (b), warmed up, shut down after."""
     from ..jobs.ray_env import ray_running
 
     with ray_running(None, num_cpus=s.num_cpus, verbose=verbose):
@@ -205,10 +211,7 @@ def _measure_score(s, work: Path, archive: str, paths: list, model: str, device:
         t_warm = time.perf_counter()
         ray.data.range(2).map_batches(lambda b: b).materialize()
         result["ray_data_warmup_s"] = round(time.perf_counter() - t_warm, 1)
-        result["score"] = {mode: _score_mode(s, work, archive, len(paths), model, device, mode, log, engine)
-                           for mode in s.modes}
-        if s.memory_check:
-            result["memory_check"] = memory_check(s, work, log=log, engine=engine)
+        yield
 
 
 def _score_mode(s, work: Path, archive: str, n: int, model: str, device: str, mode: str, log, engine: str) -> dict:
@@ -342,10 +345,4 @@ def memory_check(s: BenchSettings, work: Path, *, log=print, engine: str = "ray"
 def machine() -> dict:
     import torch
 
-    try:
-        import ray
-
-        ray_version = ray.__version__
-    except ImportError:
-        ray_version = None
-    return {**host.machine(), "torch": torch.__version__, "ray": ray_version, "torch_threads": torch.get_num_threads()}
+    return {**host.machine(), "torch": torch.__version__, "ray": ray_version(), "torch_threads": torch.get_num_threads()}

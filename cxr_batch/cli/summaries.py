@@ -44,7 +44,9 @@ def _failure_lines(sm) -> list[str]:
 
 
 def _engine_line(plan: dict) -> str:
-    device = "; JPEGs decoded and overlays composed beside the model" if plan.get("decode_on") == "device" else ""
+    from ..jobs.score import DEVICE_DECODE_NOTE
+
+    device = f"; {DEVICE_DECODE_NOTE}" if plan.get("decode_on") == "device" else ""
     if plan.get("engine") == "local":
         return (f"  engine        local (no Ray): the model in this process, {plan['torch_threads']} threads;"
                 f" {plan['workers']} decode/finish process(es){device}")

@@ -41,6 +41,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
 ENGINES = ("auto", "ray", "local")
 DECODE_ON = ("auto", "cpu", "device")
+DEVICE_DECODE_NOTE = "JPEGs decoded and overlays composed beside the model"  # the start line's and the summary's
 # The largest input file read (--max-bytes). Chest radiographs are 0.1-50 MB (a DICOM of a 3000 x 3000
 # 16-bit detector image is 18 MB); 1 GiB leaves room for odd multi-frame objects while one decode
 # worker holding a few such files still fits a 4 GB worker.
@@ -370,7 +371,7 @@ def _plan(engine: str, s: ScoreSettings) -> ResourcePlan:
 
 
 def _describe_plan(plan: ResourcePlan) -> str:
-    jpegs = "; JPEGs decoded and overlays composed beside the model" if plan.decode_on == "device" else ""
+    jpegs = f"; {DEVICE_DECODE_NOTE}" if plan.decode_on == "device" else ""
     if plan.engine == "local":
         return (f"local engine (no Ray): model in this process with {plan.torch_threads} threads,"
                 f" {plan.workers} decode/finish process(es){jpegs}")

@@ -297,7 +297,7 @@ class Scorer:
             cams = np.zeros((n,) + tuple(maps.shape[1:]), np.float32)
             cams[ok] = maps.cpu().numpy()
             self.add_overlays(batch, ok, gray[:m], maps)
-        elif self.overlay_scale:
+        else:
             self.add_overlays(batch, ok, None, None)
         batch["prob_pneumonia"], batch["logit_pneumonia"] = prob, margin
         batch["cam"] = cams if cams is not None else np.zeros((n, 1, 1), np.float32)
