@@ -1,12 +1,47 @@
-"""The network: a torchvision ResNet whose layer4 can run without its last stride, or which ends at
-layer3 (CAM resolution and placement)."""
+"""The network: torchvision's ResNet (built without importing torchvision) whose layer4 can run without
+its last stride, or which ends at layer3 (CAM resolution and placement)."""
 
 import pytest
 import torch
 
 from cxr_batch.errors import InputError
-from cxr_batch.model.network import build_model, torchvision_resnet
+from cxr_batch.model.network import _full_resnet, build_model, torchvision_resnet
 from cxr_batch.model.receptive import cam_grid
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet101"])
+@pytest.mark.parametrize("layer,stride", [(4, 32), (4, 16), (3, 16)])
+def test_our_resnet_is_torchvision_s_weight_for_weight_and_output_for_output(arch, layer, stride):
+    """model/resnet.py rebuilds torchvision's ResNet so that scoring never imports torchvision (1.7 s of
+    torch._dynamo per process): the same keys, the same seeded weights, the same outputs."""
+    torch.manual_seed(5)
+    ours = _full_resnet(arch, stride, layer)
+    after_ours = torch.rand(3)
+    torch.manual_seed(5)
+    theirs = _full_resnet(arch, stride, layer, torchvision=True)
+    assert torch.equal(after_ours, torch.rand(3))  # the same draws, in the same order
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x), theirs.eval()(x), atol=1e-5)
+
+
+def test_the_imagenet_files_are_torchvision_s_and_building_a_model_does_not_import_torchvision():
+    import subprocess
+    import sys
+
+    from torchvision import models
+
+    from cxr_batch.model.resnet import IMAGENET_URLS
+
+    assert IMAGENET_URLS == {"resnet18": models.ResNet18_Weights.IMAGENET1K_V1.url,
+                             "resnet50": models.ResNet50_Weights.IMAGENET1K_V2.url,
+                             "resnet101": models.ResNet101_Weights.IMAGENET1K_V2.url}
+    code = ("import sys; from cxr_batch.jobs.score_stages import Scorer; from cxr_batch.model.network import build_model;"
+            " build_model('resnet50', 'none', cam_stride=16, cam_layer=3);"
+            " print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 def test_cam_stride_16_doubles_the_map_resolution_with_the_same_weights():

@@ -13,7 +13,8 @@ import torch
 
 from cxr_batch.errors import CheckpointError, InputError
 from cxr_batch.model import weights
-from cxr_batch.model.network import _TORCHVISION, build_model, torchvision_resnet
+from cxr_batch.model.network import build_model, torchvision_resnet
+from cxr_batch.model.resnet import IMAGENET_URLS
 
 
 class RunsCode:
@@ -94,7 +95,7 @@ def test_a_cached_file_that_changed_after_download_is_refused(hub):
 def test_build_model_imagenet_checks_torchvisions_own_file_name(hub):
     """A file in the cache under torchvision's name (resnet18-f37072fd.pth) that is not that file is
     refused before torch.load sees it; nothing is downloaded since the file is there."""
-    url = _TORCHVISION["resnet18"][1].url
+    url = IMAGENET_URLS["resnet18"]
     os.makedirs(os.path.dirname(weights.cache_path(url)))
     with open(weights.cache_path(url), "wb") as f:
         f.write(_torch_bytes(torchvision_resnet("resnet18").state_dict()))

@@ -14,7 +14,6 @@ same functions.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 
 from .. import POSITIVE
@@ -77,6 +76,8 @@ def fit_temperature(margin, y) -> dict:
         return {"temperature": 1.0, "nll_before": before, "nll_after": before,
                 "note": f"not fitted: {m.size - n_pos} NORMAL and {n_pos} PNEUMONIA validation cases, fewer than"
                         f" {MIN_CASES} or {MIN_PER_CLASS} of a class"}
+    from scipy.optimize import minimize_scalar  # here: scoring imports this module and never fits (0.3 s)
+
     res = minimize_scalar(lambda log_t: nll(m, y, np.exp(log_t)), bounds=(np.log(MIN_T), np.log(MAX_T)),
                           method="bounded", options={"xatol": 1e-4})
     t = float(np.exp(res.x))

@@ -1,22 +1,17 @@
-"""The network: a torchvision ResNet with a 2-class head that also returns its last conv features,
-so the Class Activation Map (Zhou et al. 2016) comes from the same forward pass as the prediction."""
+"""The network: a ResNet (torchvision's, built by model/resnet.py without importing torchvision) with a
+2-class head that also returns its last conv features, so the Class Activation Map (Zhou et al. 2016)
+comes from the same forward pass as the prediction."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision import models
 
 from .. import CLASSES
 from ..errors import InputError
 from .archs import check_arch, check_cam
+from .resnet import IMAGENET_URLS, ResNet
 from .weights import imagenet_state, load_weights_file
-
-_TORCHVISION = {
-    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
-    "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V2),
-}
 
 
 class CamResNet(nn.Module):
@@ -60,12 +55,12 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     at the same recipe it pointed 93-95% over two seeds where layer3 pointed 43-96%, but it needs longer
     training to classify as well (accuracy 0.84-0.88 at 12 epochs, 0.93 at 24; cam-findings round 7).
     """
-    _, tv_weights = _TORCHVISION[check_arch(arch)]
+    check_arch(arch)
     check_cam(cam_layer, cam_stride)
     torch.manual_seed(seed)
     net = _full_resnet(arch, cam_stride, cam_layer)
     if weights == "imagenet":
-        net.load_state_dict(imagenet_state(tv_weights.url))
+        net.load_state_dict(imagenet_state(IMAGENET_URLS[arch]))
     elif weights != "none":
         state = load_weights_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the 1000-class head is replaced
@@ -91,11 +86,11 @@ def last_channels(net: nn.Module, cam_layer: int) -> int:
 
 
 def torchvision_resnet(arch: str, cam_stride: int = 32, cam_layer: int = 4) -> nn.Module:
-    """torchvision's ResNet (random weights, 1000-class fc) as ``build_model`` shapes it: layer4 as
-    ``cam_stride`` asks, or with ``cam_layer`` 3 (2) no layer4 (nor layer3): identities, and fc on the last
-    kept layer's channels."""
+    """torchvision's own ResNet (random weights, 1000-class fc; what a plain PyTorch user builds: the
+    benchmark's baseline) as ``build_model`` shapes it: layer4 as ``cam_stride`` asks, or with
+    ``cam_layer`` 3 (2) no layer4 (nor layer3): identities, and fc on the last kept layer's channels."""
     check_cam(cam_layer, cam_stride)
-    net = _full_resnet(arch, cam_stride, cam_layer)
+    net = _full_resnet(arch, cam_stride, cam_layer, torchvision=True)
     if cam_layer < 4:
         net.fc = nn.Linear(last_channels(net, cam_layer), net.fc.out_features)
         for k in range(cam_layer + 1, 5):
@@ -103,13 +98,17 @@ def torchvision_resnet(arch: str, cam_stride: int = 32, cam_layer: int = 4) -> n
     return net
 
 
-def _full_resnet(arch: str, cam_stride: int, cam_layer: int) -> nn.Module:
-    """torchvision's whole ResNet (layer4 included, so ImageNet weights load into it); layer4 drops its
-    stride only when the map is layer4's (a layer3 map never sees it)."""
-    ctor, _ = _TORCHVISION[check_arch(arch)]
+def _full_resnet(arch: str, cam_stride: int, cam_layer: int, torchvision: bool = False) -> nn.Module:
+    """The whole ResNet (layer4 included, so ImageNet weights load into it), ours or torchvision's own;
+    layer4 drops its stride only when the map is layer4's (a layer3 map never sees it)."""
     drop = cam_stride == 16 and cam_layer == 4
-    dilate = drop and arch != "resnet18"
-    net = ctor(weights=None, replace_stride_with_dilation=[False, False, dilate])
+    dilate = drop and check_arch(arch) != "resnet18"
+    if torchvision:
+        from torchvision import models
+
+        net = getattr(models, arch)(weights=None, replace_stride_with_dilation=[False, False, dilate])
+    else:
+        net = ResNet(arch, dilate_layer4=dilate)
     if drop and arch == "resnet18":  # BasicBlock has no dilation: drop the stride alone
         net.layer4[0].conv1.stride = (1, 1)
         net.layer4[0].downsample[0].stride = (1, 1)

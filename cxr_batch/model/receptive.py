@@ -46,7 +46,7 @@ def _walk(module: nn.Module) -> tuple[float, float]:
 
 
 def _is_residual(module: nn.Module) -> bool:
-    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from .resnet import BasicBlock, Bottleneck
 
     return isinstance(module, (BasicBlock, Bottleneck))
 
