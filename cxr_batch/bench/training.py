@@ -72,9 +72,9 @@ def plain_train_rate(x, y, arch: str, *, batch_size: int, threads: int, device: 
     try:
         dev = torch.device(device)
         model = build_model(arch, "none", seed=seed, cam_stride=cam_stride, cam_layer=cam_layer).to(dev)
-        if dev.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        model.train()
+        # the worker's layout (channels_last on every device), so that worker/plain measures what Ray Train
+        # costs, not the layout's gain (+10-20% on the CPUs here; docs/benchmark.md round 11)
+        model = model.to(memory_format=torch.channels_last).train()
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
         loss_fn = nn.CrossEntropyLoss()
         gen = torch.Generator().manual_seed(seed)
@@ -84,7 +84,7 @@ def plain_train_rate(x, y, arch: str, *, batch_size: int, threads: int, device: 
 
         def step(k: int):
             idx = order[(torch.arange(batch_size) + k * batch_size) % n].numpy()
-            xb = normalize(augment(torch.from_numpy(x[idx]).to(dev), gen), channels_last=dev.type == "cuda")
+            xb = normalize(augment(torch.from_numpy(x[idx]).to(dev), gen), channels_last=True)
             yb = torch.from_numpy(np.asarray(y)[idx]).to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 logits, _ = model(xb)

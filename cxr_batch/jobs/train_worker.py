@@ -43,8 +43,10 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(s.seed + rank)
     (train_x, train_y), (val_x, val_y), notes = _load_shards(config, s, rank, world)
     model = build_model(s.arch, s.weights, seed=s.seed, cam_stride=s.cam_stride, cam_layer=s.cam_layer).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on every device: oneDNN's native layout on a CPU as cuDNN's on a GPU. Measured on the
+    # 2-CPU machine (a training step, fp32): ResNet-18 to layer3 at 128 px, 1 thread, +10%; ResNet-101 at
+    # 224 px, 2 threads, +20% (docs/benchmark.md, round 11).
+    model = model.to(memory_format=torch.channels_last)
     counts = np.asarray(config["class_counts"], np.float64)
     class_weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32, device=device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weight)
@@ -150,7 +152,7 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, phase, 
     total_loss, correct, n = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64), 0
     for step in range(steps):
         idx = order[(torch.arange(per_step) + step * per_step) % max(1, len(y))]
-        xb = normalize(augment(torch.from_numpy(x[idx.numpy()]).to(device), gen), channels_last=on_gpu)
+        xb = normalize(augment(torch.from_numpy(x[idx.numpy()]).to(device), gen), channels_last=True)
         yb = torch.from_numpy(y[idx.numpy()]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             if pairs:
@@ -179,7 +181,7 @@ def _evaluate(model, x, y, s, device, loss_fn):
     model.eval()
     margins, losses = [], 0.0
     for i in range(0, len(y), s.batch_size):
-        xb = normalize(torch.from_numpy(x[i:i + s.batch_size]).to(device), channels_last=on_gpu)
+        xb = normalize(torch.from_numpy(x[i:i + s.batch_size]).to(device), channels_last=True)
         yb = torch.from_numpy(y[i:i + s.batch_size]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             logits, _ = model(xb)
