@@ -27,21 +27,31 @@ def test_our_resnet_is_torchvision_s_weight_for_weight_and_output_for_output(arc
         assert torch.allclose(ours.eval()(x), theirs.eval()(x), atol=1e-5)
 
 
-def test_the_imagenet_files_are_torchvision_s_and_building_a_model_does_not_import_torchvision():
+def test_the_imagenet_files_are_torchvision_s_and_building_a_model_does_not_import_torchvision(tmp_path):
+    """Neither a spec's random network nor a checkpoint's (built on the meta device, whose normal_ would
+    import torch._dynamo) pulls in torchvision or torch._dynamo: 1.6-1.8 s of every scoring process."""
     import subprocess
     import sys
 
     from torchvision import models
 
+    from cxr_batch.model.checkpoint import make_checkpoint, save_checkpoint
     from cxr_batch.model.resnet import IMAGENET_URLS
 
     assert IMAGENET_URLS == {"resnet18": models.ResNet18_Weights.IMAGENET1K_V1.url,
                              "resnet50": models.ResNet50_Weights.IMAGENET1K_V2.url,
                              "resnet101": models.ResNet101_Weights.IMAGENET1K_V2.url}
-    code = ("import sys; from cxr_batch.jobs.score_stages import Scorer; from cxr_batch.model.network import build_model;"
+    net = build_model("resnet18", "none", cam_stride=16, cam_layer=3)
+    path = str(tmp_path / "m.ckpt")
+    save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings={}, cam_stride=16,
+                                    cam_layer=3), path)
+    code = ("import sys, torch; from cxr_batch.jobs.score_stages import Scorer; from cxr_batch.model.network import build_model;"
+            " from cxr_batch.model.checkpoint import load_checkpoint, model_from_checkpoint;"
+            f" m = model_from_checkpoint(load_checkpoint({path!r}).ckpt);"
             " build_model('resnet50', 'none', cam_stride=16, cam_layer=3);"
-            " print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+            " print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules), m.trunk[0].weight.device)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[] cpu", out
 
 
 def test_cam_stride_16_doubles_the_map_resolution_with_the_same_weights():

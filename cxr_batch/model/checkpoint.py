@@ -68,12 +68,13 @@ def model_from_checkpoint(ckpt: dict, uri: str = "the checkpoint") -> CamResNet:
     """The network a checkpoint describes, with its weights. Cheap enough (~0.1 s for ResNet-101,
     no copy of the weights) that the driver calls it to vet a checkpoint before any Ray work."""
     # Built on the meta device: no memory and no random initialisation for weights that the
-    # checkpoint replaces at once (0.4 s of each ResNet-101 scoring actor's start-up, 0.07 s now).
+    # checkpoint replaces at once (0.4 s of each ResNet-101 scoring actor's start-up, 0.07 s now);
+    # init=False too, or the meta normal_ would import torch._dynamo (1.6 s; network.build_model).
     arch = ckpt["arch"]
     try:
         with torch.device("meta"):
             model = build_model(arch, "none", cam_stride=int(ckpt.get("cam_stride", 32)),
-                                cam_layer=int(ckpt.get("cam_layer", 4)))  # older checkpoints: layer4
+                                cam_layer=int(ckpt.get("cam_layer", 4)), init=False)  # older checkpoints: layer4
     except InputError as e:
         raise CheckpointError(f"{uri}: {e}") from None
     state = ckpt.get("state_dict")

@@ -33,7 +33,7 @@ class CamResNet(nn.Module):
 
 
 def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0, cam_stride: int = 32,
-                cam_layer: int = 4) -> CamResNet:
+                cam_layer: int = 4, init: bool = True) -> CamResNet:
     """A fresh model. ``weights``: "imagenet" (torchvision's file, downloaded or from the torch hub
     cache, sha256-checked, loaded without unpickling: see weights.py), "none" (random, seeded so the
     same spec gives the same model), or a path to a file holding an ImageNet ResNet state dict (a
@@ -51,6 +51,11 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     pointed 21-88% (mean 60%; 43-96%, mean 75%, with the hot spot's centre) at the same accuracy, for ~30% less
     compute than the dilated layer4. ImageNet weights load into the full network and layer4's go unused.
 
+    ``init`` False skips the random initialisation, for a caller that replaces every weight at once (a
+    checkpoint's, model_from_checkpoint). It matters on the meta device: ``normal_`` there runs torch's
+    Python reference implementation, whose first call imports ``torch._dynamo`` (1.6 s of each scoring
+    process's start-up).
+
     ``cam_layer`` 2 ends it at layer2 (stride 8: a 28x28 map at 224 px, a smaller receptive field still):
     at the same recipe it pointed 93-95% over two seeds where layer3 pointed 43-96%, but it needs longer
     training to classify as well (accuracy 0.84-0.88 at 12 epochs, 0.93 at 24; cam-findings round 7).
@@ -58,7 +63,7 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     check_arch(arch)
     check_cam(cam_layer, cam_stride)
     torch.manual_seed(seed)
-    net = _full_resnet(arch, cam_stride, cam_layer)
+    net = _full_resnet(arch, cam_stride, cam_layer, init=init)
     if weights == "imagenet":
         net.load_state_dict(imagenet_state(IMAGENET_URLS[arch]))
     elif weights != "none":
@@ -73,9 +78,10 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
     trunk = nn.Sequential(*layers[: 4 + cam_layer])
     model = CamResNet(trunk, last_channels(net, cam_layer))
-    torch.manual_seed(seed + 1)
-    nn.init.normal_(model.fc.weight, std=0.01)
-    nn.init.zeros_(model.fc.bias)
+    if init:
+        torch.manual_seed(seed + 1)
+        nn.init.normal_(model.fc.weight, std=0.01)
+        nn.init.zeros_(model.fc.bias)
     return model
 
 
@@ -98,7 +104,7 @@ def torchvision_resnet(arch: str, cam_stride: int = 32, cam_layer: int = 4) -> n
     return net
 
 
-def _full_resnet(arch: str, cam_stride: int, cam_layer: int, torchvision: bool = False) -> nn.Module:
+def _full_resnet(arch: str, cam_stride: int, cam_layer: int, torchvision: bool = False, init: bool = True) -> nn.Module:
     """The whole ResNet (layer4 included, so ImageNet weights load into it), ours or torchvision's own;
     layer4 drops its stride only when the map is layer4's (a layer3 map never sees it)."""
     drop = cam_stride == 16 and cam_layer == 4
@@ -108,7 +114,7 @@ def _full_resnet(arch: str, cam_stride: int, cam_layer: int, torchvision: bool =
 
         net = getattr(models, arch)(weights=None, replace_stride_with_dilation=[False, False, dilate])
     else:
-        net = ResNet(arch, dilate_layer4=dilate)
+        net = ResNet(arch, dilate_layer4=dilate, init=init)
     if drop and arch == "resnet18":  # BasicBlock has no dilation: drop the stride alone
         net.layer4[0].conv1.stride = (1, 1)
         net.layer4[0].downsample[0].stride = (1, 1)

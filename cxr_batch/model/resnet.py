@@ -90,7 +90,7 @@ class ResNet(nn.Module):
     """torchvision's ``ResNet`` (groups 1, width 64, batch norm): the same modules, created in the
     same order and initialised the same way, so one seed gives the same weights."""
 
-    def __init__(self, arch: str, *, dilate_layer4: bool = False, num_classes: int = 1000):
+    def __init__(self, arch: str, *, dilate_layer4: bool = False, num_classes: int = 1000, init: bool = True):
         super().__init__()
         block, counts = _LAYOUT[arch]
         self.inplanes, self.dilation = 64, 1
@@ -104,7 +104,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, counts[3], stride=2, dilate=dilate_layer4)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
+        for m in self.modules() if init else ():  # init False: every weight is about to be replaced
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
