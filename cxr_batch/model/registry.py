@@ -130,7 +130,8 @@ def _grid(arch: str, cam_stride: int, cam_layer: int, image_size: int, check: bo
     from .receptive import cam_grid
 
     with torch.device("meta"):  # the layers alone tell the geometry; no weights needed
-        return cam_grid(build_model(arch, "none", cam_stride=cam_stride, cam_layer=cam_layer).trunk, image_size)
+        return cam_grid(build_model(arch, "none", cam_stride=cam_stride, cam_layer=cam_layer, init=False).trunk,
+                        image_size)
 
 
 def _checkpoint_grid(ck: dict, uri: str):
