@@ -51,7 +51,7 @@ def test_bench_archive_is_the_same_whoever_draws_it(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("cam_layer,cam_stride", [(4, 16), (3, 16), (2, 8)])
 def test_baseline_builds_the_checkpoint_s_own_network(tmp_path, cam_layer, cam_stride):
-    """A trained checkpoint ends at layer3 (cam_layer 3; earlier ones ran layer4 without its stride);
+    """A trained checkpoint ends at layer3 or layer2 (earlier ones ran layer4 without its stride);
     the plain-PyTorch baseline must compute the same network, or its speed and agreement compare
     different models."""
     assert describe("resnet18:none").cam_stride == 32 and describe("resnet18:none").cam_layer == 4
@@ -70,7 +70,7 @@ def test_baseline_builds_the_checkpoint_s_own_network(tmp_path, cam_layer, cam_s
 
 
 def test_cam_layer_3_benchmarks_the_trained_models_network_with_the_spec_s_weights(tmp_path):
-    """`--cam-layer 3` measures the network `cxr-batch train` writes (it ends at layer3), `--cam-stride 16`
+    """`--cam-layer 3` measures the network `cxr-batch train` writes from ImageNet weights, `--cam-stride 16`
     the one it wrote before (layer4 dilated), without a trained checkpoint: the spec's own weights, its
     own batch-norm estimate and head."""
     from cxr_batch.bench.inputs import calibrated_checkpoint

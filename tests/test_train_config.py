@@ -64,7 +64,8 @@ def test_threshold_rules():
 
 @pytest.mark.parametrize("kwargs,match", [({"arch": "resnet99"}, "Invalid arch"), ({"epochs": 0}, "at least 1"),
                                           ({"placement": "EVERYWHERE"}, "Invalid --placement"),
-                                          ({"target_sensitivity": 1.5}, "between 0 and 1")])
+                                          ({"target_sensitivity": 1.5}, "between 0 and 1"),
+                                          ({"translate": 0.5}, "--translate"), ({"translate": -0.1}, "--translate")])
 def test_bad_settings_are_input_errors(kwargs, match):
     with pytest.raises(InputError, match=match):
         TrainSettings(data="d", out="o", **kwargs)
@@ -96,7 +97,7 @@ def test_a_rerun_resumes_only_a_run_of_the_same_settings(tmp_path):
     from dataclasses import asdict, replace
 
     s = TrainSettings(data=str(tmp_path / "data"), out=str(tmp_path / "run"), arch="resnet18", weights="none",
-                      epochs=3, image_size=64)
+                      epochs=3, image_size=64, cam_layer=3)
     check_resumable(s)  # nothing there yet: a new run
     (tmp_path / "run").mkdir()
     net = build_model("resnet18", "none", cam_stride=16)
@@ -105,6 +106,8 @@ def test_a_rerun_resumes_only_a_run_of_the_same_settings(tmp_path):
     check_resumable(replace(s, workers=1, max_failures=3))  # how it runs may change
     with pytest.raises(InputError, match=r"cam_layer 3 -> 4"):
         check_resumable(replace(s, cam_layer=4))
+    with pytest.raises(InputError, match=r"cam_stride 16 -> 8; cam_layer 3 -> 2"):  # today's default from scratch
+        check_resumable(replace(s, cam_layer=None, cam_stride=None))
     before = {k: v for k, v in asdict(s).items() if k != "cam_layer"}  # a run from before the layer3 map
     save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings=before,
                                     cam_stride=16, epoch=1), str(tmp_path / "run" / "last.ckpt"))
@@ -146,7 +149,17 @@ def test_train_cam_layer_gives_the_stride_its_layer_has(tmp_path):
     settings = json.loads(r.output.split("settings: ", 1)[1].splitlines()[0])
     assert (settings["cam_layer"], settings["cam_stride"]) == (2, 8)
     assert "No labelled images" in r.output  # it got as far as the data
-    for layer, stride in ((3, 16), (4, 16)):  # the default layer and the dilated layer4 keep stride 16
+    for layer, stride in ((3, 16), (4, 16)):  # layer3 and the dilated layer4 keep stride 16
         assert TrainSettings(data="d", out="o", cam_layer=layer, cam_stride=TRAIN_STRIDE[layer]).cam_stride == stride
+        assert TrainSettings(data="d", out="o", cam_layer=layer).cam_stride == stride  # the layer's, when not given
     with pytest.raises(InputError, match="cam stride 8 with cam layer 2"):
-        TrainSettings(data="d", out="o", cam_layer=2)
+        TrainSettings(data="d", out="o", cam_layer=2, cam_stride=16)
+    # Not given: layer2 from scratch (its map points best), layer3 from pretrained weights (layer2 would drop
+    # most of them); resolved in the settings, so a checkpoint and a resume see numbers.
+    assert (TrainSettings(data="d", out="o", weights="none").cam_layer,
+            TrainSettings(data="d", out="o", weights="none").cam_stride) == (2, 8)
+    assert (TrainSettings(data="d", out="o").cam_layer, TrainSettings(data="d", out="o").cam_stride) == (3, 16)
+    for weights, layer in (("none", 2), ("imagenet", 3)):
+        r = CliRunner().invoke(main, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--weights",
+                                      weights, "--json"])
+        assert json.loads(r.output.split("settings: ", 1)[1].splitlines()[0])["cam_layer"] == layer

@@ -60,7 +60,7 @@ def calibrated_checkpoint(spec: str, archive: str, paths: list[str], dst: Path, 
     """The model of ``spec`` with batch-norm statistics re-estimated on up to 32 of ``paths`` and a
     seeded random head standardised on them (see the module docstring); saved as a checkpoint.
     ``network``: (cam_stride, cam_layer) to rebuild an ARCH:WEIGHTS spec as, with the same weights:
-    (16, 3) ends it at layer3, as every model `cxr-batch train` writes; (16, 4) dilates layer4
+    (16, 3) ends it at layer3, as `cxr-batch train` does from pretrained weights; (16, 4) dilates layer4
     (~27% more compute in ResNet-101); None keeps the spec's own network."""
     import torch
 

@@ -24,7 +24,7 @@ class BenchSettings:
     model: str = "resnet101:none"
     calibrate: bool = True  # untrained head -> derived checkpoint with a spread of probabilities (see above)
     # For an ARCH:WEIGHTS model, the network to rebuild it as: cam_layer 3 (stride 16) ends it at layer3,
-    # the network every `cxr-batch train` checkpoint has; cam_stride 16 with layer 4 dilates layer4 (the
+    # as `cxr-batch train` does from pretrained weights (from scratch: layer2); cam_stride 16 with layer 4 dilates layer4 (the
     # trained network before round 5); None = the spec's own (layer4, stride 32). A checkpoint brings its own.
     cam_stride: int | None = None
     cam_layer: int | None = None

@@ -72,7 +72,7 @@ def _num(v, digits: int = 4) -> str:
 
 def _network(md: dict) -> str:
     if md.get("cam_layer", 4) == 3:
-        return "(ends at layer3, as trained models)"
+        return "(ends at layer3, as models trained from ImageNet weights)"
     if md.get("cam_layer", 4) == 2:
-        return "(ends at layer2, as `cxr-batch train --cam-layer 2`)"
+        return "(ends at layer2, as models trained from scratch)"
     return "(layer4 dilated, as models trained before round 5)" if md["cam_stride"] == 16 else "(layer4)"

@@ -36,7 +36,8 @@ def train_check(s, work: Path, device: str, *, log=print) -> dict:
                        epochs=s.train_epochs, batch_size=s.batch_size, image_size=s.train_image_size, workers=1,
                        gpu=use_gpu, seed=s.seed)
     plain = plain_train_rate(x, y, s.train_model, batch_size=s.batch_size, threads=threads, device=device,
-                             seed=s.seed, cam_stride=ts.cam_stride, cam_layer=ts.cam_layer)
+                             seed=s.seed, cam_stride=ts.cam_stride, cam_layer=ts.cam_layer,
+                             translate=ts.translate)
     log(f"(e) plain PyTorch training loop, {threads} threads: {plain:.2f} images/s")
     out = Path(ts.out)
     shutil.rmtree(out, ignore_errors=True)  # a re-run of an --out resumes it: start afresh
@@ -55,7 +56,7 @@ def train_check(s, work: Path, device: str, *, log=print) -> dict:
 
 
 def plain_train_rate(x, y, arch: str, *, batch_size: int, threads: int, device: str, seed: int,
-                     cam_stride: int, cam_layer: int) -> float:
+                     cam_stride: int, cam_layer: int, translate: float = 0.0) -> float:
     """Images/s of a plain training loop over uint8 (N, S, S) images ``x`` with labels ``y``: one
     warm-up step, then one epoch's steps (ceil(N / batch), the last batch wrapped around as the
     worker pads it), timed; N / seconds, as the worker counts."""
@@ -84,7 +85,7 @@ def plain_train_rate(x, y, arch: str, *, batch_size: int, threads: int, device: 
 
         def step(k: int):
             idx = order[(torch.arange(batch_size) + k * batch_size) % n].numpy()
-            xb = normalize(augment(torch.from_numpy(x[idx]).to(dev), gen), channels_last=True)
+            xb = normalize(augment(torch.from_numpy(x[idx]).to(dev), gen, translate=translate), channels_last=True)
             yb = torch.from_numpy(np.asarray(y)[idx]).to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 logits, _ = model(xb)

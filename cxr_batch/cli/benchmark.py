@@ -18,8 +18,8 @@ from .options import friendly
               help="Untrained head: score a derived checkpoint whose P(PNEUMONIA) spreads around 0.5, so that"
                    " agreement with fp32 means something (same compute per image).")
 @click.option("--cam-layer", type=click.Choice(["2", "3", "4"]), default=None,
-              help="For an ARCH:WEIGHTS model: 3 ends the network at layer3 (CAM stride 16), the network every"
-                   " trained checkpoint has by default; 2 at layer2 (stride 8); default: the spec's own (4).")
+              help="For an ARCH:WEIGHTS model: 3 ends the network at layer3 (CAM stride 16), as `train` does from pretrained"
+                   " weights; 2 at layer2 (stride 8), as `train` does from scratch; default: the spec's own (4).")
 @click.option("--cam-stride", type=click.Choice(["16", "32"]), default=None,
               help="For an ARCH:WEIGHTS model with layer4: 16 dilates layer4 (~27% more compute in ResNet-101);"
                    " default: the spec's own (32).")

@@ -38,10 +38,14 @@ from .summaries import format_eval_summary, format_train_summary
 @click.option("--cam-consistency", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the CAM flip-consistency loss: each image trains beside its mirror image and their"
                    " CAMs must mirror too, so the network cannot learn its evidence off the lesion. 0 = off.")
-@click.option("--cam-layer", type=click.Choice(["2", "3", "4"]), default="3", show_default=True,
-              help="Where the CAM (and the head) sits: 3 ends the network at layer3, whose 14x14 map at 224 px"
-                   " points at the lesion; 2 ends it at layer2 (a 28x28 map: points more reliably, needs more"
-                   " epochs to classify as well); 4 keeps layer4 (dilated, ~40% more compute), whose map marks the lung.")
+@click.option("--cam-layer", type=click.Choice(["2", "3", "4"]), default=None,
+              help="Where the CAM (and the head) sits: 2 ends the network at layer2 (a 28x28 map at 224 px, whose peak"
+                   " lands on the lesion); 3 at layer3 (14x14, on the lesion for most seeds); 4 keeps layer4 (dilated,"
+                   " ~40% more compute), whose map marks the lung. Default: 2 with --weights none, 3 with pretrained"
+                   " weights (layer2 would drop most of the pretrained network).")
+@click.option("--translate", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True,
+              help="Random shift of each training image, up to this share of its side: keeps the CAM peaks from being"
+                   " pulled towards where lesions usually are. 0 = off.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--register/--no-register", default=None,
               help="Make best.ckpt the default model of `cxr-batch score` on this machine when the run finishes."
@@ -51,8 +55,8 @@ from .summaries import format_eval_summary, format_train_summary
 @output_options
 @friendly
 def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image_size, workers, gpu, cpus_per_worker,
-          placement, max_failures, target_sensitivity, val_fraction, cam_consistency, cam_layer, seed, register, address,
-          wait_for_gpus, wait_timeout, as_json, verbose):
+          placement, max_failures, target_sensitivity, val_fraction, cam_consistency, cam_layer, translate, seed, register,
+          address, wait_for_gpus, wait_timeout, as_json, verbose):
     """Fine-tune a ResNet on DATA/train (NORMAL/ and PNEUMONIA/ folders), validate on DATA/val.
 
     Data-parallel over --workers with Ray Train. Each epoch writes OUT/last.ckpt; the best epoch
@@ -63,14 +67,13 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
     from ..jobs.ray_env import joining_a_cluster, ray_for_job
     from ..jobs.train import run_train
     from ..jobs.train_config import TrainSettings
-    from ..model.archs import TRAIN_STRIDE
 
     s = TrainSettings(data=data, out=out, arch=arch, weights=weights, epochs=epochs, warmup_epochs=warmup_epochs,
                       batch_size=batch_size, lr=lr, image_size=image_size, workers=workers, gpu=gpu,
                       cpus_per_worker=cpus_per_worker, placement=placement, max_failures=max_failures,
                       target_sensitivity=target_sensitivity, val_fraction=val_fraction,
-                      cam_consistency=cam_consistency, cam_layer=int(cam_layer), cam_stride=TRAIN_STRIDE[int(cam_layer)],
-                      seed=seed)
+                      cam_consistency=cam_consistency, cam_layer=None if cam_layer is None else int(cam_layer),
+                      translate=translate, seed=seed)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     if register is None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model.calibration import calibrated
-from ..model.archs import check_arch, check_cam
+from ..model.archs import TRAIN_STRIDE, check_arch, check_cam
 from ..pixels.decode import DEFAULT_MAX_PIXELS
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
@@ -34,10 +34,15 @@ class TrainSettings:
     warmup_lr: float = 1e-3
     weight_decay: float = 1e-4
     image_size: int = 224
-    cam_stride: int = 16  # 16: a 14x14 CAM at 224 px instead of 7x7 (see model.build_model)
-    # 3: the network ends at layer3 and the CAM is layer3's (stride 16); 4: layer4, dilated. At 224 px
-    # layer3's map points at the lesion, layer4's at its lung (docs/experiments/cam-findings.md, rounds 5-6).
-    cam_layer: int = 3
+    # Where the CAM and the head sit. 2: the network ends at layer2 (stride 8, a 28x28 map at 224 px); 3: at
+    # layer3 (stride 16); 4: layer4, dilated. At 224 px layer4's map marks the lesion's lung, layer3's points at the
+    # lesion on most seeds, layer2's on all (docs/experiments/cam-findings.md, rounds 5-11). None = 2 from scratch,
+    # 3 from ImageNet weights: layer2 would drop most of a pretrained network (23 of ResNet-101's 33 blocks).
+    cam_layer: int | None = None
+    cam_stride: int | None = None  # None = the layer's (archs.TRAIN_STRIDE); only layer4 has a choice (32, or 16 dilated)
+    # Random shift of each training image, up to this share of its side in x and y (after the crop and rotation).
+    # With it the layer2 map's peaks sit on the lesion rather than pulled towards mid-height (cam-findings round 11).
+    translate: float = 0.1
     # Weight of the CAM flip-consistency loss (model/camloss.py): each image trains beside its mirrored
     # twin and their maps must mirror too, which forbids the network to learn its evidence off the
     # lesion. 0 = plain training.
@@ -60,7 +65,14 @@ class TrainSettings:
 
     def __post_init__(self):
         check_arch(self.arch)
+        # Resolved here, so the checkpoint, the run's settings and a resume see the numbers, not None.
+        layer = self.cam_layer if self.cam_layer is not None else (3 if self.pretrained else 2)
+        object.__setattr__(self, "cam_layer", layer)
+        if self.cam_stride is None and layer in TRAIN_STRIDE:
+            object.__setattr__(self, "cam_stride", TRAIN_STRIDE[layer])
         check_cam(self.cam_layer, self.cam_stride)
+        if not 0 <= self.translate < 0.5:
+            raise InputError(f"--translate must be at least 0 and below 0.5 (a share of the image side), not {self.translate}.")
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise InputError("--epochs, --workers and --batch-size must be at least 1.")
         if self.target_sensitivity is not None and not 0 < self.target_sensitivity < 1:

@@ -152,7 +152,7 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, phase, 
     total_loss, correct, n = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64), 0
     for step in range(steps):
         idx = order[(torch.arange(per_step) + step * per_step) % max(1, len(y))]
-        xb = normalize(augment(torch.from_numpy(x[idx.numpy()]).to(device), gen), channels_last=True)
+        xb = normalize(augment(torch.from_numpy(x[idx.numpy()]).to(device), gen, translate=s.translate), channels_last=True)
         yb = torch.from_numpy(y[idx.numpy()]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             if pairs:

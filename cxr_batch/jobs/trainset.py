@@ -101,12 +101,18 @@ def load_pixels(data: str, items: list, image_size: int, max_pixels: int) -> tup
     return np.stack(pixels), np.asarray(labels, np.int64), skipped
 
 
-def augment(batch: torch.Tensor, gen: torch.Generator, *, scale=(0.7, 1.0), max_rotate=7.0) -> torch.Tensor:
+def augment(batch: torch.Tensor, gen: torch.Generator, *, scale=(0.7, 1.0), max_rotate=7.0,
+            translate: float = 0.0) -> torch.Tensor:
     """uint8 (B, S, S) -> float [0, 1] (B, S, S), each image with its own random parameters:
     resized crop (70-100% of the area, aspect 0.85-1.18, so a lesion near the border survives),
-    rotation, horizontal flip, brightness/contrast. One affine grid_sample per batch, on the
-    batch's device (the GPU in GPU training: the worker's one CPU would otherwise feed it); the
-    random parameters come from the CPU generator ``gen`` either way, so runs are reproducible."""
+    rotation, horizontal flip, then a shift of up to ``translate`` of the side in x and y (edge
+    rows repeated), brightness/contrast. One affine grid_sample per batch, on the batch's device
+    (the GPU in GPU training: the worker's one CPU would otherwise feed it); the random parameters
+    come from the CPU generator ``gen`` either way, so runs are reproducible.
+
+    Why the shift: without it a network learns where in the frame lesions tend to be, and its map's
+    peaks are pulled towards mid-height (upper lesions found low, lower ones high;
+    docs/experiments/cam-findings.md, rounds 8 and 11). The crop alone moves the frame too little."""
     b, s, _ = batch.shape
     x = batch.float().unsqueeze(1) / 255.0
     u = torch.rand(b, 6, generator=gen).to(x.device)
@@ -117,8 +123,14 @@ def augment(batch: torch.Tensor, gen: torch.Generator, *, scale=(0.7, 1.0), max_
     angle = torch.deg2rad((2 * u[:, 4] - 1) * max_rotate)
     flip = torch.where(u[:, 5] < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([sx * cos * flip, -sy * sin, tx], 1),
-                         torch.stack([sx * sin * flip, sy * cos, ty], 1)], 1)
+    m = torch.stack([torch.stack([sx * cos * flip, -sy * sin], 1), torch.stack([sx * sin * flip, sy * cos], 1)], 1)
+    shift = torch.zeros(b, 2, 1, device=x.device)
+    if translate > 0:  # drawn only then, so runs without it keep their random streams
+        # Output pixel p shows the cropped image at p + t, i.e. the input at m (p + t) + (tx, ty):
+        # one resampling for both (normalised coordinates span 2, hence 2 * translate).
+        t = (2 * torch.rand(b, 2, generator=gen) - 1) * 2 * translate
+        shift = m @ t.to(x.device).unsqueeze(2)
+    theta = torch.cat([m, torch.stack([tx, ty], 1).unsqueeze(2) + shift], 2)
     grid = torch.nn.functional.affine_grid(theta, x.shape, align_corners=False)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     v = torch.rand(b, 2, generator=gen).to(x.device)

@@ -35,7 +35,7 @@ class ModelInfo:
     threshold: float  # P(PNEUMONIA) at or above which the prediction is PNEUMONIA
     trained: bool  # False for ARCH:WEIGHTS: the 2-class head is random
     cam_stride: int = 32  # 16: layer4 without its stride, or a map from layer3 (see model.build_model)
-    cam_layer: int = 4  # 3: the network ends at layer3 (every model `cxr-batch train` writes; model.build_model)
+    cam_layer: int = 4  # 3 / 2: the network ends at layer3 / layer2 (what `cxr-batch train` writes; model.build_model)
     temperature: float = 1.0  # P(PNEUMONIA) = softmax(logits / T): fitted on validation (model/calibration.py); 1 = none
     cam_offset: float = 0.0  # input pixel on which CAM cell 0's receptive field is centred (receptive.cam_grid)
 
