@@ -65,7 +65,8 @@ def test_threshold_rules():
 @pytest.mark.parametrize("kwargs,match", [({"arch": "resnet99"}, "Invalid arch"), ({"epochs": 0}, "at least 1"),
                                           ({"placement": "EVERYWHERE"}, "Invalid --placement"),
                                           ({"target_sensitivity": 1.5}, "between 0 and 1"),
-                                          ({"translate": 0.5}, "--translate"), ({"translate": -0.1}, "--translate")])
+                                          ({"translate": 0.5}, "--translate"), ({"translate": -0.1}, "--translate"),
+                                          ({"cam_quiet": -0.5}, "--cam-quiet"), ({"cam_consistency": -1}, "--cam-quiet and --cam-consistency")])
 def test_bad_settings_are_input_errors(kwargs, match):
     with pytest.raises(InputError, match=match):
         TrainSettings(data="d", out="o", **kwargs)

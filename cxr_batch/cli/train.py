@@ -38,6 +38,9 @@ from .summaries import format_eval_summary, format_train_summary
 @click.option("--cam-consistency", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the CAM flip-consistency loss: each image trains beside its mirror image and their"
                    " CAMs must mirror too, so the network cannot learn its evidence off the lesion. 0 = off.")
+@click.option("--cam-quiet", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of the quiet-NORMAL loss: no cell of a NORMAL training image's CAM may vote PNEUMONIA, so"
+                   " the map carries no pattern common to both classes that could outshine a faint lesion. 0 = off.")
 @click.option("--cam-layer", type=click.Choice(["2", "3", "4"]), default=None,
               help="Where the CAM (and the head) sits: 2 ends the network at layer2 (a 28x28 map at 224 px, whose peak"
                    " lands on the lesion); 3 at layer3 (14x14, on the lesion for most seeds); 4 keeps layer4 (dilated,"
@@ -55,7 +58,7 @@ from .summaries import format_eval_summary, format_train_summary
 @output_options
 @friendly
 def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image_size, workers, gpu, cpus_per_worker,
-          placement, max_failures, target_sensitivity, val_fraction, cam_consistency, cam_layer, translate, seed, register,
+          placement, max_failures, target_sensitivity, val_fraction, cam_consistency, cam_quiet, cam_layer, translate, seed, register,
           address, wait_for_gpus, wait_timeout, as_json, verbose):
     """Fine-tune a ResNet on DATA/train (NORMAL/ and PNEUMONIA/ folders), validate on DATA/val.
 
@@ -72,7 +75,7 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
                       batch_size=batch_size, lr=lr, image_size=image_size, workers=workers, gpu=gpu,
                       cpus_per_worker=cpus_per_worker, placement=placement, max_failures=max_failures,
                       target_sensitivity=target_sensitivity, val_fraction=val_fraction,
-                      cam_consistency=cam_consistency, cam_layer=None if cam_layer is None else int(cam_layer),
+                      cam_consistency=cam_consistency, cam_quiet=cam_quiet, cam_layer=None if cam_layer is None else int(cam_layer),
                       translate=translate, seed=seed)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)

@@ -59,7 +59,8 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
     counts = np.bincount([y for _, y in split.train], minlength=2)
     echo(f"train: {len(split.train)} images (NORMAL {counts[0]}, PNEUMONIA {counts[1]}); validation: {split.val_note}")
     echo(f"model: {s.arch} to layer{s.cam_layer} (CAM stride {s.cam_stride}), weights {s.weights}; {s.epochs} epochs"
-         f" ({s.n_warmup} warm-up), shifts up to {s.translate:g} of the side, {s.workers} "
+         f" ({s.n_warmup} warm-up), shifts up to {s.translate:g} of the side"
+         f"{f', quiet-NORMAL loss {s.cam_quiet:g}' if s.cam_quiet else ''}, {s.workers} "
          f"{'GPU' if use_gpu else 'CPU'} worker{'s' if s.workers > 1 else ''}"
          f"{'' if use_gpu else f' of {s.cpus_per_worker:g} CPU' + ('' if s.cpus_per_worker == 1 else 's')}"
          f", batch {s.batch_size} per worker")

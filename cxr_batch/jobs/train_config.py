@@ -47,6 +47,10 @@ class TrainSettings:
     # twin and their maps must mirror too, which forbids the network to learn its evidence off the
     # lesion. 0 = plain training.
     cam_consistency: float = 0.0
+    # Weight of the quiet-NORMAL loss (model/camloss.quiet_normal): no cell of a NORMAL image's map may vote
+    # PNEUMONIA, so the map cannot carry a pattern common to both classes (hot top corners) that outshines a
+    # faint lesion. 0 = off.
+    cam_quiet: float = 0.0
     workers: int = 2
     gpu: bool | None = None  # None = use GPUs when the cluster has them
     # None = fit_worker_cpus: on CPU workers the most CPUs each that still places every worker (one worker
@@ -73,6 +77,8 @@ class TrainSettings:
         check_cam(self.cam_layer, self.cam_stride)
         if not 0 <= self.translate < 0.5:
             raise InputError(f"--translate must be at least 0 and below 0.5 (a share of the image side), not {self.translate}.")
+        if not self.cam_quiet >= 0 or not self.cam_consistency >= 0:
+            raise InputError("--cam-quiet and --cam-consistency must be at least 0 (0 = off).")
         if self.epochs < 1 or self.workers < 1 or self.batch_size < 1:
             raise InputError("--epochs, --workers and --batch-size must be at least 1.")
         if self.target_sensitivity is not None and not 0 < self.target_sensitivity < 1:

@@ -35,9 +35,27 @@ def flip_consistency(maps: torch.Tensor, maps_of_flipped: torch.Tensor, dim: int
     return torch.nn.functional.smooth_l1_loss(maps, maps_of_flipped.flip(dim))
 
 
-def paired_loss(net, fc, images, labels, loss_fn, *, weight: float, grid: CamGrid, step: int):
+def quiet_normal(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """No cell of a NORMAL image's log-odds map (B, h, w) may vote PNEUMONIA: the mean over the
+    batch's images and cells of max(cell, 0), counted for NORMAL images only (PNEUMONIA images count
+    as zero, since where their lesion is is not known). A hinge, not a per-cell cross-entropy: a
+    cell that already votes NORMAL costs nothing, so NORMAL logits are not pushed further down than
+    the classification loss takes them (softplus did that, and calibrated worse, cam-findings round 13).
+
+    Why: global average pooling lets a map carry any pattern that is the same for both classes,
+    since the bias absorbs its mean. Networks trained from scratch here put such a pattern in the
+    top corners (114 of 200 NORMAL test maps had their maximum there), and on a PNEUMONIA image
+    with a faint lesion the corner then outshines the lesion: the peak lands a whole image away
+    (cam-findings round 13). A NORMAL image has no pneumonia anywhere, so no cell of its map may
+    vote for it, which forbids that pattern and leaves the lesions' evidence alone."""
+    normal = (labels != POSITIVE).to(maps.dtype).view(-1, 1, 1)
+    return (torch.relu(maps) * normal).mean()
+
+
+def paired_loss(net, fc, images, labels, loss_fn, *, weight: float, grid: CamGrid, step: int, quiet: float = 0.0):
     """Classification loss on ``images`` and their grid-flipped twins (left-right on even steps,
-    upside down on odd ones) plus ``weight`` x the flip consistency of their log-odds maps.
+    upside down on odd ones) plus ``weight`` x the flip consistency of their log-odds maps, plus ``quiet``
+    x ``quiet_normal`` of both twins' maps.
     -> (total loss, classification loss, logits of ``images``). ``net`` returns (logits, features);
     ``fc`` is its linear head (read for the maps, as scoring does)."""
     from .cam import log_odds_map
@@ -52,7 +70,10 @@ def paired_loss(net, fc, images, labels, loss_fn, *, weight: float, grid: CamGri
         raise ValueError(f"the trunk gave a {tuple(maps.shape[-2:])} map, not {cells} x {cells}: grid {grid} is wrong")
     n = len(images)
     consistency = flip_consistency(maps[:n], maps[n:], dim)
-    return cls + weight * consistency, cls, logits[:n]
+    loss = cls + weight * consistency
+    if quiet > 0:
+        loss = loss + quiet * quiet_normal(maps, torch.cat([labels, labels]))
+    return loss, cls, logits[:n]
 
 
 def _cells(size: int, grid: CamGrid) -> int:

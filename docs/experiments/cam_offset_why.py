@@ -4,6 +4,7 @@
     python docs/experiments/cam_offset_why.py visible ARCHIVE SEED SIZE      # truth vs where the lesion shows on film
     python docs/experiments/cam_offset_why.py peaks OUT.npz [...]            # other peak estimators, bias maps removed
     python docs/experiments/cam_offset_why.py zones OUT.npz [...]            # offset by lesion height; peak-vs-truth slope
+    python docs/experiments/cam_offset_why.py corners OUT.npz [...]          # peaks far off the lesion; hot top corners
     python docs/experiments/cam_offset_why.py shift CKPT OUT.npz ARCHIVE 0,8,-8   # content moved down t px, peak moved back
     python docs/experiments/cam_offset_why.py pad CKPT OUT.npz ARCHIVE edge:16,0:32  # image inside a larger canvas
 
@@ -115,6 +116,24 @@ def zones(npz):
               f" = {((p[m, 1] - xyr[m, 1]) / xyr[m, 2]).mean():+.2f} r")
 
 
+def corners(npz):
+    """Round 13: how many true positives' peaks land far (> 4 radii) from the lesion, how many of those in a
+    top corner, and how many NORMAL maps have their maximum in a top corner (a pattern common to both classes)."""
+    z, tp, g, xyr = load_tp(npz)
+    p = z["peak"][tp].astype(float)
+    dx, dy = (p[:, 0] - xyr[:, 0]) / xyr[:, 2], (p[:, 1] - xyr[:, 1]) / xyr[:, 2]
+    far = np.hypot(dx, dy) > 4
+    corner = (p[:, 1] < 0.2) & ((p[:, 0] < 0.15) | (p[:, 0] > 0.85))
+    normal = z["cams"][z["y"] != POSITIVE]
+    n = normal.shape[-1]
+    rows, side = round(n * 0.2), max(1, round(n * 0.15))
+    top = [np.unravel_index(np.argmax(m), m.shape) for m in normal]
+    in_corner = sum(1 for i, j in top if i < rows and (j < side or j >= n - side))
+    print(f"{npz}: true positives' peaks > 4 radii off {far.sum()} of {len(tp)} (in a top corner {(far & corner).sum()}),"
+          f" mean dy without them {dy[~far].mean():+.2f}; NORMAL maps with their maximum in a top corner"
+          f" {in_corner}/{len(normal)}, with any cell > 0 {(normal.reshape(len(normal), -1).max(1) > 0).mean():.0%}")
+
+
 def maps_of(ckpt, npz, archive):
     """The model and the true positives' decoded pixels (uint8, model input size)."""
     from cxr_batch.jobs.score_stages import decode_batch
@@ -183,7 +202,7 @@ def visible(archive, seed, size):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    if cmd in ("peaks", "zones"):
+    if cmd in ("peaks", "zones", "corners"):
         for a in args:
             globals()[cmd](a)
     else:
