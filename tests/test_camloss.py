@@ -72,7 +72,7 @@ def test_quiet_normal_penalises_normal_cells_that_vote_pneumonia_and_leaves_pneu
     assert torch.all(g[1] == 0)  # where a PNEUMONIA image's lesion is is not known: its map is left alone
     assert g[0, 0, 0] > 0 and g[0].sum() == g[0, 0, 0]  # the corner alone is pushed down: cells voting NORMAL cost nothing
     # Gradient descent on the shared pattern ends with no NORMAL cell voting PNEUMONIA, and the cells that
-    # voted NORMAL from the start where they were.
+    # voted NORMAL from the start stay where they were.
     shared = torch.full((6, 6), -1.0)
     shared[0, 0] = 3.0
     shared.requires_grad_(True)
@@ -90,7 +90,6 @@ def test_the_training_step_applies_the_quiet_normal_loss_to_normal_maps():
     from cxr_batch import POSITIVE
     from cxr_batch.jobs.train_config import TrainSettings
     from cxr_batch.jobs.train_worker import _phase_model, _train_epoch
-    from cxr_batch.model.cam import log_odds_map
     from cxr_batch.pixels.transforms import normalize
 
     rng = np.random.default_rng(0)
