@@ -18,12 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import POSITIVE
 from ..archive import storage
 from ..errors import InputError
 from ..model.calibration import calibrated, fit_temperature, margins as logit_margins
-from ..model.cam import log_odds_map
-from ..model.camloss import paired_loss, quiet_normal
+from ..model.camloss import paired_loss, plain_loss
 from ..model.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from ..model.network import build_model
 from ..model.receptive import cam_grid
@@ -161,11 +159,7 @@ def _train_epoch(ddp, model, opt, loss_fn, x, y, s, epoch, rank, device, phase, 
                 loss, cls_loss, logits = paired_loss(ddp, model.fc, xb, yb, loss_fn, weight=s.cam_consistency,
                                                      grid=grid, step=step, quiet=s.cam_quiet)
             else:
-                logits, features = ddp(xb)
-                loss = cls_loss = loss_fn(logits.float(), yb)
-                if s.cam_quiet > 0:
-                    maps = log_odds_map(features.float(), model.fc.weight, model.fc.bias, POSITIVE)
-                    loss = loss + s.cam_quiet * quiet_normal(maps, yb)
+                loss, cls_loss, logits = plain_loss(ddp, model.fc, xb, yb, loss_fn, quiet=s.cam_quiet)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import POSITIVE
-from .cam import CamGrid
+from .cam import CamGrid, log_odds_map
 
 
 def grid_flip(images: torch.Tensor, dim: int, grid: CamGrid, cells: int) -> torch.Tensor:
@@ -52,20 +52,28 @@ def quiet_normal(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (torch.relu(maps) * normal).mean()
 
 
+def plain_loss(net, fc, images, labels, loss_fn, *, quiet: float = 0.0):
+    """Classification loss on ``images``, plus ``quiet`` x ``quiet_normal`` of their log-odds maps (made only
+    when ``quiet`` > 0). -> (total loss, classification loss, logits), as ``paired_loss``."""
+    logits, features = net(images)
+    cls = loss_fn(logits.float(), labels)
+    if quiet <= 0:
+        return cls, cls, logits
+    return cls + quiet * quiet_normal(_log_odds(features, fc), labels), cls, logits
+
+
 def paired_loss(net, fc, images, labels, loss_fn, *, weight: float, grid: CamGrid, step: int, quiet: float = 0.0):
     """Classification loss on ``images`` and their grid-flipped twins (left-right on even steps,
     upside down on odd ones) plus ``weight`` x the flip consistency of their log-odds maps, plus ``quiet``
     x ``quiet_normal`` of both twins' maps.
     -> (total loss, classification loss, logits of ``images``). ``net`` returns (logits, features);
     ``fc`` is its linear head (read for the maps, as scoring does)."""
-    from .cam import log_odds_map
-
     dim = -1 if step % 2 == 0 else -2
     cells = _cells(images.shape[-1], grid)
     both = torch.cat([images, grid_flip(images, dim, grid, cells)])
     logits, features = net(both)
     cls = loss_fn(logits.float(), torch.cat([labels, labels]))
-    maps = log_odds_map(features.float(), fc.weight, fc.bias, POSITIVE)
+    maps = _log_odds(features, fc)
     if maps.shape[-1] != cells or maps.shape[-2] != cells:
         raise ValueError(f"the trunk gave a {tuple(maps.shape[-2:])} map, not {cells} x {cells}: grid {grid} is wrong")
     n = len(images)
@@ -74,6 +82,11 @@ def paired_loss(net, fc, images, labels, loss_fn, *, weight: float, grid: CamGri
     if quiet > 0:
         loss = loss + quiet * quiet_normal(maps, torch.cat([labels, labels]))
     return loss, cls, logits[:n]
+
+
+def _log_odds(features: torch.Tensor, fc) -> torch.Tensor:
+    """The PNEUMONIA log-odds maps of ``features`` under the linear head ``fc``, as scoring makes them."""
+    return log_odds_map(features.float(), fc.weight, fc.bias, POSITIVE)
 
 
 def _cells(size: int, grid: CamGrid) -> int:
