@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cxr_batch.errors import InputError
-from cxr_batch.jobs.train_config import TrainSettings, best_epoch, calibrated_threshold, choose_threshold, lr_at
+from cxr_batch.jobs.train_config import (TrainSettings, best_epoch, calibrated_threshold, choose_threshold, lr_at,
+                                         still_learning)
 from cxr_batch.model.calibration import calibrated
 
 
@@ -43,6 +44,24 @@ def test_best_ckpt_holds_the_epoch_the_summary_reports():
         history = [row(e + 1, None if one_class else rng.choice([0.7, 0.8, 0.9, round(rng.random(), 2)]),
                        rng.choice([0.2, 0.3, round(rng.random(), 2)])) for e in range(n)]
         assert saved_as_best(history) == best_epoch(history)["epoch"], history
+
+
+def curve(train_acc, train_loss, val_auc):
+    return [dict(row(e + 1, auc, 0.5), train_acc=acc, train_loss=loss)
+            for e, (acc, loss, auc) in enumerate(zip(train_acc, train_loss, val_auc))]
+
+
+def test_the_summary_says_when_a_run_ended_while_still_learning():
+    # The d12-s2 run of cam-findings round 14, in shape: accuracy 0.80 and rising, loss falling, best epoch the last.
+    rising = curve([0.5, 0.6, 0.66, 0.7, 0.74, 0.77, 0.8], [0.70, 0.66, 0.63, 0.61, 0.59, 0.57, 0.55],
+                   [0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93])
+    assert "still learning" in still_learning(rising) and "0.80" in still_learning(rising)
+    # Fitted (training accuracy 0.97), a plateau (the loss no longer falls) or a best epoch long past: no note.
+    fitted = curve([0.6, 0.8, 0.9, 0.94, 0.95, 0.96, 0.97], [0.6, 0.4, 0.3, 0.2, 0.15, 0.12, 0.1], [0.8] * 6 + [0.95])
+    plateau = curve([0.8] * 7, [0.5] * 7, [0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93])
+    past = [dict(r, val_auc=0.95 if r["epoch"] == 2 else r["val_auc"]) for r in rising]
+    for h in (fitted, plateau, past, rising[:2], [dict(r, train_acc=None) for r in rising]):
+        assert still_learning(h) is None, h
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():

@@ -29,7 +29,7 @@ from ..archive import storage
 from ..errors import InputError, TrainingError, one_line
 from ..model.archs import WEIGHTS
 from .ray_env import check_shared_storage, node_cpus
-from .train_config import TrainSettings, best_epoch, fit_worker_cpus
+from .train_config import TrainSettings, best_epoch, fit_worker_cpus, still_learning
 from .trainset import Split, make_split
 
 
@@ -111,7 +111,8 @@ def _summary(s: TrainSettings, history: list, validation: str, seconds: float) -
             # rows of runs begun before calibration existed lack these: T = 1 there
             "temperature": best.get("temperature", 1.0), "temperature_note": best.get("temperature_note", "not fitted"),
             "val_ece_before": best.get("val_ece_before"), "val_ece_after": best.get("val_ece_after"),
-            "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history]))}
+            "images_per_s_per_worker": float(np.mean([h["images_per_s_per_worker"] for h in history])),
+            "still_learning": still_learning(history)}
 
 
 def _fit(s: TrainSettings, split: Split, counts, use_gpu: bool, on_epoch) -> None:
