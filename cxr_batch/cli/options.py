@@ -50,6 +50,17 @@ def cam_scale_option(fn):
              " The raw maximum is in the cam_max column either way.")(fn)
 
 
+def cam_point_option(default: str):
+    """--cam-point: where cam_peak_x/y come from (score: map by default, for speed; evaluate: evidence)."""
+    def add(fn):
+        return click.option(
+            "--cam-point", type=click.Choice(["map", "evidence"]), default=default, show_default=True,
+            help="Where cam_peak_x/y come from. map: the centre of the CAM's hot spot (no extra work); evidence: the"
+                 " input pixels that make that hot spot hot, by one backward pass per batch (3-5x the forward's cost"
+                 " on a CPU; free of the map's pull towards mid-lung, README \"Localisation\").")(fn)
+    return add
+
+
 def output_options(fn):
     """--json, --verbose: what the console shows."""
     fn = click.option("--verbose", "-v", is_flag=True,

@@ -9,7 +9,7 @@ from functools import partial
 import click
 
 from .console import Console
-from .options import cam_scale_option, cam_size_option, cluster_options, friendly, output_options
+from .options import cam_point_option, cam_scale_option, cam_size_option, cluster_options, friendly, output_options
 from .summaries import format_summary
 
 
@@ -23,6 +23,7 @@ from .summaries import format_summary
 @click.option("--cams/--no-cams", default=True, show_default=True, help="Write a CAM overlay PNG per image.")
 @cam_size_option
 @cam_scale_option
+@cam_point_option("map")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
 @click.option("--actors", type=click.IntRange(min=1), default=None, help="Model replicas. Default: one per GPU, else fit to CPUs.")
 @click.option("--cpus-per-actor", type=click.FloatRange(min=0.5), default=None, help="CPUs per model actor (torch threads).")
@@ -65,7 +66,7 @@ from .summaries import format_summary
 @cluster_options
 @output_options
 @friendly
-def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, actors, cpus_per_actor, device, precision,
+def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, batch_size, actors, cpus_per_actor, device, precision,
           compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, max_bytes, retries,
           retry_backoff, engine, decode_on, rows_per_part, lease_timeout, report_, address, wait_for_gpus, wait_timeout,
           as_json, verbose):
@@ -84,7 +85,7 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, batch_size, a
     from ..pixels.decode import DEFAULT_MAX_PIXELS
 
     s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
-                      cam_scale=cam_scale, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
+                      cam_scale=cam_scale, cam_point=cam_point, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
                       precision=precision, compile=compile_, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                       overwrite=overwrite, limit=limit, manifest=manifest, follow_symlinks=follow_symlinks,
                       rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,

@@ -69,6 +69,8 @@ def format_train_summary(t: dict) -> str:
              f"  validation    {t['validation']} (files: {t.get('val_files', 'n/a')})",
              f"  calibration   {_calibration_line(t)}",
              f"  checkpoint    {t['best_checkpoint']}"]
+    if t.get("still_learning"):
+        lines.append(f"  note          {t['still_learning']}")
     if t.get("registered_as_default"):
         lines.append("  registered    as the default model of `cxr-batch score` (--no-register to skip)")
     return "\n".join(lines)
@@ -85,7 +87,8 @@ def format_eval_summary(m: dict, out: str) -> str:
              f"  sensitivity {f('sensitivity')}   specificity {f('specificity')}"]
     pt = (m.get("pointing") or {}).get("true_positives")
     if pt:
-        lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion;"
+        point = {"map": " (the map's hot spot)", "evidence": " (its evidence in the image)"}.get(m["pointing"].get("cam_point"), "")
+        lines.append(f"  CAM pointing  {pt['hits']}/{pt['n']} ({pt['rate']:.0%}) of true positives peak on the lesion{point};"
                      f" mean offset dx {pt['mean_dx_in_radii']:+.2f}, dy {pt['mean_dy_in_radii']:+.2f} lesion radii")
         if pt.get("follow_y") is not None:
             lines.append(f"                peaks follow the lesions by {pt['follow_x']:.2f} across, {pt['follow_y']:.2f} down"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .console import Console
-from .options import cam_scale_option, cam_size_option, cluster_options, friendly, output_options
+from .options import cam_point_option, cam_scale_option, cam_size_option, cluster_options, friendly, output_options
 from .summaries import format_eval_summary, format_train_summary
 
 
@@ -100,10 +100,11 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
               help="Steps from nothing to everything greyed out (2 x steps + 1 forward passes per image).")
 @cam_size_option
 @cam_scale_option
+@cam_point_option("evidence")
 @cluster_options
 @output_options
 @friendly
-def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, cam_size, cam_scale, address,
+def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, cam_size, cam_scale, cam_point, address,
              wait_for_gpus, wait_timeout, as_json, verbose):
     """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots: accuracy, AUC and
     the rest with CIs, calibration (ECE before/after temperature scaling, reliability diagram), CAM
@@ -116,7 +117,7 @@ def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images
 
     s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot,
                          deletion_images=deletion_images, deletion_steps=deletion_steps, cam_size=cam_size,
-                         cam_scale=cam_scale)
+                         cam_scale=cam_scale, cam_point=cam_point)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,

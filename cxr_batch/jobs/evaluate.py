@@ -46,6 +46,9 @@ class EvaluateSettings:
     deletion_steps: int = 10
     cam_size: int | None = None  # overlay side in px (see ScoreSettings.cam_size)
     cam_scale: str = "absolute"  # of the overlay PNGs (see ScoreSettings.cam_scale)
+    # Where the table's CAM point, and so the pointing game, comes from (see ScoreSettings.cam_point).
+    # evidence here: a trust report can afford one backward pass per batch; score defaults to map.
+    cam_point: str = "evidence"
 
 
 def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
@@ -55,7 +58,8 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
 
     pred_out = storage.join(s.out, "predictions.parquet")
     score_settings = ScoreSettings(archive=s.folder, out=pred_out, model=s.checkpoint, batch_size=s.batch_size,
-                                   cam_dir=storage.join(s.out, "cams"), cam_size=s.cam_size, cam_scale=s.cam_scale)
+                                   cam_dir=storage.join(s.out, "cams"), cam_size=s.cam_size, cam_scale=s.cam_scale,
+                                   cam_point=s.cam_point)
     summary = run_score(score_settings, progress=progress, echo=echo)  # refuses a bad checkpoint before any work
     # Its small entries (threshold, history, ...): the weights were read on this driver once, by the scoring's model check.
     ckpt, model_id = checkpoint_entries(summary.model["spec"])
@@ -80,7 +84,7 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     }
     truth = _load_truth(s.folder, s.truth)
     if truth:
-        metrics["pointing"] = _pointing(scored, truth, s.pointing_tolerance)
+        metrics["pointing"] = dict(_pointing(scored, truth, s.pointing_tolerance), cam_point=s.cam_point)
     metrics["calibration"] = _calibration(scored, y, float(summary.model.get("temperature", 1.0)), s.n_boot)
     metrics["deletion"] = _deletion(scored, score_settings, summary.model, s)
     history = ckpt.get("history", [])

@@ -31,6 +31,7 @@ from ..archive.results import (ERROR, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter
 from ..archive.storage import too_big
 from ..errors import InputError
 from ..model.cam import SCALES as CAM_SCALES
+from ..model.evidence import CAM_POINTS
 from ..model.registry import ModelInfo, describe
 from ..pixels.decode import DEFAULT_MAX_PIXELS
 from .ray_env import check_shared_storage, joining_a_cluster
@@ -60,6 +61,11 @@ class ScoreSettings:
     # confident NORMAL stays cold and heat says how strong; relative: min-max per image (every
     # image, NORMAL too, shows a hot spot: where the model looked, however weakly).
     cam_scale: str = "absolute"
+    # Where cam_peak_x/y come from: map = the centre of the map's hot spot (model.cam.hot_spot; no
+    # extra work); evidence = the input pixels that make that hot spot hot, found by one backward
+    # pass per batch (model/evidence.py: free of the map's pull towards mid-lung, 3-5x the forward's
+    # cost on a CPU).
+    cam_point: str = "map"
     batch_size: int = 16  # images per forward pass
     actors: int | None = None  # model replicas; None = one per GPU, or as many CPU actors as fit
     cpus_per_actor: float | None = None  # None: sized from the cluster (see plan_resources)
@@ -90,6 +96,10 @@ class ScoreSettings:
             raise InputError(f"Invalid precision {self.precision!r}. Only {', '.join(PRECISIONS)} are supported.")
         if self.cam_scale not in CAM_SCALES:
             raise InputError(f"Invalid --cam-scale {self.cam_scale}. Only {', '.join(CAM_SCALES)} are supported.")
+        if self.cam_point not in CAM_POINTS:
+            raise InputError(f"Invalid --cam-point {self.cam_point}. Only {', '.join(CAM_POINTS)} are supported.")
+        if self.cam_point == "evidence" and self.compile:
+            raise InputError("--cam-point evidence needs gradients, which a compiled model here does not give: drop --compile.")
         if self.device not in DEVICES:
             raise InputError(f"Invalid device {self.device!r}. Only {', '.join(DEVICES)} are supported.")
         if self.decode_on not in DECODE_ON:
@@ -392,7 +402,7 @@ def stage_config(s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir:
                     channels_last=s.channels_last, max_pixels=s.max_pixels,
                     # Beside the device's decode, the overlays too (at the model's size: its input is the base).
                     overlay_scale=s.cam_scale if plan.decode_on == "device" and cam_dir and
-                    s.cam_size in (None, info.image_size) else None),
+                    s.cam_size in (None, info.image_size) else None, cam_point=s.cam_point),
         finish=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive, max_pixels=s.max_pixels,
                     cam_scale=s.cam_scale),
         batch_size=s.batch_size, decode_rows=s.batch_size * max(1, 32 // s.batch_size))

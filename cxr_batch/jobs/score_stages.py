@@ -207,10 +207,12 @@ def native_bf16(device) -> bool:
 class Scorer:
     """Loads the model once per actor; ``__call__`` adds ``prob_pneumonia`` (softmax(logits / T), T the
     model's temperature), ``logit_pneumonia`` (the raw margin) and ``cam`` (the log-odds map,
-    cam.log_odds_map: its mean is the raw margin) to a batch."""
+    cam.log_odds_map: its mean is the raw margin) to a batch, and with ``cam_point`` "evidence" a
+    ``cam_point`` column: (x, y) of the hot spot's evidence in the input (model/evidence.py), NaN where
+    there is none."""
 
     def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, overlay_scale: str | None = None):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, overlay_scale: str | None = None, cam_point: str = "map"):
         import torch
 
         from ..model.registry import ModelInfo, fc_bias, fc_weight, load
@@ -225,8 +227,12 @@ class Scorer:
         _check_grid(model, info)
         self.temperature = float(info.get("temperature", 1.0))
         self.weight, self.bias = fc_weight(model).float(), fc_bias(model).float()
+        # cam_point "evidence" back-propagates through the model (model/evidence.py): an eager network,
+        # not one frozen by TorchScript for inference.
+        self.cam_point = cam_point
         self.model = prepare_model(model, self.device, channels_last=channels_last, compile=compile,
-                                   precision=self.precision, image_size=int(info["image_size"]))
+                                   precision=self.precision,
+                                   image_size=int(info["image_size"]) if cam_point == "map" else None)
         self.pad_to = 0 if compile else None  # compiled: pad smaller batches to the largest seen so far
         self.image_size, self.max_pixels = int(info["image_size"]), max_pixels
         # The overlays at the model's input size, composed on its device (set with --decode-on device).
@@ -280,6 +286,7 @@ class Scorer:
         n = len(ok)
         prob, margin = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
         cams = None
+        points = np.full((n, 2), np.nan, np.float32)
         if ok.any():
             pixels = np.ascontiguousarray(batch["pixels"][ok])
             m = len(pixels)
@@ -288,8 +295,15 @@ class Scorer:
                 pixels = np.concatenate([pixels, np.zeros((self.pad_to - m,) + pixels.shape[1:], pixels.dtype)])
             gray = torch.from_numpy(pixels).to(self.device, non_blocking=True)
             x = normalize(gray, channels_last=self.channels_last)
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits, features = self.model(x)
+            if self.cam_point == "evidence":
+                from ..model.evidence import evidence_forward
+
+                logits, features, found = evidence_forward(self.model, x, self.weight, self.bias, self.grid,
+                                                           autocast_device=self.device.type if self.autocast else None)
+                points[ok] = found[:m]
+            else:
+                with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    logits, features = self.model(x)
             logits, features = logits[:m].float(), features[:m]
             prob[ok] = torch.softmax(logits / self.temperature, dim=1)[:, POSITIVE].cpu().numpy()
             margin[ok] = margins(logits).cpu().numpy()
@@ -301,6 +315,8 @@ class Scorer:
             self.add_overlays(batch, ok, None, None)
         batch["prob_pneumonia"], batch["logit_pneumonia"] = prob, margin
         batch["cam"] = cams if cams is not None else np.zeros((n, 1, 1), np.float32)
+        if self.cam_point == "evidence":  # in every batch or in none: blocks must share their columns
+            batch["cam_point"] = points
         # Text columns come in as float NaN where a whole block was None: hand them on as None, or the
         # next stage cannot concatenate this block with one holding strings ("string vs float").
         for k in TEXT_COLUMNS:
@@ -347,7 +363,10 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
             continue
         status[i] = SCORED
         pred[i] = CLASSES[POSITIVE] if prob[i] >= info["threshold"] else CLASSES[1 - POSITIVE]
-        peak_x[i], peak_y[i] = hot_spot(batch["cam"][i], grid)
+        if "cam_point" in batch and np.isfinite(batch["cam_point"][i]).all():  # --cam-point evidence
+            peak_x[i], peak_y[i] = batch["cam_point"][i]
+        else:
+            peak_x[i], peak_y[i] = hot_spot(batch["cam"][i], grid)
         cam_max[i] = batch["cam"][i].max()
         if cam_dir is None:
             continue

@@ -82,7 +82,7 @@ HOT_SPOT_LEVEL = 0.5  # a cell is in the hot spot at or above this share of the 
 def hot_spot(cam: np.ndarray, grid: CamGrid) -> tuple[float, float]:
     """The centre of the map's hot spot, as fractions (x, y) of the image: the centroid of the
     connected cells around the maximum that reach ``HOT_SPOT_LEVEL`` of it, each weighted by how
-    far above that level it is. This is ``cam_peak_x/y`` in the scores table.
+    far above that level it is. This is ``cam_peak_x/y`` in the scores table (``--cam-point map``).
 
     Why not the maximum alone (``peak``): a 224 px map is a blob a few cells wide over the lesion,
     and its single hottest cell sits on whichever edge the network found most telling, not on
@@ -91,20 +91,28 @@ def hot_spot(cam: np.ndarray, grid: CamGrid) -> tuple[float, float]:
     docs/experiments/cam-findings.md, round 6). A map whose maximum is not above 0 (no cell votes
     PNEUMONIA) has no hot spot: its maximum is given, as ``peak`` places it.
     """
-    from scipy import ndimage
-
-    i, j = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    top = float(cam[i, j])
-    if not top > 0:
+    weight = hot_spot_weights(cam)
+    if weight is None:
         return peak(cam, grid)
-    cam = np.asarray(cam, np.float64)
-    level = HOT_SPOT_LEVEL * top
-    regions, _ = ndimage.label(cam >= level)  # 4-connected: a diagonal touch does not join two spots
-    weight = np.where(regions == regions[i, j], cam - level, 0.0)
-    rows, cols = np.indices(cam.shape)
+    rows, cols = np.indices(weight.shape)
     total = weight.sum()
     x, y = (weight * cols).sum() / total, (weight * rows).sum() / total
     return float(grid.to_fraction(x)), float(grid.to_fraction(y))
+
+
+def hot_spot_weights(cam: np.ndarray) -> np.ndarray | None:
+    """(h, w) float64: each cell's weight in the hot spot (how far above ``HOT_SPOT_LEVEL`` of the
+    maximum it is; 0 outside the connected spot around the maximum), or None when no cell is above 0."""
+    from scipy import ndimage
+
+    cam = np.asarray(cam, np.float64)
+    i, j = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    top = float(cam[i, j])
+    if not top > 0:
+        return None
+    level = HOT_SPOT_LEVEL * top
+    regions, _ = ndimage.label(cam >= level)  # 4-connected: a diagonal touch does not join two spots
+    return np.where(regions == regions[i, j], cam - level, 0.0)
 
 
 def _parabola_offset(left, centre, right) -> float:

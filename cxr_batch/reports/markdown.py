@@ -29,7 +29,9 @@ def report_markdown(metrics: dict, ckpt: dict) -> str:
     pt = metrics.get("pointing")
     if pt and pt.get("true_positives"):
         g = pt["true_positives"]
-        lines += [f"CAM pointing game (peak within {g['tolerance']} lesion radii of the planted lesion): "
+        how = {"map": "the centre of the CAM's hot spot", "evidence": "the input pixels that make the CAM's hot spot hot"}
+        lines += [f"CAM pointing game (peak within {g['tolerance']} lesion radii of the planted lesion; the peak is"
+                  f" {how.get(pt.get('cam_point'), 'the table’s cam_peak_x/y')}, `--cam-point {pt.get('cam_point', 'map')}`): "
                   f"{g['hits']}/{g['n']} = {g['rate']:.1%} of correctly flagged PNEUMONIA images;"
                   f" mean offset of the peak dx {g['mean_dx_in_radii']:+.2f}, dy {g['mean_dy_in_radii']:+.2f} lesion"
                   f" radii (x right, y down), median distance {g['median_distance_in_radii']:.2f} radii."

@@ -72,8 +72,38 @@ def top_centroid(m, frac):
     return (w * xs).sum() / w.sum(), (w * ys).sum() / w.sum()
 
 
+def heaviest_centroid(m, frac, within_positive=False):
+    """Round 14: the hot spot chosen by evidence, not by height. Components of m >= frac * max (or, with
+    within_positive, of m > 0, and in the chosen one cells >= frac * its own max); the one whose cells add
+    the most (m - level) wins: under global average pooling the map's mean is the logit, so that is the
+    region that contributes most to P(pneumonia). Centroid weighted by m - level, index units."""
+    top = m.max()
+    if within_positive:
+        lab, n = ndimage.label(m > 0)
+        mass = ndimage.sum(m, lab, range(1, n + 1))
+        keep = lab == 1 + int(np.argmax(mass))
+        level = frac * m[keep].max()
+        lab, n = ndimage.label(keep & (m >= level))
+        w_all = np.where(lab > 0, m - level, 0.0)
+        mass = ndimage.sum(w_all, lab, range(1, n + 1))
+        w = np.where(lab == 1 + int(np.argmax(mass)), m - level, 0.0)
+    else:
+        level = frac * top
+        lab, n = ndimage.label(m >= level)
+        mass = ndimage.sum(m - level, lab, range(1, n + 1))
+        w = np.where(lab == 1 + int(np.argmax(mass)), m - level, 0.0)
+    ys, xs = np.indices(m.shape)
+    return (w * xs).sum() / w.sum(), (w * ys).sum() / w.sum()
+
+
 def estimators(cam, g, size):
     out = {"argmax+parabola (shipped)": peak(cam, g)}
+    if cam.max() > 0:
+        for f in (0.3, 0.5):
+            cx, cy = heaviest_centroid(cam, f)
+            out[f"heaviest >= {f} max"] = (g.to_fraction(cx), g.to_fraction(cy))
+            cx, cy = heaviest_centroid(cam, f, True)
+            out[f"heaviest > 0, then {f}"] = (g.to_fraction(cx), g.to_fraction(cy))
     i, j = np.unravel_index(np.argmax(cam), cam.shape)
     out["argmax cell"] = (g.to_fraction(j), g.to_fraction(i))
     up = upsample(cam, (size, size), g)
@@ -87,9 +117,9 @@ def estimators(cam, g, size):
 
 def peaks(npz):
     z, tp, g, xyr = load_tp(npz)
-    cams, res = z["cams"], {}
+    cams, res = z["cams"], {"table's point (hot_spot, shipped)": list(z["peak"][tp].astype(float))}
     for k in tp:
-        for name, p in estimators(cams[k], g, int(z["size"])).items():
+        for name, p in estimators(cams[k].astype(np.float64), g, int(z["size"])).items():
             res.setdefault(name, []).append(p)
     for name, base in (("minus mean NORMAL map", cams[z["y"] != POSITIVE].mean(0)), ("minus mean map", cams.mean(0))):
         res[name] = [peak(cams[k] - base, g) for k in tp]

@@ -101,13 +101,15 @@ def _extra_results(m: dict) -> dict:
 
 def _pointing(m: dict) -> list[dict]:
     games = []
+    point = (m.get("pointing") or {}).get("cam_point")
     for name, g in (m.get("pointing") or {}).items():
         if not isinstance(g, dict):
             continue
         head = ""
         if g.get("n"):
             head = (f"{g.get('hits', 0):,} of {g['n']:,} ({pct(g.get('hits', 0), g['n'])}) peak within"
-                    f" {g.get('tolerance', '?')} lesion radii of the lesion")
+                    f" {g.get('tolerance', '?')} lesion radii of the lesion"
+                    + (f" (--cam-point {point})" if isinstance(point, str) else ""))
         games.append({"name": name.replace("_", " "), "head": head,
                       "rows": kv_rows(g, skip=("n", "hits", "rate", "tolerance") if head else ())})
     return games
