@@ -168,10 +168,11 @@ def still_learning(history: list[dict]) -> str | None:
         return None
     last, third = history[-1], history[-(len(history) // 3) - 1]
     acc, loss, earlier = last.get("train_acc"), last.get("train_loss"), third.get("train_loss")
-    if None in (acc, loss, earlier) or best_epoch(history)["epoch"] < last["epoch"] - 1:
+    best = best_epoch(history)["epoch"]
+    if None in (acc, loss, earlier) or best < last["epoch"] - 1:
         return None
     if acc < STILL_LEARNING_ACC and loss < 0.95 * earlier:
         return (f"still learning when the schedule ended (training accuracy {acc:.2f}, loss {earlier:.3f} ->"
-                f" {loss:.3f} over the last {len(history) // 3} epochs, best epoch the last): a new --out with more"
-                " --epochs is likely better")
+                f" {loss:.3f} over the last {len(history) // 3} epochs, best epoch {best} of {last['epoch']}): a new"
+                " --out with more --epochs is likely better")
     return None

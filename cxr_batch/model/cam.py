@@ -94,15 +94,14 @@ def hot_spot(cam: np.ndarray, grid: CamGrid) -> tuple[float, float]:
     weight = hot_spot_weights(cam)
     if weight is None:
         return peak(cam, grid)
-    rows, cols = np.indices(weight.shape)
-    total = weight.sum()
-    x, y = (weight * cols).sum() / total, (weight * rows).sum() / total
+    x, y = weighted_centre(weight)
     return float(grid.to_fraction(x)), float(grid.to_fraction(y))
 
 
-def hot_spot_weights(cam: np.ndarray) -> np.ndarray | None:
-    """(h, w) float64: each cell's weight in the hot spot (how far above ``HOT_SPOT_LEVEL`` of the
-    maximum it is; 0 outside the connected spot around the maximum), or None when no cell is above 0."""
+def hot_spot_weights(cam: np.ndarray, share: float = HOT_SPOT_LEVEL) -> np.ndarray | None:
+    """(h, w) float64: each cell's weight in the hot spot (how far above ``share`` of the maximum it
+    is; 0 outside the connected spot around the maximum), or None when no cell is above 0. Also the
+    evidence point's spot in the input (model/evidence.py), pixels for cells."""
     from scipy import ndimage
 
     cam = np.asarray(cam, np.float64)
@@ -110,9 +109,16 @@ def hot_spot_weights(cam: np.ndarray) -> np.ndarray | None:
     top = float(cam[i, j])
     if not top > 0:
         return None
-    level = HOT_SPOT_LEVEL * top
+    level = share * top
     regions, _ = ndimage.label(cam >= level)  # 4-connected: a diagonal touch does not join two spots
     return np.where(regions == regions[i, j], cam - level, 0.0)
+
+
+def weighted_centre(weight: np.ndarray) -> tuple[float, float]:
+    """(column, row) of the weighted centroid of a non-negative (h, w) array, in index units."""
+    rows, cols = np.indices(weight.shape)
+    total = weight.sum()
+    return float((weight * cols).sum() / total), float((weight * rows).sum() / total)
 
 
 def _parabola_offset(left, centre, right) -> float:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import POSITIVE
-from .cam import CamGrid, hot_spot_weights, log_odds_map
+from .cam import CamGrid, hot_spot_weights, log_odds_map, weighted_centre
 
 CAM_POINTS = ("map", "evidence")
 EVIDENCE_LEVEL = 0.5  # a pixel is in the evidence spot at or above this share of its maximum
@@ -66,13 +66,9 @@ def evidence_point(attribution: np.ndarray, *, sigma: float) -> tuple[float, flo
     everywhere (the scores table then takes the map's hot spot)."""
     from scipy import ndimage
 
-    a = ndimage.gaussian_filter(np.asarray(attribution, np.float64), sigma) if sigma > 0 else np.asarray(attribution, np.float64)
-    i, j = np.unravel_index(int(np.argmax(a)), a.shape)
-    level = EVIDENCE_LEVEL * a[i, j]
-    if not a[i, j] > 0:  # no gradient at all (a dead network): no point; the table falls back to the map's
+    a = np.asarray(attribution, np.float64)
+    weight = hot_spot_weights(ndimage.gaussian_filter(a, sigma) if sigma > 0 else a, EVIDENCE_LEVEL)
+    if weight is None:  # no gradient at all (a dead network): no point; the table falls back to the map's
         return float("nan"), float("nan")
-    regions, _ = ndimage.label(a >= level)
-    w = np.where(regions == regions[i, j], a - level, 0.0)
-    rows, cols = np.indices(a.shape)
-    total = w.sum()
-    return float(((w * cols).sum() / total + 0.5) / a.shape[1]), float(((w * rows).sum() / total + 0.5) / a.shape[0])
+    x, y = weighted_centre(weight)
+    return (x + 0.5) / a.shape[1], (y + 0.5) / a.shape[0]

@@ -19,24 +19,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cam_offset_why import load_tp, summary  # noqa: E402
 
 from cxr_batch import POSITIVE  # noqa: E402
-from cxr_batch.model.cam import HOT_SPOT_LEVEL, hot_spot, log_odds_map  # noqa: E402
+from cxr_batch.model.cam import hot_spot, hot_spot_weights, log_odds_map, weighted_centre  # noqa: E402
 
 
 def hot_mask(m):
-    i, j = np.unravel_index(np.argmax(m), m.shape)
-    level = HOT_SPOT_LEVEL * m[i, j]
-    lab, _ = ndimage.label(m >= level)
-    return np.where(lab == lab[i, j], m - level, 0.0)
+    w = hot_spot_weights(m)  # the shipped hot spot; a map with no cell above 0 (no true positive has one) adds nothing
+    return np.zeros_like(m) if w is None else w
 
 
 def centroid(a, frac):
     """Centroid (x, y) in pixel fractions of the connected region around a's max where a >= frac * max."""
-    i, j = np.unravel_index(np.argmax(a), a.shape)
-    lvl = frac * a[i, j]
-    lab, _ = ndimage.label(a >= lvl)
-    w = np.where(lab == lab[i, j], a - lvl, 0.0)
-    ys, xs = np.indices(a.shape)
-    return ((w * xs).sum() / w.sum() + .5) / a.shape[1], ((w * ys).sum() / w.sum() + .5) / a.shape[0]
+    x, y = weighted_centre(hot_spot_weights(a, frac))
+    return (x + .5) / a.shape[1], (y + .5) / a.shape[0]
 
 
 def main(ckpt, npz, archive, sigma=4.0):
