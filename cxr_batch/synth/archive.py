@@ -12,19 +12,25 @@ from PIL import Image
 
 from .. import CLASSES
 from ..errors import InputError
-from .phantom import JPEG_QUALITY, check_size, phantom
+from .phantom import JPEG_QUALITY, check_size
+from .texture import FAMILIES, family_image
 
 SPLITS = ("train", "val", "test")
 
 
-def make_archive(out_dir, *, n_train=160, n_val=40, n_test=80, size=256, seed=0, pos_fraction=0.5) -> Path:
+def make_archive(out_dir, *, n_train=160, n_val=40, n_test=80, size=256, seed=0, pos_fraction=0.5,
+                 family="phantom") -> Path:
     """Write a phantom archive in the pediatric pneumonia set's layout; returns truth.csv's path.
 
     ``n_*`` count images per split, both classes together; ``round(n * pos_fraction)`` of each
     split are PNEUMONIA. Every image has its own generator seeded from (seed, split, index), so
     an archive is reproducible and one split does not change when another's size does.
+    ``family`` picks the kind of image (synth/texture.py): the phantom, or an additive opacity on a
+    textured background (``texture``) or on a flattened, textured phantom film (``film``).
     """
     check_size(size)
+    if family not in FAMILIES:
+        raise InputError(f"Invalid family {family}. Only {', '.join(FAMILIES)} are supported.")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"Refusing to write the example archive into {out}: it exists and is not empty. "
@@ -36,7 +42,7 @@ def make_archive(out_dir, *, n_train=160, n_val=40, n_test=80, size=256, seed=0,
         raise InputError(f"Invalid image counts {counts}: each must be 0 or more.")
     rows = []
     for s, split in enumerate(SPLITS):
-        rows += _write_split(out, split, s, int(counts[split]), size, seed, pos_fraction)
+        rows += _write_split(out, split, s, int(counts[split]), size, seed, pos_fraction, family)
     truth = out / "truth.csv"
     with truth.open("w", newline="") as f:
         w = csv.writer(f)
@@ -45,7 +51,7 @@ def make_archive(out_dir, *, n_train=160, n_val=40, n_test=80, size=256, seed=0,
     return truth
 
 
-def _write_split(out: Path, split: str, s: int, n: int, size: int, seed: int, pos_fraction: float) -> list:
+def _write_split(out: Path, split: str, s: int, n: int, size: int, seed: int, pos_fraction: float, family: str) -> list:
     labels = np.zeros(n, dtype=int)
     labels[: int(round(n * pos_fraction))] = 1
     # Shuffle so that file index says nothing about the class.
@@ -54,7 +60,7 @@ def _write_split(out: Path, split: str, s: int, n: int, size: int, seed: int, po
         (out / split / name).mkdir(parents=True, exist_ok=True)
     rows = []
     for i, y in enumerate(labels):
-        pixels, truth = phantom(np.random.default_rng([seed, s, i]), size, opacity=bool(y))
+        pixels, truth = family_image(np.random.default_rng([seed, s, i]), size, family=family, opacity=bool(y))
         rel = f"{split}/{CLASSES[y]}/{split}-{i:05d}.jpeg"
         Image.fromarray(pixels).save(out / rel, quality=JPEG_QUALITY)
         xyr = [f"{truth[k]:.5f}" for k in ("x", "y", "r")] if truth else ["", "", ""]
