@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cxr_batch.errors import InputError
-from cxr_batch.jobs.train_config import (TrainSettings, best_epoch, calibrated_threshold, choose_threshold, lr_at,
-                                         still_learning)
+from cxr_batch.jobs.train_config import (WEAK_VAL_AUC, TrainSettings, best_epoch, calibrated_threshold,
+                                         choose_threshold, lr_at, still_learning, weak_model)
 from cxr_batch.model.calibration import calibrated
 
 
@@ -52,7 +52,7 @@ def curve(train_acc, train_loss, val_auc):
 
 
 def test_the_summary_says_when_a_run_ended_while_still_learning():
-    # The d12-s2 run of cam-findings round 14, in shape: accuracy 0.80 and rising, loss falling, best epoch the last.
+    # A run cut short, in shape: accuracy 0.80 and rising, loss falling, best epoch the last.
     rising = curve([0.5, 0.6, 0.66, 0.7, 0.74, 0.77, 0.8], [0.70, 0.66, 0.63, 0.61, 0.59, 0.57, 0.55],
                    [0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93])
     assert "still learning" in still_learning(rising) and "0.80" in still_learning(rising)
@@ -62,6 +62,44 @@ def test_the_summary_says_when_a_run_ended_while_still_learning():
     past = [dict(r, val_auc=0.95 if r["epoch"] == 2 else r["val_auc"]) for r in rising]
     for h in (fitted, plateau, past, rising[:2], [dict(r, train_acc=None) for r in rising]):
         assert still_learning(h) is None, h
+
+
+def test_a_near_chance_model_is_weak_and_not_registered_unless_asked(tmp_path, monkeypatch):
+    """A run at chance (the default network cut too early can end there on real films) prints a verdict and is
+    not made the default model of `cxr-batch score`; --register still does it; a good model is registered."""
+    from cxr_batch.jobs.train import register_if_fit
+    from cxr_batch.model.registry import default_spec
+
+    monkeypatch.setenv("CXR_BATCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CXR_BATCH_MODEL", raising=False)
+    flat = curve([0.55] * 12, [0.69] * 12, [0.5, 0.55, 0.56, 0.58, 0.595, 0.59, 0.57, 0.58, 0.59, 0.56, 0.55, 0.57])
+    good = curve([0.6, 0.8, 0.9, 0.95, 0.96, 0.97], [0.6, 0.4, 0.3, 0.2, 0.15, 0.12], [0.8, 0.9, 0.95, 0.97, 0.98, 0.98])
+    assert "0.595" in weak_model(flat) and f"{WEAK_VAL_AUC:g}" in weak_model(flat) and weak_model(good) is None
+    one_class = [dict(r, val_auc=None) for r in good]
+    assert "one class" in weak_model(one_class)
+
+    summary = register_if_fit({"best_checkpoint": str(tmp_path / "weak.ckpt")}, flat, complete=True, register=None)
+    assert "registered_as_default" not in summary and "--register" in summary["not_registered"]
+    assert default_spec() is None
+    from cxr_batch.cli.summaries import format_train_summary
+
+    text = format_train_summary(dict(summary, epochs=12, seconds=1.0, images_per_s_per_worker=1.0, best_epoch=5,
+                                     val_auc=0.595, val_acc=0.5, threshold=0.5, validation="val/", temperature=1.0))
+    assert "WEAK MODEL" in text and "not as the default model" in text
+    from cxr_batch.cli.summaries import format_eval_summary
+
+    metrics = {"accuracy": 0.5, "roc_auc": 0.609, "sensitivity": 0.5, "specificity": 0.5}
+    evaluated = format_eval_summary({"n_scored": 100, "threshold": 0.5, "metrics": metrics, "ci95": {}}, "r")
+    assert "WEAK MODEL    AUC 0.609" in evaluated and "AUC 0.968 (Kermany" in evaluated
+    metrics["roc_auc"] = 0.95
+    evaluated = format_eval_summary({"n_scored": 100, "threshold": 0.5, "metrics": metrics, "ci95": {}}, "r")
+    assert "WEAK" not in evaluated and "AUC 0.968 (Kermany" in evaluated
+    register_if_fit({"best_checkpoint": str(tmp_path / "weak.ckpt")}, flat, complete=True, register=True)
+    assert default_spec() == str(tmp_path / "weak.ckpt")
+    register_if_fit({"best_checkpoint": str(tmp_path / "good.ckpt")}, good, complete=True, register=None)
+    assert default_spec() == str(tmp_path / "good.ckpt")
+    register_if_fit({"best_checkpoint": str(tmp_path / "cut.ckpt")}, good, complete=False, register=None)
+    assert default_spec() == str(tmp_path / "good.ckpt")  # a run stopped early is never registered
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():

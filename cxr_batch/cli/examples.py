@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..synth import FAMILIES
 from .console import Console
 from .options import cluster_options, friendly, output_options
 from .summaries import format_eval_summary
@@ -15,10 +16,13 @@ from .summaries import format_eval_summary
 @click.option("--val", "n_val", type=click.IntRange(min=0), default=40, show_default=True, help="Images in val/.")
 @click.option("--test", "n_test", type=click.IntRange(min=0), default=80, show_default=True, help="Images in test/.")
 @click.option("--size", type=click.IntRange(min=64, max=4096), default=256, show_default=True, help="Image side in px.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every image's generator.")
+@click.option("--family", type=click.Choice(FAMILIES), default="phantom", show_default=True,
+              help="phantom: modelled lesions on clean anatomy; texture, film: an additive opacity on a textured,"
+                   " low-contrast background (a generated one, or a flattened phantom film).")
 @friendly
-def synth(out, n_train, n_val, n_test, size, seed):
-    """Write an example archive of procedural chest phantoms to OUT.
+def synth(out, n_train, n_val, n_test, size, seed, family):
+    """Write an example archive of procedural chest phantoms (or another task family) to OUT.
 
     Layout as the public pediatric pneumonia set: OUT/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg.
     PNEUMONIA images carry a planted opacity; OUT/truth.csv gives its centre and radius.
@@ -27,7 +31,7 @@ def synth(out, n_train, n_val, n_test, size, seed):
     """
     from ..synth.archive import make_archive
 
-    truth = make_archive(out, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed)
+    truth = make_archive(out, n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed, family=family)
     click.echo(f"Wrote {n_train + n_val + n_test} phantoms to {out} (truth: {truth}).")
 
 

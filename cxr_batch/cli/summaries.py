@@ -71,9 +71,17 @@ def format_train_summary(t: dict) -> str:
              f"  checkpoint    {t['best_checkpoint']}"]
     if t.get("still_learning"):
         lines.append(f"  note          {t['still_learning']}")
+    if t.get("weak"):
+        lines.append(f"  WEAK MODEL    {t['weak']}: check the data and the recipe before scoring with it")
+    if t.get("not_registered"):
+        lines.append(f"  registered    {t['not_registered']}")
     if t.get("registered_as_default"):
         lines.append("  registered    as the default model of `cxr-batch score` (--no-register to skip)")
     return "\n".join(lines)
+
+
+# Kermany et al. 2018 (Cell), transfer learning on the public pediatric pneumonia set: the bar to compare with.
+PUBLISHED_BAR = "accuracy 0.928, AUC 0.968 (Kermany et al. 2018)"
 
 
 def format_eval_summary(m: dict, out: str) -> str:
@@ -84,7 +92,13 @@ def format_eval_summary(m: dict, out: str) -> str:
 
     lines = ["", f"cxr-batch evaluate: {m['n_scored']} labelled images, threshold {m['threshold']:.3f}",
              f"  accuracy {f('accuracy')}   AUC {f('roc_auc')}",
-             f"  sensitivity {f('sensitivity')}   specificity {f('specificity')}"]
+             f"  sensitivity {f('sensitivity')}   specificity {f('specificity')}",
+             f"  published     {PUBLISHED_BAR} on the reference set's test split"]
+    from ..jobs.train_config import WEAK_VAL_AUC  # one bar for a weak model, in training and here
+
+    if k.get("roc_auc") is not None and k["roc_auc"] < WEAK_VAL_AUC:
+        lines.append(f"  WEAK MODEL    AUC {k['roc_auc']:.3f} is below {WEAK_VAL_AUC:g} (chance 0.5): do not score with it"
+                     " before the data and the recipe are checked")
     pt = (m.get("pointing") or {}).get("true_positives")
     if pt:
         point = {"map": " (the map's hot spot)", "evidence": " (its evidence in the image)"}.get(m["pointing"].get("cam_point"), "")

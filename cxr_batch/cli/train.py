@@ -41,24 +41,25 @@ from .summaries import format_eval_summary, format_train_summary
 @click.option("--cam-quiet", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the quiet-NORMAL loss: no cell of a NORMAL training image's CAM may vote PNEUMONIA, so"
                    " the map carries no pattern common to both classes that could outshine a faint lesion. 0 = off.")
-@click.option("--cam-layer", type=click.Choice(["2", "3", "4"]), default=None,
-              help="Where the CAM (and the head) sits: 2 ends the network at layer2 (a 28x28 map at 224 px, whose peak"
-                   " lands on the lesion); 3 at layer3 (14x14, on the lesion for most seeds); 4 keeps layer4 (dilated,"
-                   " ~40% more compute), whose map marks the lung. Default: 2 with --weights none, 3 with pretrained"
-                   " weights (layer2 would drop most of the pretrained network).")
-@click.option("--translate", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True,
-              help="Random shift of each training image, up to this share of its side: keeps the CAM peaks from being"
-                   " pulled towards where lesions usually are. 0 = off.")
+@click.option("--cam-layer", type=click.Choice(["4", "3", "2"]), default="4", show_default=True,
+              help="Where the network ends and its CAM is read: 4 is the whole ResNet; 3 and 2 cut it after layer3 or"
+                   " layer2 for a finer map, and learn more slowly.")
+@click.option("--cam-stride", type=click.Choice(["32", "16"]), default=None,
+              help="With --cam-layer 4: 32 keeps layer4 as built; 16 drops its last stride (dilated in ResNet-50/101)"
+                   " for a finer map. Default: the layer's own.")
+@click.option("--translate", type=click.FloatRange(0, 0.5, max_open=True), default=0.0, show_default=True,
+              help="Random shift of each training image, up to this share of its side. 0 = off.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--register/--no-register", default=None,
               help="Make best.ckpt the default model of `cxr-batch score` on this machine when the run finishes."
-                   " Default: on when Ray runs in this process, off when joining a cluster (--address or"
-                   " RAY_ADDRESS, as in `ray job submit`), whose driver may be on another machine.")
+                   " Default: when Ray runs in this process and the model is not weak (best val AUC below"
+                   " 0.8, or still learning); never when joining a cluster (--address or RAY_ADDRESS, as in"
+                   " `ray job submit`), whose driver may be on another machine.")
 @cluster_options
 @output_options
 @friendly
 def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image_size, workers, gpu, cpus_per_worker,
-          placement, max_failures, target_sensitivity, val_fraction, cam_consistency, cam_quiet, cam_layer, translate, seed, register,
+          placement, max_failures, target_sensitivity, val_fraction, cam_consistency, cam_quiet, cam_layer, cam_stride, translate, seed, register,
           address, wait_for_gpus, wait_timeout, as_json, verbose):
     """Fine-tune a ResNet on DATA/train (NORMAL/ and PNEUMONIA/ folders), validate on DATA/val.
 
@@ -75,12 +76,13 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
                       batch_size=batch_size, lr=lr, image_size=image_size, workers=workers, gpu=gpu,
                       cpus_per_worker=cpus_per_worker, placement=placement, max_failures=max_failures,
                       target_sensitivity=target_sensitivity, val_fraction=val_fraction,
-                      cam_consistency=cam_consistency, cam_quiet=cam_quiet, cam_layer=None if cam_layer is None else int(cam_layer),
+                      cam_consistency=cam_consistency, cam_quiet=cam_quiet, cam_layer=int(cam_layer),
+                      cam_stride=None if cam_stride is None else int(cam_stride),
                       translate=translate, seed=seed)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
-    if register is None:
-        register = not joining_a_cluster(address)
+    if register is None and joining_a_cluster(address):
+        register = False
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
                      echo=console.note):
         summary = run_train(s, echo=console.note, progress=console.epoch_progress(), register=register)

@@ -29,11 +29,11 @@ from ..archive import storage
 from ..errors import InputError, TrainingError, one_line
 from ..model.archs import WEIGHTS
 from .ray_env import check_shared_storage, node_cpus
-from .train_config import TrainSettings, best_epoch, fit_worker_cpus, still_learning
+from .train_config import TrainSettings, best_epoch, fit_worker_cpus, still_learning, weak_model
 from .trainset import Split, make_split
 
 
-def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = True) -> dict:
+def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool | None = None) -> dict:
     """Run (or resume) training; returns the final summary dict. Ray must be initialised.
 
     ``echo(line)`` gets the job's own lines (data, model, the workers' notes); ``progress(metrics,
@@ -71,10 +71,22 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool = T
                             " workers' notes above (unreadable images?).")
     history = json.loads(storage.read_bytes(storage.join(s.out, "history.json")))
     summary = _summary(s, history, split.val_note, time.perf_counter() - t0)
-    if register and len(history) == s.epochs:
-        from ..model.registry import register_default
+    return register_if_fit(summary, history, complete=len(history) == s.epochs, register=register)
 
-        summary["registered_as_default"] = str(register_default(summary["best_checkpoint"]))
+
+def register_if_fit(summary: dict, history: list[dict], *, complete: bool, register: bool | None) -> dict:
+    """Say whether the run's model is weak, and register best.ckpt as the default model of `cxr-batch score`
+    when asked (``register`` True), or when not told (None) and the model is not weak. A run that stopped
+    before its last epoch is never registered."""
+    summary["weak"] = weak_model(history)
+    if not complete or register is False:
+        return summary
+    if register is None and summary["weak"]:
+        summary["not_registered"] = f"not as the default model: {summary['weak']} (--register to do it anyway)"
+        return summary
+    from ..model.registry import register_default
+
+    summary["registered_as_default"] = str(register_default(summary["best_checkpoint"]))
     return summary
 
 

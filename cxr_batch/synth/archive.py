@@ -13,7 +13,8 @@ from PIL import Image
 from .. import CLASSES
 from ..errors import InputError
 from .phantom import JPEG_QUALITY, check_size
-from .texture import FAMILIES, family_image
+from . import FAMILIES
+from .texture import family_image
 
 SPLITS = ("train", "val", "test")
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from . import FAMILIES
 from .phantom import _resize, check_size, phantom
 
-FAMILIES = ("phantom", "texture", "film")
 # The opacity: a lift of this many grey levels at its centre, radius (sigma) as a share of the side.
 # The same ranges as the held-out task of real films this project is checked on.
 LIFT = (45.0, 70.0)
