@@ -164,8 +164,8 @@ def test_a_rerun_resumes_only_a_run_of_the_same_settings(tmp_path):
     check_resumable(replace(s, workers=1, max_failures=3))  # how it runs may change
     with pytest.raises(InputError, match=r"cam_layer 3 -> 4"):
         check_resumable(replace(s, cam_layer=4))
-    with pytest.raises(InputError, match=r"cam_stride 16 -> 8; cam_layer 3 -> 2"):  # today's default from scratch
-        check_resumable(replace(s, cam_layer=None, cam_stride=None))
+    with pytest.raises(InputError, match=r"cam_layer 3 -> 4"):  # today's default
+        check_resumable(TrainSettings(data=s.data, out=s.out, arch="resnet18", weights="none", epochs=3, image_size=64))
     before = {k: v for k, v in asdict(s).items() if k != "cam_layer"}  # a run from before the layer3 map
     save_checkpoint(make_checkpoint(net, arch="resnet18", image_size=64, threshold=0.5, settings=before,
                                     cam_stride=16, epoch=1), str(tmp_path / "run" / "last.ckpt"))
@@ -194,7 +194,7 @@ def test_cpu_workers_get_the_most_cpus_that_still_place_every_worker():
 
 def test_train_cam_layer_gives_the_stride_its_layer_has(tmp_path):
     """`--cam-layer 2` trains the layer2 map (stride 8), `--cam-layer 3` layer3's (stride 16); a layer with a
-    stride it cannot have is refused in one line."""
+    stride it cannot have is refused in one line; not given, the whole network, from scratch and pretrained."""
     import json
 
     from click.testing import CliRunner
@@ -202,22 +202,21 @@ def test_train_cam_layer_gives_the_stride_its_layer_has(tmp_path):
     from cxr_batch.cli import main
     from cxr_batch.model.archs import TRAIN_STRIDE
 
-    r = CliRunner().invoke(main, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--cam-layer", "2",
-                                  "--json"])
-    settings = json.loads(r.output.split("settings: ", 1)[1].splitlines()[0])
-    assert (settings["cam_layer"], settings["cam_stride"]) == (2, 8)
-    assert "No labelled images" in r.output  # it got as far as the data
-    for layer, stride in ((3, 16), (4, 16)):  # layer3 and the dilated layer4 keep stride 16
-        assert TrainSettings(data="d", out="o", cam_layer=layer, cam_stride=TRAIN_STRIDE[layer]).cam_stride == stride
+    def settings(*args):
+        r = CliRunner().invoke(main, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *args, "--json"])
+        assert "No labelled images" in r.output  # it got as far as the data
+        return json.loads(r.output.split("settings: ", 1)[1].splitlines()[0])
+
+    assert (settings("--cam-layer", "2")["cam_layer"], settings("--cam-layer", "2")["cam_stride"]) == (2, 8)
+    for layer, stride in ((3, 16), (4, TRAIN_STRIDE[4])):
         assert TrainSettings(data="d", out="o", cam_layer=layer).cam_stride == stride  # the layer's, when not given
+    assert TrainSettings(data="d", out="o", cam_layer=4, cam_stride=16).cam_stride == 16  # layer4 has a choice
+    assert settings("--cam-stride", "16")["cam_stride"] == 16
     with pytest.raises(InputError, match="cam stride 8 with cam layer 2"):
         TrainSettings(data="d", out="o", cam_layer=2, cam_stride=16)
-    # Not given: layer2 from scratch (its map points best), layer3 from pretrained weights (layer2 would drop
-    # most of them); resolved in the settings, so a checkpoint and a resume see numbers.
-    assert (TrainSettings(data="d", out="o", weights="none").cam_layer,
-            TrainSettings(data="d", out="o", weights="none").cam_stride) == (2, 8)
-    assert (TrainSettings(data="d", out="o").cam_layer, TrainSettings(data="d", out="o").cam_stride) == (3, 16)
-    for weights, layer in (("none", 2), ("imagenet", 3)):
-        r = CliRunner().invoke(main, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--weights",
-                                      weights, "--json"])
-        assert json.loads(r.output.split("settings: ", 1)[1].splitlines()[0])["cam_layer"] == layer
+    # Not given: the whole network whatever the weights, its stride resolved in the settings, so a checkpoint
+    # and a resume see numbers; no shifts.
+    for weights in ("none", "imagenet"):
+        got = settings("--weights", weights)
+        assert (got["cam_layer"], got["cam_stride"], got["translate"]) == (4, TRAIN_STRIDE[4], 0.0)
+    assert (TrainSettings(data="d", out="o").cam_layer, TrainSettings(data="d", out="o").translate) == (4, 0.0)

@@ -43,9 +43,8 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(s.seed + rank)
     (train_x, train_y), (val_x, val_y), notes = _load_shards(config, s, rank, world)
     model = build_model(s.arch, s.weights, seed=s.seed, cam_stride=s.cam_stride, cam_layer=s.cam_layer).to(device)
-    # channels_last on every device: oneDNN's native layout on a CPU as cuDNN's on a GPU. Measured on the
-    # 2-CPU machine (a training step, fp32): ResNet-18 to layer3 at 128 px, 1 thread, +10%; ResNet-101 at
-    # 224 px, 2 threads, +20% (docs/benchmark.md, round 11).
+    # channels_last on every device: oneDNN's native layout on a CPU as cuDNN's on a GPU; a training step
+    # measured faster in it on CPUs too (docs/performance.md).
     model = model.to(memory_format=torch.channels_last)
     counts = np.asarray(config["class_counts"], np.float64)
     class_weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32, device=device)

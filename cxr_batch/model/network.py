@@ -44,21 +44,16 @@ def build_model(arch: str = "resnet101", weights: str = "none", *, seed: int = 0
     which part of a lung is involved. Bottleneck nets (50/101) dilate layer4 instead, which keeps
     the receptive fields pretrained weights expect. The weights are the same either way.
 
-    ``cam_layer`` 3 ends the network at layer3 (stride 16, undilated) and puts the head on its
-    channels (1024 in ResNet-50/101): the map every `cxr-batch train` model has since round 6 of
-    docs/experiments/cam-findings.md. At 224 px, layer4's receptive field covers the whole lung and
-    its map peaked mid-lung, 1.7-2.1 lesion radii from the lesion (13-30% pointing); layer3's map
-    pointed 21-88% (mean 60%; 43-96%, mean 75%, with the hot spot's centre) at the same accuracy, for ~30% less
-    compute than the dilated layer4. ImageNet weights load into the full network and layer4's go unused.
+    ``cam_layer`` 3 (2) ends the network at layer3 (layer2) and puts the head on its channels: a map of stride
+    16 (8) from a smaller receptive field. The default, 4, is the whole network, as transfer learning means
+    it; the cut networks learned more slowly or not at all on textured tasks
+    (docs/decisions/001-full-network.md). ImageNet weights load into the full network either way, and a
+    cut network leaves the weights of the layers it drops unused.
 
     ``init`` False skips the random initialisation, for a caller that replaces every weight at once (a
     checkpoint's, model_from_checkpoint). It matters on the meta device: ``normal_`` there runs torch's
-    Python reference implementation, whose first call imports ``torch._dynamo`` (1.6 s of each scoring
-    process's start-up).
-
-    ``cam_layer`` 2 ends it at layer2 (stride 8: a 28x28 map at 224 px, a smaller receptive field still):
-    at the same recipe it pointed 93-95% over two seeds where layer3 pointed 43-96%, but it needs longer
-    training to classify as well (accuracy 0.84-0.88 at 12 epochs, 0.93 at 24; cam-findings round 7).
+    Python reference implementation, whose first call imports ``torch._dynamo``, a large share of each
+    scoring process's start-up.
     """
     check_arch(arch)
     check_cam(cam_layer, cam_stride)
