@@ -5,7 +5,7 @@ as a script. It starts its own local Ray (the comparison is on one machine), so 
     python jobs/benchmark.py /tmp/cxr-bench --modes fp32,bf16,bf16+compile --memory-check
 
 The first run writes 600 phantom JPEGs of 1000-2000 px into WORKDIR/archive and keeps them. The
-table goes to stdout, progress to stderr; docs/benchmark.md says how to read it.
+table goes to stdout, progress to stderr; docs/performance.md says how to read it.
 """
 
 import sys

@@ -1,23 +1,21 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 13 in one run (prepared on a CPU-only machine, not yet run on a GPU):
-# (a) plain PyTorch, (b) cxr-batch score per precision mode (bf16 with JPEGs decoded on the GPU, the
-# default there, and +cpudecode with them decoded by the CPUs), (c) the bare forward, (d) the score
-# command per engine in a fresh process (start-up included and broken down), the nvJPEG decode
-# check, and the peak-memory check at N and 10N images. One JSON with every number lands in $OUT.
+# The whole benchmark on one GPU machine in one run: (a) plain PyTorch, (b) cxr-batch score per
+# precision mode (bf16 with JPEGs decoded on the GPU, the default there, and +cpudecode with them
+# decoded by the CPUs), (c) the bare forward, (d) the score command per engine in a fresh process
+# (start-up included and broken down), the nvJPEG decode check, and the peak-memory check at N and
+# 10N images. One JSON with every number lands in $OUT; docs/performance.md says how to read it.
 #
-#   bash scripts/gpu_bench.sh [WORKDIR] [OUT]     (about 8 minutes on one H200 with 16 CPUs)
+#   bash scripts/gpu_bench.sh [WORKDIR] [OUT]
 #
-# Sized to fit a 10-minute slot: 2,000 images of 1000-2000 px (the archive is generated with every
-# CPU, then kept in WORKDIR for a rerun), the baseline on 300 of them (it runs at ~20 images/s).
-# IMAGES=20000 is issue 13's size, for a second run once the first has shown how long each part takes.
+# The default sizes (2,000 images of 1000-2000 px, the baseline on 300 of them: it is the slow one)
+# keep a run to minutes on one GPU; the archive is generated with every CPU, then kept in WORKDIR
+# for a rerun. IMAGES, BASELINE, SIDE_MIN/SIDE_MAX, BATCH and MEMORY override the sizes.
 #
-# The lent H200 machines (/work/.library/device) have Python 3.12 with torch and torchvision but no
-# Ray, and Ray's wheel (79 MB) is larger than what travels there (64 MiB): without Ray the benchmark
-# measures (a), (c), (b) and the memory check on the local engine and (d) local, and says so. pydicom
-# is not there either; carry its wheel (pure Python), once, in the repository's root here:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl pydicom==3.0.2
-# then run this with carry [".whl"]: the wheels below are installed into /tmp/site.
+# Without Ray installed, the benchmark measures (a), (c), (b) and the memory check on the local
+# engine and (d) local, and says so. On a machine without network access, put the wheels the
+# project needs beyond torch (pydicom, for example) in .whl/ at the repository root:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl pydicom==3.0.2
+# and they are installed into /tmp/site before the run.
 set -euo pipefail
 WORK=$(realpath -m "${1:-/tmp/cxr-gpu-bench}")
 OUT=$(realpath -m "${2:-${OUT:-.}}")
@@ -36,7 +34,7 @@ print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, cuda {
 PY
 if "$PY" -c "import ray" 2> /dev/null; then ENGINES=${ENGINES:-local,ray}; else ENGINES=${ENGINES:-local}; fi
 uptime
-# IMAGES, BASELINE, SIDE_MIN/SIDE_MAX, BATCH, MEMORY override the sizes (a CPU smoke run: IMAGES=8 BASELINE=4 ...).
+# A CPU smoke run: IMAGES=8 BASELINE=4 SIDE_MIN=64 SIDE_MAX=96 MEMORY=4 bash scripts/gpu_bench.sh
 "$PY" jobs/benchmark.py "$WORK" --images "${IMAGES:-2000}" --batch-size "${BATCH:-64}" \
   --min-side "${SIDE_MIN:-1000}" --max-side "${SIDE_MAX:-2000}" --modes fp32,bf16,bf16+cpudecode,bf16+nocams \
   --engines "$ENGINES" --baseline-images "${BASELINE:-300}" --decode-check --memory-check --memory-images "${MEMORY:-200}" \

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "cxr_batch"
 MAX_FUNCTION_LINES = 60
-# Top to bottom: a module may import from its own layer or one above it (see README, Architecture).
+# Top to bottom: a module may import from its own layer or one above it (see docs/architecture.md).
 LAYERS = ("errors", "pixels", "archive", "model", "synth", "reports", "jobs", "bench", "cli")
 # Worker code: runs inside Ray tasks, actors and Train workers, and must not pull in its driver.
 WORKERS = {"cxr_batch.jobs.score_stages": "cxr_batch.jobs.score",

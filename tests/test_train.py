@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 # Measured on the 2-core machine with this archive and setting on the earlier cartoon phantom (note on issue 3): val accuracy
 # 0.975 from epoch 5, test accuracy 0.99, AUC 1.00, CAM pointing 58/59 true positives. With
 # lr 2e-3 the same run stalled near chance until epoch 7 (test acc 0.80): the bars leave room.
-# On the realistic phantom (issue 12) this setting is harder: 0.86 on 400 seed-2 test phantoms (model B of
-# docs/experiments/cam-findings.md), 0.87 on these 120 on one machine and >= 0.9 on another (float rounding
+# On the realistic phantom (issue 12) this setting is harder: 0.86 on 400 seed-2 test phantoms,
+# 0.87 on these 120 on one machine and >= 0.9 on another (float rounding
 # of another CPU's kernels changes an 8-epoch run). Since round 6 the network ends at layer3 (for ResNet-18
 # that leaves 256 channels and a quarter of the weights): test accuracy 0.775 at AUC 0.91 here, the
 # threshold chosen on 80 val images (Youden) at P 0.16. Since round 12 a network trained from scratch ends at
@@ -35,7 +35,7 @@ MIN_TEST_AUC = 0.85
 # On the realistic phantom (synth/phantom.py) this setting gave CAM pointing 28/54 true positives (52%)
 # with layer4 and the maximum, 32/49 (65%) with layer3 and the hot-spot centre (33/49 with its maximum; at this
 # 8 x 8 map the centre does not help, at 224 px it did), 31/38 (82%, mean dy -0.54 radii) with layer2 and shifts.
-# Issue 12's target, met at its 224 px recipe with 24 epochs on 4 of 5 seeds (README, "CAMs"), not by this run:
+# Issue 12's target, met at its 224 px recipe with 24 epochs on 4 of 5 seeds, not by this run:
 TARGET_POINTING, TARGET_MEAN_OFFSET = 0.9, 0.25  # share of peaks within 1.5 radii; |mean offset| in radii
 
 
@@ -105,7 +105,7 @@ def test_cam_peaks_point_at_the_lesions_far_more_often_than_chance(trained):
 
 @pytest.mark.xfail(strict=True, reason="8 epochs at 128 px are too few for the target of issue 12 (75% of 44 true"
                                        " positives here, evidence point); its 224 px recipe with 24 epochs meets it on 5 of"
-                                       " 5 seeds with the evidence point (README, CAMs)")
+                                       " 5 seeds with the evidence point")
 def test_cam_localisation_meets_the_target_of_issue_12(trained):
     game = trained[3]["pointing"]["true_positives"]
     assert game["rate"] >= TARGET_POINTING, game

@@ -35,7 +35,7 @@ def run_score_cli(command: list[str]) -> dict:
 
 def startup_line(engine: str, startup: dict) -> str:
     """The start-up breakdown as one line of the table, in the order things happen. "process" is the
-    interpreter and the CLI's imports and checks before ``run_score`` began (torch-free since round 7:
+    interpreter and the CLI's imports and checks before ``run_score`` began (torch-free:
     the model is described from its checkpoint's entries); driver model check, Ray start, pool start, torch import
     and model build are durations; "first ..." are since the engine (or run_score) started."""
     names = [("process_s", "process"), ("model_check_s", "driver model check"), ("ray_start_s", "Ray start"), ("engine_start_s", "engine start"), ("pool_start_s", "pool start"),

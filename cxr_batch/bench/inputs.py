@@ -27,7 +27,7 @@ def make_bench_archive(root, n: int, min_side: int, max_side: int, *, seed: int 
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)
     # Image i depends only on (seed, i), so any number of processes write the same archive. A
-    # 2000 px phantom takes ~1 s to draw: on a 16-CPU GPU host the pool turns minutes into seconds.
+    # large phantom is slow to draw, so on a many-CPU GPU host the pool turns minutes into seconds.
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 

@@ -116,7 +116,7 @@ def _dicom_bytes(pixels) -> bytes:
 
 # ---------------------------------------------------------------- what runs in the measured processes
 
-# The previous discover() (cxr-batch before issue 11), kept here as the baseline: one thread, a
+# The obvious discover(), kept here as the baseline that the parallel listing must beat: one thread, a
 # FileEntry per file, extensionless files opened and sniffed while listing, a sorted Python list.
 BASELINE = r'''
 import json, os, posixpath, sys, time

@@ -206,7 +206,7 @@ def _local_ray(s: BenchSettings, result: dict, verbose: bool):
         import ray.data
 
         result["ray_cpus"] = ray.cluster_resources().get("CPU", 0)
-        # Ray Data's first execution in a process starts its own helper actors (~4 s here). Paid
+        # Ray Data's first execution in a process starts its own helper actors, which takes seconds. Paid
         # once before any mode, with ray.init, so that it does not land on whichever mode runs first.
         t_warm = time.perf_counter()
         ray.data.range(2).map_batches(lambda b: b).materialize()

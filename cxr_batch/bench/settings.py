@@ -23,9 +23,9 @@ class BenchSettings:
     max_side: int = 2000
     model: str = "resnet101:none"
     calibrate: bool = True  # untrained head -> derived checkpoint with a spread of probabilities (see above)
-    # For an ARCH:WEIGHTS model, the network to rebuild it as: cam_layer 3 (stride 16) ends it at layer3,
-    # as `cxr-batch train` does from pretrained weights (from scratch: layer2); cam_stride 16 with layer 4 dilates layer4 (the
-    # trained network before round 5); None = the spec's own (layer4, stride 32). A checkpoint brings its own.
+    # For an ARCH:WEIGHTS model, the network to rebuild it as: cam_layer 3 (stride 16) or 2 (stride 8) cuts it
+    # as `cxr-batch train --cam-layer` does; cam_stride 16 with layer 4 dilates layer4; None = the spec's own
+    # (layer4, stride 32). A checkpoint brings its own.
     cam_stride: int | None = None
     cam_layer: int | None = None
     batch_size: int = 16

@@ -75,4 +75,4 @@ def _network(md: dict) -> str:
         return "(ends at layer3, as models trained from ImageNet weights)"
     if md.get("cam_layer", 4) == 2:
         return "(ends at layer2, as models trained from scratch)"
-    return "(layer4 dilated, as models trained before round 5)" if md["cam_stride"] == 16 else "(layer4)"
+    return "(layer4 dilated)" if md["cam_stride"] == 16 else "(layer4)"

@@ -74,7 +74,7 @@ def plain_train_rate(x, y, arch: str, *, batch_size: int, threads: int, device: 
         dev = torch.device(device)
         model = build_model(arch, "none", seed=seed, cam_stride=cam_stride, cam_layer=cam_layer).to(dev)
         # the worker's layout (channels_last on every device), so that worker/plain measures what Ray Train
-        # costs, not the layout's gain (+10-20% on the CPUs here; docs/benchmark.md round 11)
+        # costs, not the layout's gain
         model = model.to(memory_format=torch.channels_last).train()
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
         loss_fn = nn.CrossEntropyLoss()

@@ -46,9 +46,9 @@ for _command in (score, report, train, evaluate, demo, synth, benchmark):
 def run() -> None:
     """The `cxr-batch` console script: ``main`` as a process of its own.
 
-    After `cxr-batch score`, the process exits without the interpreter's teardown: with torch and
-    torchvision loaded, freeing every module took 1.1-1.6 s after the work was done (2 CPUs;
-    docs/benchmark.md, round 7), 2% of a 600-image run. By then every file is closed, the pool
+    After `cxr-batch score`, the process exits without the interpreter's teardown: with torch
+    loaded, freeing every module takes about a second after the work is done, time the user waits
+    for nothing. By then every file is closed, the pool
     joined and the lease released; Ray, when this process started it, is shut down by the normal
     exit, so that path is kept whenever Ray is up. Other commands exit normally (temporary folders
     and the like are cleaned up at exit)."""

@@ -18,10 +18,10 @@ from .options import friendly
               help="Untrained head: score a derived checkpoint whose P(PNEUMONIA) spreads around 0.5, so that"
                    " agreement with fp32 means something (same compute per image).")
 @click.option("--cam-layer", type=click.Choice(["2", "3", "4"]), default=None,
-              help="For an ARCH:WEIGHTS model: 3 ends the network at layer3 (CAM stride 16), as `train` does from pretrained"
-                   " weights; 2 at layer2 (stride 8), as `train` does from scratch; default: the spec's own (4).")
+              help="For an ARCH:WEIGHTS model: 3 ends the network at layer3 (CAM stride 16), 2 at layer2 (stride 8), as"
+                   " `train --cam-layer` does; default: the spec's own (4).")
 @click.option("--cam-stride", type=click.Choice(["16", "32"]), default=None,
-              help="For an ARCH:WEIGHTS model with layer4: 16 dilates layer4 (~27% more compute in ResNet-101);"
+              help="For an ARCH:WEIGHTS model with layer4: 16 dilates layer4 (more compute);"
                    " default: the spec's own (32).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--modes", default="fp32,bf16", show_default=True,

@@ -56,8 +56,8 @@ def cam_point_option(default: str):
         return click.option(
             "--cam-point", type=click.Choice(["map", "evidence"]), default=default, show_default=True,
             help="Where cam_peak_x/y come from. map: the centre of the CAM's hot spot (no extra work); evidence: the"
-                 " input pixels that make that hot spot hot, by one backward pass per batch (3-5x the forward's cost"
-                 " on a CPU; free of the map's pull towards mid-lung, README \"Localisation\").")(fn)
+                 " input pixels that make that hot spot hot, by one backward pass per batch (several times the"
+                 " forward's cost on a CPU; free of the map's pull towards mid-lung, see docs/score.md).")(fn)
     return add
 
 

@@ -40,8 +40,8 @@ class EvaluateSettings:
     pointing_tolerance: float = 1.5  # a CAM peak within this many lesion radii of the centre is a hit
     montage_size: int = 8  # most confident errors shown
     # Deletion curves cost (2 x steps + 1) forward passes per image: a bounded, seeded sample of the
-    # PNEUMONIA images. 32 x 21 = 672 passes: ~75 s for ResNet-101 in fp32 on 2 quiet CPUs (9.3
-    # images/s bare forward, docs/benchmark.md); the tests' ResNet-18 at 128 px: 16 x 17 in 13 s. 0 = skip.
+    # PNEUMONIA images, so the cost does not grow with the folder (the bare forward's rate in
+    # docs/performance.md gives it for a machine). 0 = skip.
     deletion_images: int = 32
     deletion_steps: int = 10
     cam_size: int | None = None  # overlay side in px (see ScoreSettings.cam_size)

@@ -111,8 +111,8 @@ def augment(batch: torch.Tensor, gen: torch.Generator, *, scale=(0.7, 1.0), max_
     come from the CPU generator ``gen`` either way, so runs are reproducible.
 
     Why the shift: without it a network learns where in the frame lesions tend to be, and its map's
-    peaks are pulled towards mid-height (upper lesions found low, lower ones high;
-    docs/experiments/cam-findings.md, rounds 8 and 11). The crop alone moves the frame too little."""
+    peaks are pulled towards mid-height (upper lesions found low, lower ones high). The crop alone
+    moves the frame too little."""
     b, s, _ = batch.shape
     x = batch.float().unsqueeze(1) / 255.0
     u = torch.rand(b, 6, generator=gen).to(x.device)

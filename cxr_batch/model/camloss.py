@@ -40,14 +40,14 @@ def quiet_normal(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     batch's images and cells of max(cell, 0), counted for NORMAL images only (PNEUMONIA images count
     as zero, since where their lesion is is not known). A hinge, not a per-cell cross-entropy: a
     cell that already votes NORMAL costs nothing, so NORMAL logits are not pushed further down than
-    the classification loss takes them (softplus did that, and calibrated worse, cam-findings round 13).
+    the classification loss takes them (a softplus does that, and calibrates worse).
 
     Why: global average pooling lets a map carry any pattern that is the same for both classes,
-    since the bias absorbs its mean. Networks trained from scratch here put such a pattern in the
-    top corners (114 of 200 NORMAL test maps had their maximum there), and on a PNEUMONIA image
-    with a faint lesion the corner then outshines the lesion: the peak lands a whole image away
-    (cam-findings round 13). A NORMAL image has no pneumonia anywhere, so no cell of its map may
-    vote for it, which forbids that pattern and leaves the lesions' evidence alone."""
+    since the bias absorbs its mean. Networks trained from scratch can put such a pattern in the
+    top corners, and on a PNEUMONIA image with a faint lesion the corner then outshines the
+    lesion: the peak lands a whole image away. A NORMAL image has no pneumonia anywhere, so no
+    cell of its map may vote for it, which forbids that pattern and leaves the lesions' evidence
+    alone."""
     normal = (labels != POSITIVE).to(maps.dtype).view(-1, 1, 1)
     return (torch.relu(maps) * normal).mean()
 

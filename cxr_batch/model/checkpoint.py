@@ -65,11 +65,11 @@ def load_checkpoint(uri: str) -> LoadedCheckpoint:
 
 
 def model_from_checkpoint(ckpt: dict, uri: str = "the checkpoint") -> CamResNet:
-    """The network a checkpoint describes, with its weights. Cheap enough (~0.1 s for ResNet-101,
-    no copy of the weights) that the driver calls it to vet a checkpoint before any Ray work."""
+    """The network a checkpoint describes, with its weights. Cheap enough (no copy of the
+    weights) that the driver calls it to vet a checkpoint before any Ray work."""
     # Built on the meta device: no memory and no random initialisation for weights that the
-    # checkpoint replaces at once (0.4 s of each ResNet-101 scoring actor's start-up, 0.07 s now);
-    # init=False too, or the meta normal_ would import torch._dynamo (1.6 s; network.build_model).
+    # checkpoint replaces at once, a cost every scoring actor would pay at start-up; init=False
+    # too, or the meta normal_ would import torch._dynamo, which is slow (network.build_model).
     arch = ckpt["arch"]
     try:
         with torch.device("meta"):

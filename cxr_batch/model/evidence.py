@@ -1,20 +1,20 @@
 """The CAM's point traced back to the input: where the pixels are that make the hot spot hot.
 
 A cell of the map is centred where ``receptive`` says, but it votes with everything in its
-receptive field (~99 px of 224 for a ResNet-18 layer2 cell, more for deeper maps), and a network
+receptive field (most of a lung for the deeper maps), and a network
 learns to vote from the context it sees around a lesion: the cells over the lung next to a lesion
 on the diaphragm or under the clavicle vote for it more than the cells centred on it, whose field
 reaches over the bright abdomen or the shoulder. So the map's hot spot sits a little towards the
-middle of the lung (upper lesions found low, lower ones high: cam-findings rounds 8 and 13), in
-every model trained here, whatever the augmentation or loss.
+middle of the lung (upper lesions found low, lower ones high), whatever the augmentation or loss:
+the pull is in what the cells see, not in how they were trained.
 
 The gradient of the hot spot's summed evidence with respect to the input pixels says which pixels
 make those cells hot. That is the lesion, wherever the cells voting for it are centred: the
 centroid of the gradient's magnitude (smoothed at half a cell, so single-pixel noise does not
 move it), over the connected region around its maximum that reaches ``EVIDENCE_LEVEL`` of it, is
-``cam_peak_x/y`` with ``--cam-point evidence``. On the realistic phantom it removed most of the
-pull (cam-findings round 14). It costs one backward pass through the trunk per batch (3-5x the
-forward on a CPU), so it is ``evaluate``'s default and an option of ``score``.
+``cam_peak_x/y`` with ``--cam-point evidence``. It reads past most of the map's pull. It costs one
+backward pass through the trunk per batch (several times the forward on a CPU), so it is
+``evaluate``'s default and an option of ``score``.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft: in
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    from .dicom import is_dicom, is_raw_dataset  # local import: pydicom costs ~0.2 s to import
+    from .dicom import is_dicom, is_raw_dataset  # local import: pydicom is slow to import, and most archives hold no DICOM
 
     if is_dicom(data[:132]):
         return _decode_dicom(data, max_pixels)

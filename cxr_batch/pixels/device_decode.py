@@ -1,11 +1,10 @@
 """JPEG decoding on the model's device: batched nvJPEG on a GPU (torchvision.io.decode_jpeg), and the
 same call on a CPU (libjpeg-turbo), so that the tests run this code where there is no GPU.
 
-Why: on a GPU node the CPUs, not the GPU, set the rate (README, Throughput: an H200 waited for 16
+Why: on a GPU node the CPUs, not the GPU, set the rate (docs/performance.md: the GPU waits for the
 CPUs decoding JPEGs and encoding PNGs). With ``--decode-on device`` the decode stage only reads,
-hashes and checks each JPEG's header (``device_jpeg_header``: 0.22 ms per 1-2k px phantom against
-10.6 ms for the reduced-scale decode and resize, one core) and the Scorer decodes the batch where the
-model runs (``decode_on_device``).
+hashes and checks each JPEG's header (``device_jpeg_header``: a small share of a full decode's
+cost) and the Scorer decodes the batch where the model runs (``decode_on_device``).
 
 Only what the device decodes exactly as the CPU path would goes there: whole (ending in EOI), single-
 frame, 8-bit grayscale or RGB JPEGs within --max-pixels. Everything else (PNG, DICOM, CMYK, truncated

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 # torch is imported inside normalize(): the decode and finish stages of scoring use only the
-# numpy half of this module, and a Ray worker that never imports torch starts ~2 s sooner and
-# holds ~400 MB less (one such worker per CPU).
+# numpy half of this module, and a Ray worker that never imports torch starts sooner and holds
+# hundreds of MB less (one such worker per CPU).
 
 # ImageNet's per-channel mean/std, averaged: the image is gray, so one value serves all three.
 GRAY_MEAN = 0.449
