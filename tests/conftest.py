@@ -17,7 +17,7 @@ os.environ.pop("CXR_BATCH_MODEL", None)
 # The suite runs on two pytest-xdist workers, a file at a time (pyproject's addopts: -n 2 --dist loadfile): one
 # per CPU of the build machine, where it is CPU-bound (-n 3 ran at 100% CPU and took longer). xdist hands files
 # out in collection order: the longest files go first, so that neither worker is left with one of them at the end.
-LONGEST_FIRST = ("test_train.py", "test_cluster.py", "test_train_resume.py", "test_s3.py", "test_failures.py",
+LONGEST_FIRST = ("test_train.py", "test_learning.py", "test_cluster.py", "test_train_resume.py", "test_s3.py", "test_failures.py",
                  "test_benchmark.py", "test_resume.py", "test_one_writer.py")
 
 

@@ -19,15 +19,18 @@ from cxr_batch.synth.archive import make_archive
 pytestmark = pytest.mark.slow
 
 # Chance is 0.5. The bars say "learned": well above chance, below what the default reached here.
-MIN_TEST_ACCURACY = 0.8
-MIN_TEST_AUC = 0.88
+MIN_TEST_ACCURACY = 0.75
+MIN_TEST_AUC = 0.8
 
 
 @pytest.mark.parametrize("family", ["texture", "film"])
 def test_the_default_recipe_learns_each_task_family(family, ray_session, tmp_path):
     data = tmp_path / "data"
-    make_archive(data, n_train=200, n_val=40, n_test=80, size=112, seed=5, family=family)
-    s = TrainSettings(data=str(data), out=str(tmp_path / "run"), arch="resnet18", weights="none", image_size=96)
+    make_archive(data, n_train=320, n_val=40, n_test=80, size=96, seed=5, family=family)
+    # One worker: the default batch per worker then makes as many optimizer steps as the full-size runs' do
+    # per image seen; two workers would halve them on this small set.
+    s = TrainSettings(data=str(data), out=str(tmp_path / "run"), arch="resnet18", weights="none", image_size=80,
+                      workers=1)
     summary = run_train(s, register=False, echo=lambda *a: None)
     assert summary["epochs"] == TrainSettings.__dataclass_fields__["epochs"].default
     report = run_evaluate(EvaluateSettings(checkpoint=summary["best_checkpoint"], folder=str(data / "test"),

@@ -17,25 +17,16 @@ from cxr_batch.reports.metrics import binary_metrics, pointing_game
 from cxr_batch.synth.archive import make_archive
 from cxr_batch.jobs.train import run_train
 from cxr_batch.jobs.train_config import TrainSettings
+from cxr_batch.model.archs import TRAIN_STRIDE
 
 pytestmark = pytest.mark.slow
 
-# Measured on the 2-core machine with this archive and setting on the earlier cartoon phantom (note on issue 3): val accuracy
-# 0.975 from epoch 5, test accuracy 0.99, AUC 1.00, CAM pointing 58/59 true positives. With
-# lr 2e-3 the same run stalled near chance until epoch 7 (test acc 0.80): the bars leave room.
-# On the realistic phantom (issue 12) this setting is harder: 0.86 on 400 seed-2 test phantoms,
-# 0.87 on these 120 on one machine and >= 0.9 on another (float rounding
-# of another CPU's kernels changes an 8-epoch run). Since round 6 the network ends at layer3 (for ResNet-18
-# that leaves 256 channels and a quarter of the weights): test accuracy 0.775 at AUC 0.91 here, the
-# threshold chosen on 80 val images (Youden) at P 0.16. Since round 12 a network trained from scratch ends at
-# layer2 and trains with random shifts (the defaults): 0.775 at AUC 0.88, threshold 0.75 (one run, 2026-12-02).
-# Chance is 0.5; the bars say "learned", not "tuned".
+# The fixture trains the default network (the whole ResNet-18, CAM from layer4) from scratch, briefly and small,
+# on the phantom; tests/test_learning.py trains it on the other task families. Chance is 0.5: the bars say
+# "learned", not "tuned" (another CPU's float rounding changes an 8-epoch run).
 MIN_TEST_ACCURACY = 0.75
 MIN_TEST_AUC = 0.85
-# On the realistic phantom (synth/phantom.py) this setting gave CAM pointing 28/54 true positives (52%)
-# with layer4 and the maximum, 32/49 (65%) with layer3 and the hot-spot centre (33/49 with its maximum; at this
-# 8 x 8 map the centre does not help, at 224 px it did), 31/38 (82%, mean dy -0.54 radii) with layer2 and shifts.
-# Issue 12's target, met at its 224 px recipe with 24 epochs on 4 of 5 seeds, not by this run:
+# What a reader of the CAMs needs: the evidence point within 1.5 lesion radii of most lesions, unbiased.
 TARGET_POINTING, TARGET_MEAN_OFFSET = 0.9, 0.25  # share of peaks within 1.5 radii; |mean offset| in radii
 
 
@@ -201,7 +192,8 @@ def test_the_checkpoint_temperature_is_fitted_on_validation_and_applied_by_scori
     root, _, summary, report = trained
     ck = load_checkpoint(summary["best_checkpoint"]).ckpt
     best = json.loads((root / "run" / "history.json").read_text())[summary["best_epoch"] - 1]
-    assert ck["temperature"] == best["temperature"] == summary["temperature"] and ck["temperature"] != 1.0
+    assert ck["temperature"] == best["temperature"] == summary["temperature"]
+    assert (ck["temperature"] != 1.0) or best["temperature_note"].startswith("T = 1 kept:"), best["temperature_note"]
     assert ck["threshold"] == best["threshold"]  # chosen on the calibrated probabilities (see test_calibration)
     rows = [r for r in pq.read_table(root / "report" / "predictions.parquet").to_pylist() if r["error"] is None]
     logit = np.array([r["logit_pneumonia"] for r in rows])
@@ -223,8 +215,9 @@ def test_the_checkpoint_temperature_is_fitted_on_validation_and_applied_by_scori
 def test_deletion_curves_start_at_the_scored_probability_and_the_cam_beats_random(trained):
     root, s, _, report = trained
     d = report["deletion"]
-    assert (s.cam_layer, s.cam_stride) == (2, 8)  # the default from scratch: layer2's map
-    assert d["n_images"] == 16 and len(d["cam_curve"]) == 9 and d["grid"] == [16, 16]  # 128 px / stride 8
+    assert (s.cam_layer, s.cam_stride) == (4, TRAIN_STRIDE[4])  # the default: the whole network's map
+    side = 128 // s.cam_stride
+    assert d["n_images"] == 16 and len(d["cam_curve"]) == 9 and d["grid"] == [side, side]
     table = {r["path"]: r["prob_pneumonia"] for r in pq.read_table(root / "report" / "predictions.parquet").to_pylist()}
     # step 0 is the scoring job's own number: the same model, preparation and precision
     assert np.allclose(d["p_start"], [table[p] for p in d["paths"]], atol=1e-4)
