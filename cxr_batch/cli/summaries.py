@@ -31,13 +31,13 @@ def format_summary(sm) -> str:
 
 
 def _skipped_text(sm, shown: int = 8) -> str:
-    """"7 not scored: Modality CT 1, Modality US 3, ...": the largest reasons first."""
+    """The skipped files by reason, the largest first: "7 not scored: Modality US 3, Modality CT 1, ..."."""
     by = sorted(getattr(sm, "skipped_by", {}).items(), key=lambda kv: (-kv[1], kv[0]))
     text = ", ".join(f"{reason} {n:,}" for reason, n in by[:shown])
     if len(by) > shown:
         text += f", {len(by) - shown:,} more reasons ({sum(n for _, n in by[shown:]):,} files)"
     return (f"{sm.skipped:,} not scored: {text}" if text else f"{sm.skipped:,} not scored") + \
-        " (status 'skipped'; the DICOM gate is docs/dicom-gate.md, --no-gate scores them)"
+        " (status 'skipped'; the DICOM gate's rules: docs/dicom-gate.md)"
 
 
 def _failure_lines(sm) -> list[str]:

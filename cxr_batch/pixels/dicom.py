@@ -275,9 +275,16 @@ def _meta(ds: Dataset, rows: int, cols: int) -> dict:
 
 
 def _identity(ds: Dataset) -> dict:
-    """What the file says it is, for its row whether it is decoded or skipped."""
-    return {"modality": _text(ds, "Modality"), "view_position": _text(ds, "ViewPosition"),
-            "sop_instance_uid": _text(ds, "SOPInstanceUID")}
+    """What the file says it is, for its row whether it is decoded or skipped (a skipped file's
+    header was judged, not checked: a mangled value there leaves the column empty)."""
+    out = {}
+    tags = (("modality", "Modality"), ("view_position", "ViewPosition"), ("sop_instance_uid", "SOPInstanceUID"))
+    for key, keyword in tags:
+        try:
+            out[key] = _text(ds, keyword)
+        except Exception:  # pydicom parses elements lazily, and raises many types for a bad value
+            out[key] = None
+    return out
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
