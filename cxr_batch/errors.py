@@ -35,6 +35,16 @@ class DecodeError(CxrError):
     """One image that cannot be read or turned into pixels. Its message becomes the row's ``error``."""
 
 
+class Skipped(DecodeError):
+    """A file the job does not score by design (its DICOM header says it is no frontal chest
+    radiograph): a final verdict with status "skipped", not a fault of the file. ``meta`` holds the
+    header's attributes its row may carry (modality, view position, SOP Instance UID)."""
+
+    def __init__(self, message: str, meta: dict | None = None):
+        super().__init__(message)
+        self.meta = meta or {}
+
+
 class TransientError(DecodeError):
     """A file that could not be read for a reason outside the file (an I/O error, a folder that
     vanished, a timeout, throttling, no space, out of memory). Never a final verdict: the run retries

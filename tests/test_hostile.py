@@ -104,7 +104,9 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "bad/noise.dcm": (random.Random(0).randbytes(4096), "not an image"),
         "bad/garbage_after_preamble.dcm": (b"\0" * 128 + b"DICM" + random.Random(1).randbytes(600), "DICOM has no pixel data"),
         "bad/mpeg2.dcm": (to_bytes(mpeg), "unsupported DICOM transfer syntax MPEG2"),
-        "bad/structured_report.dcm": (to_bytes(report), "DICOM has no pixel data (SOP class: Basic Text SR Storage)"),
+        # A report is no radiograph, whatever its Modality says: the DICOM gate skips it (status "skipped").
+        "bad/structured_report.dcm": (to_bytes(report), "not a chest radiograph: SOPClassUID 1.2.840.10008.5.1.4.1.1.88.11"
+                                                        " (Basic Text SR Storage)"),
         "bad/cut_short.dcm": (cut[:-3000], "truncated pixel data"),
     }
 

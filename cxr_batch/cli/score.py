@@ -11,6 +11,15 @@ import click
 from .console import Console
 from .options import cam_point_option, cam_scale_option, cam_size_option, cluster_options, friendly, output_options
 from .summaries import format_summary
+from ..pixels.gate import DEFAULT_MODALITIES, DEFAULT_VIEWS
+
+
+def _names(ctx, param, value: str) -> tuple[str, ...]:
+    """A comma-separated option value as a tuple of upper-case names ("pa, ap" -> ("PA", "AP"))."""
+    names = tuple(v.strip().upper() for v in value.split(",") if v.strip())
+    if not names:
+        raise click.BadParameter("give at least one value, e.g. CR,DX")
+    return names
 
 
 @click.command()
@@ -62,14 +71,23 @@ from .summaries import format_summary
               help="Rows per published Parquet part: small values make tests see parts early.")
 @click.option("--lease-timeout", type=click.FloatRange(min=1), default=None, hidden=True,
               help="Seconds without a heartbeat after which this run's lease on --out may be taken over (default 120).")
+@click.option("--gate/--no-gate", default=True, show_default=True,
+              help="Skip (status 'skipped', never decoded) each DICOM whose header says it is not a frontal chest"
+                   " radiograph: another modality, colour, several frames, another body part, a lateral view, a"
+                   " report (docs/dicom-gate.md). Off: every file is scored.")
+@click.option("--modalities", default=",".join(DEFAULT_MODALITIES), show_default=True, metavar="LIST",
+              callback=_names, help="DICOM Modality values the gate lets through, comma-separated.")
+@click.option("--views", default=",".join(DEFAULT_VIEWS), show_default=True, metavar="LIST", callback=_names,
+              help="DICOM ViewPosition values the gate lets through (a file without one always passes), e.g."
+                   " PA,AP,LL to score left laterals too.")
 @click.option("--report", "report_", is_flag=True, help="Also write an HTML report beside the output (see `cxr-batch report`).")
 @cluster_options
 @output_options
 @friendly
 def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, batch_size, actors, cpus_per_actor, device, precision,
           compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, max_bytes, retries,
-          retry_backoff, engine, decode_on, rows_per_part, lease_timeout, report_, address, wait_for_gpus, wait_timeout,
-          as_json, verbose):
+          retry_backoff, engine, decode_on, rows_per_part, lease_timeout, gate, modalities, views, report_, address,
+          wait_for_gpus, wait_timeout, as_json, verbose):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
@@ -91,7 +109,7 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, ba
                       rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,
                       lease_timeout_s=lease_timeout or DEFAULT_TIMEOUT_S, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
                       retries=retries, retry_backoff_s=retry_backoff, engine=_engine(engine, address, wait_for_gpus),
-                      decode_on=decode_on)
+                      decode_on=decode_on, gate=gate, modalities=modalities, views=views)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     t0 = time.perf_counter()

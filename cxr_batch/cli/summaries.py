@@ -8,7 +8,7 @@ def format_summary(sm) -> str:
     lines = [
         "",
         f"cxr-batch score: {sm.seen:,} files seen, {sm.scored:,} scored, {sm.errors:,} errors"
-        + (f", {sm.skipped:,} skipped (no extension, not DICOM)" if sm.skipped else "")
+        + (f", {sm.skipped:,} skipped" if sm.skipped else "")
         + (f", {sm.retry:,} to retry" if getattr(sm, "retry", 0) else "")
         + (f", {sm.already_done:,} already in the output (resumed)" if sm.already_done else ""),
         f"  input         {sm.listed:,} files from the {sm.listing.get('source', 'listing')}"
@@ -20,12 +20,24 @@ def format_summary(sm) -> str:
         f"  predictions   {sm.out}",
         f"  CAM PNGs      {sm.cam_dir or '(not written: --no-cams)'}",
     ]
+    if sm.skipped:
+        lines.append(f"  skipped       {_skipped_text(sm)}")
     if sm.errors:
         lines.append(f"  errors        rows with a non-null `error` column, e.g. "
                      f"pandas.read_parquet('{sm.out}').query('error.notna()')")
     lines += _failure_lines(sm)
     lines += [f"  note          {n}" for n in sm.notes]
     return "\n".join(lines)
+
+
+def _skipped_text(sm, shown: int = 8) -> str:
+    """The skipped files by reason, the largest first: "7 not scored: Modality US 3, Modality CT 1, ..."."""
+    by = sorted(getattr(sm, "skipped_by", {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{reason} {n:,}" for reason, n in by[:shown])
+    if len(by) > shown:
+        text += f", {len(by) - shown:,} more reasons ({sum(n for _, n in by[shown:]):,} files)"
+    return (f"{sm.skipped:,} not scored: {text}" if text else f"{sm.skipped:,} not scored") + \
+        " (status 'skipped'; the DICOM gate's rules: docs/dicom-gate.md)"
 
 
 def _failure_lines(sm) -> list[str]:

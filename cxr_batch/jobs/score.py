@@ -34,9 +34,10 @@ from ..model.cam import SCALES as CAM_SCALES
 from ..model.evidence import CAM_POINTS
 from ..model.registry import ModelInfo, describe
 from ..pixels.decode import DEFAULT_MAX_PIXELS
+from ..pixels.gate import DEFAULT_MODALITIES, DEFAULT_VIEWS
 from .ray_env import check_shared_storage, joining_a_cluster
 from .runloop import Outcome, RetryPolicy, drive
-from .score_stages import Scorer, StageConfig, decode_batch, finish_batch
+from .score_stages import Scorer, StageConfig, decode_batch, finish_batch, skip_reason
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
@@ -88,6 +89,11 @@ class ScoreSettings:
     # on a GPU; pixels/device_decode.py), auto (device when the model runs on a GPU).
     decode_on: str = "auto"
     stall_timeout_s: float = 900  # Ray Data raises instead of hanging this long without progress
+    # The DICOM header gate (pixels/gate.py, docs/dicom-gate.md): a DICOM whose header says it is no
+    # frontal chest radiograph gets status "skipped" and is never decoded. Values compare upper-case.
+    gate: bool = True
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES  # Modality values let through
+    views: tuple[str, ...] = DEFAULT_VIEWS  # ViewPosition values let through (absent always is)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -106,6 +112,12 @@ class ScoreSettings:
             raise InputError(f"Invalid --decode-on {self.decode_on!r}. Only {', '.join(DECODE_ON)} are supported.")
         if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
             raise InputError("--batch-size and --actors must be at least 1.")
+        if self.gate and not (self.modalities and self.views):
+            raise InputError("--modalities and --views each need at least one value (or pass --no-gate).")
+
+    def gate_rules(self) -> dict | None:
+        """The gate's keyword arguments for the decode stage (pixels/gate.gate_reason); None: no gate."""
+        return {"modalities": tuple(self.modalities), "views": tuple(self.views)} if self.gate else None
 
     def resolved_cam_dir(self) -> str:
         return self.cam_dir or default_cam_dir(self.out)
@@ -166,7 +178,8 @@ class ScoreSummary:
     already_done: int = 0
     scored: int = 0
     errors: int = 0
-    skipped: int = 0  # extensionless files that turned out not to be DICOM (status "skipped")
+    skipped: int = 0  # files not scored by design (status "skipped"): the DICOM gate, extensionless non-DICOMs
+    skipped_by: dict = field(default_factory=dict)  # skip reason ("Modality CT") -> files (score_stages.skip_reason)
     retry: int = 0  # files left with status "retry" (the environment failed them): the run is incomplete
     retried: int = 0  # files that failed transiently (or lost their worker) and were scored on a retry pass
     poison: int = 0  # files that killed their worker each time they were read alone (among errors)
@@ -397,7 +410,8 @@ def stage_config(s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir:
     # recompiles under torch.compile). So blocks and decode batches are multiples of the batch.
     return StageConfig(
         decode=dict(archive=s.archive, image_size=info.image_size, max_pixels=s.max_pixels,
-                    follow_symlinks=s.follow_symlinks, max_bytes=s.max_bytes, device_decode=plan.decode_on == "device"),
+                    follow_symlinks=s.follow_symlinks, max_bytes=s.max_bytes, device_decode=plan.decode_on == "device",
+                    gate=s.gate_rules()),
         scorer=dict(info=info_d, threads=plan.torch_threads, precision=s.precision, compile=s.compile,
                     channels_last=s.channels_last, max_pixels=s.max_pixels,
                     # Beside the device's decode, the overlays too (at the model's size: its input is the base).
@@ -502,6 +516,8 @@ def _publisher(writer: PartWriter, summary: ScoreSummary, total: int, t0: float,
         counts = {d["values"]: d["counts"] for d in pc.value_counts(table["status"].cast(pa.string())).to_pylist()}
         summary.scored += counts.get(SCORED, 0)
         summary.skipped += counts.get(SKIPPED, 0)
+        if counts.get(SKIPPED):
+            _count_skipped(summary.skipped_by, table)
         summary.retry += counts.get(RETRY, 0)
         summary.errors += table.num_rows - counts.get(SCORED, 0) - counts.get(SKIPPED, 0) - counts.get(RETRY, 0)
         summary.seconds = time.perf_counter() - t0
@@ -509,3 +525,15 @@ def _publisher(writer: PartWriter, summary: ScoreSummary, total: int, t0: float,
             last[0] = time.perf_counter()
             progress(summary, total)
     return publish
+
+
+MAX_SKIP_REASONS = 100  # distinct reasons counted by name: the values come from the files, so they are unbounded
+
+
+def _count_skipped(by: dict, table: pa.Table) -> None:
+    """Add ``table``'s "skipped" rows to ``by`` (reason -> files); past MAX_SKIP_REASONS, as "other reasons"."""
+    skipped = table.filter(pc.fill_null(pc.equal(table["status"].cast(pa.string()), SKIPPED), False))
+    for d in pc.value_counts(skipped["error"].cast(pa.string())).to_pylist():
+        key = skip_reason(d["values"])
+        key = key if key in by or len(by) < MAX_SKIP_REASONS else "other reasons"
+        by[key] = by.get(key, 0) + d["counts"]

@@ -20,9 +20,10 @@ from .. import CLASSES, POSITIVE
 from ..archive import storage
 from ..archive.discover import label_from_path, opened_outside, outside_archive
 from ..archive.results import ERROR, RETRY, SCORED, SKIPPED, TEXT_COLUMNS, cam_uri
-from ..errors import DecodeError, TransientError, one_line
+from ..errors import DecodeError, Skipped, TransientError, one_line
 from ..pixels.decode import DEFAULT_MAX_PIXELS, decode_image
 from ..pixels.device_decode import decode_on_device, device_jpeg_header
+from ..pixels.gate import PREFIX as GATE_PREFIX
 from ..pixels.gray import to_u8
 from ..pixels.transforms import to_model_pixels
 
@@ -47,11 +48,12 @@ OUTSIDE = "symlink to outside the archive: not read (pass --follow-symlinks to r
 
 
 def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int, follow_symlinks: bool = False,
-                 max_bytes: int | None = None, device_decode: bool = False) -> dict:
+                 max_bytes: int | None = None, device_decode: bool = False, gate: dict | None = None) -> dict:
     """Read and decode a batch of archive paths. ``batch["sniff"]`` (optional) marks files with no
     extension: they are scored only if their first bytes say DICOM (the listing never opens a file).
     ``device_decode``: JPEGs the model's device can decode (pixels/device_decode.py) are only read,
-    hashed and checked here, and travel as bytes in a ``jpeg`` column for the Scorer to decode."""
+    hashed and checked here, and travel as bytes in a ``jpeg`` column for the Scorer to decode.
+    ``gate``: the DICOM header gate's rules (pixels/gate.py); a DICOM it rules out is never decoded."""
     n = len(batch["path"])
     sniff = batch.get("sniff", np.zeros(n, bool))
     out = {k: [None] * n for k in TEXT_COLUMNS}  # every text column of the schema travels from here on
@@ -71,15 +73,15 @@ def decode_batch(batch: dict, *, archive: str, image_size: int, max_pixels: int,
                 out["jpeg"][i] = data
                 (out["width"][i], out["height"][i]), out["format"][i] = size, "JPEG"
             else:
-                decode_row(out, i, data, image_size=image_size, max_pixels=max_pixels)
+                decode_row(out, i, data, image_size=image_size, max_pixels=max_pixels, gate=gate)
         except Exception as e:  # never let one file take down a batch of good ones
             record_failure(out, i, e)
     return {k: np.asarray(v, dtype=object) if isinstance(v, list) else v for k, v in out.items()}
 
 
-def decode_row(out: dict, i: int, data: bytes, *, image_size: int, max_pixels: int) -> None:
+def decode_row(out: dict, i: int, data: bytes, *, image_size: int, max_pixels: int, gate: dict | None = None) -> None:
     """Decode one file on the CPU into row ``i`` of ``out`` (pixels, size, format, DICOM attributes)."""
-    d = decode_image(data, max_pixels=max_pixels, draft=image_size)
+    d = decode_image(data, max_pixels=max_pixels, draft=image_size, gate=gate)
     out["pixels"][i] = to_model_pixels(d.gray, image_size)
     out["width"][i], out["height"][i], out["format"][i] = d.width, d.height, d.format
     for k in d.meta.keys() & set(TEXT_COLUMNS):  # the DICOM attributes the schema has
@@ -90,6 +92,10 @@ def record_failure(out: dict, i: int, e: Exception) -> None:
     """Row ``i``'s error and status for a file that could not be read or decoded."""
     if isinstance(e, DecodeError):
         out["error"][i], out["status"][i] = str(e), failure_status(e)
+        if isinstance(e, Skipped):  # what the header says the file is stays on its row
+            out["format"][i] = "DICOM"
+            for k in e.meta.keys() & set(TEXT_COLUMNS):
+                out[k][i] = e.meta[k]
     elif isinstance(e, MemoryError):  # this worker's memory, not the file: other batches share it
         out["error"][i], out["status"][i] = "out of memory while decoding", RETRY
     else:
@@ -100,7 +106,14 @@ def failure_status(e: DecodeError) -> str:
     """The status column of a row that failed with ``e``."""
     if isinstance(e, TransientError):
         return RETRY
-    return SKIPPED if str(e).startswith("skipped:") else ERROR
+    return SKIPPED if isinstance(e, Skipped) or str(e).startswith("skipped:") else ERROR
+
+
+def skip_reason(error: str | None) -> str:
+    """The short reason of a "skipped" row, as the summary counts them ("Modality CT")."""
+    if error and error.startswith(GATE_PREFIX):
+        return error[len(GATE_PREFIX):]
+    return "not DICOM (no extension)" if error == NOT_DICOM else error or "(no reason)"
 
 
 def _read(archive: str, rel: str, *, sniff: bool, follow_symlinks: bool, max_bytes: int | None = None) -> bytes:

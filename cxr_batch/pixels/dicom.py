@@ -20,8 +20,9 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ..errors import DecodeError, one_line
+from ..errors import DecodeError, Skipped, one_line
 from .dicom_layout import Cut, find_cut
+from .gate import gate_reason
 from .gray import window_minmax
 
 # What to install per compressed family, matched on the syntax's name in this order ("JPEG 2000"
@@ -53,9 +54,11 @@ def is_raw_dataset(head: bytes) -> bool:
     return bytes(head[:2]) in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
 
-def decode_dicom(data: bytes, *, max_pixels: int) -> tuple[np.ndarray, dict]:
-    """Decode a whole DICOM file to ``(gray, meta)``: gray float32 (H, W) in [0, 1], 0 = black."""
-    ds = _read(data)
+def decode_dicom(data: bytes, *, max_pixels: int, gate: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Decode a whole DICOM file to ``(gray, meta)``: gray float32 (H, W) in [0, 1], 0 = black.
+    ``gate``: gate.gate_reason's keyword arguments; a file its header rules out raises ``Skipped``
+    before any size check or pixel decode."""
+    ds = _read(data, gate)
     rows, cols = _check_size(ds, max_pixels)
     ts = _transfer_syntax(ds)
     _check_decoder(ts)
@@ -78,7 +81,7 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> tuple[np.ndarray, dict]:
     return gray, _meta(ds, rows, cols)
 
 
-def _read(data: bytes) -> Dataset:
+def _read(data: bytes, gate: dict | None = None) -> Dataset:
     if not data:
         raise DecodeError("empty file (0 bytes)")
     has_preamble = is_dicom(data[:132])
@@ -97,9 +100,24 @@ def _read(data: bytes) -> Dataset:
         if cut:
             raise DecodeError(f"truncated DICOM file: it ends {cut.where()}; copy it again") from None
         raise DecodeError(f"unreadable DICOM header: {one_line(e)}") from None
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
+    pixels = any(k in ds for k in _PIXEL_KEYWORDS)
+    # A header that says what it is (a report, an RT plan, a CT) is judged on that; one that says
+    # nothing and holds no pixels is junk or cut short, which the messages below tell apart.
+    if gate is not None and (pixels or _names_itself(ds)):
+        reason = gate_reason(ds, **gate)
+        if reason:
+            raise Skipped(reason, _identity(ds))
+    if not pixels:
         raise DecodeError(_no_pixels_message(ds, data, has_preamble))
     return ds
+
+
+def _names_itself(ds: Dataset) -> bool:
+    try:
+        return bool(ds.get("Modality") or ds.get("SOPClassUID")
+                    or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID"))
+    except Exception:  # a mangled element: not a header that says what it is
+        return False
 
 
 def _cut(data: bytes, ds: Dataset) -> Cut | None:
@@ -248,14 +266,25 @@ def _luma(rgb: np.ndarray, full_scale: float) -> np.ndarray:
 def _meta(ds: Dataset, rows: int, cols: int) -> dict:
     """An allow-list, not a deny-list: a new identifying tag can never slip into the output."""
     return {
-        "modality": _text(ds, "Modality"),
-        "view_position": _text(ds, "ViewPosition"),
-        "sop_instance_uid": _text(ds, "SOPInstanceUID"),
+        **_identity(ds),
         "photometric": _text(ds, "PhotometricInterpretation") or "",
         "bits_stored": int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0),
         "width": cols,
         "height": rows,
     }
+
+
+def _identity(ds: Dataset) -> dict:
+    """What the file says it is, for its row whether it is decoded or skipped (a skipped file's
+    header was judged, not checked: a mangled value there leaves the column empty)."""
+    out = {}
+    tags = (("modality", "Modality"), ("view_position", "ViewPosition"), ("sop_instance_uid", "SOPInstanceUID"))
+    for key, keyword in tags:
+        try:
+            out[key] = _text(ds, keyword)
+        except Exception:  # pydicom parses elements lazily, and raises many types for a bad value
+            out[key] = None
+    return out
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

@@ -107,7 +107,7 @@ class Aggregate:
 
     @property
     def other_statuses(self) -> dict:
-        return {k: v for k, v in self.status_counts.items() if k not in ("scored", "error", "retry")}
+        return {k: v for k, v in self.status_counts.items() if k not in ("scored", "error", "retry", "skipped")}
 
 
 # ---------------------------------------------------------------- reading

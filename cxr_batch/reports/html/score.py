@@ -102,7 +102,7 @@ def _counts(a: Aggregate) -> dict:
     lead = (f"{a.files:,} files in {a.parts:,} Parquet part{'s' if a.parts != 1 else ''}"
             f"{f', written by {a.runs} runs (resumed)' if a.runs > 1 else ''}.")
     return {"files": a.files, "scored": a.scored, "errors": a.count("error"), "retry": a.retry,
-            "flagged": a.flagged, "lead": lead,
+            "flagged": a.flagged, "lead": lead, "not_scored": a.count("skipped"),
             "scored_note": f"{pct(a.scored, a.files)} of files",
             "flagged_note": f"{pct(a.flagged, a.scored)} of scored: P ≥ threshold",
             "other": sorted(a.other_statuses.items())}
@@ -151,14 +151,17 @@ def _folders(a: Aggregate, max_rows: int) -> dict:
 
 
 def _errors(a: Aggregate) -> dict:
-    bad = a.files - a.scored
+    # "skipped" is no failure: the file is not what the model was made for (the "Not scored" count).
+    skipped = a.count("skipped")
+    bad = a.files - a.scored - skipped
     if not bad:
-        return {"groups": [], "lead": "No errors: every file was scored."}
+        also = f", or not scored by design ({skipped:,} skipped)" if skipped else ""
+        return {"groups": [], "lead": f"No errors: every file was scored{also}."}
     lead = (f"{bad:,} files not scored, in {len(a.errors):,} groups of the same message (numbers, names and"
             " paths in a message are replaced by …/N), largest first, with a few example paths.")
     if a.other_error_rows:
         lead += f" {a.other_error_rows:,} more files had rarer messages not listed."
-    return {"groups": a.errors, "lead": lead}
+    return {"groups": [g for g in a.errors if g.status != "skipped"], "lead": lead}
 
 
 def _galleries(a: Aggregate, out: str, archive: str | None, k: int, cam_dir: str) -> list[dict]:
