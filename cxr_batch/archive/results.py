@@ -35,6 +35,10 @@ SCHEMA = pa.schema([
     ("cam_peak_x", pa.float32()),  # centre of the CAM's hot spot (model.cam.hot_spot), fraction of the width (0 = left)
     ("cam_peak_y", pa.float32()),  # ... and of the height (0 = top)
     ("cam_max", pa.float32()),  # the map's maximum in its own units (logits; cam.log_odds_map), before any display scaling
+    # The out-of-distribution check (model/ood.py): distance of the image's features from the training
+    # images'; NaN where not computed (--ood off, a model without the statistics, a file never decoded).
+    ("ood_score", pa.float32()),
+    ("out_of_scope", pa.bool_()),  # ood_score above the model's OOD threshold (status out_of_scope, or flagged by --ood flag)
     ("width", pa.int32()),  # the file's own pixel size
     ("height", pa.int32()),
     ("format", pa.string()),
@@ -51,7 +55,10 @@ SCHEMA = pa.schema([
 # What a row's file came to. "retry" rows are the environment's fault (an I/O error, a vanished
 # file, no space, out of memory): a re-run scores those files again and its rows replace these.
 SCORED, ERROR, SKIPPED, RETRY = "scored", "error", "skipped", "retry"
-STATUSES = (SCORED, ERROR, SKIPPED, RETRY)
+# Decoded, but it does not look like what the model was trained on (the OOD check): no prediction, no
+# CAM. Done, like "skipped": a re-run does not score it again.
+OUT_OF_SCOPE = "out_of_scope"
+STATUSES = (SCORED, ERROR, SKIPPED, RETRY, OUT_OF_SCOPE)
 
 # The string columns, as the scoring stages carry them (None, never NaN; see score_stages._strings).
 TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_string(f.type))

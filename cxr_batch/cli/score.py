@@ -33,6 +33,10 @@ def _names(ctx, param, value: str) -> tuple[str, ...]:
 @cam_size_option
 @cam_scale_option
 @cam_point_option("map")
+@click.option("--ood", type=click.Choice(["skip", "flag", "off"]), default="skip", show_default=True,
+              help="Images that do not look like the model's training images (the out-of-distribution check, docs/ood.md):"
+                   " skip = status out_of_scope, no prediction; flag = keep the prediction, mark the out_of_scope column;"
+                   " off = no check.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
 @click.option("--actors", type=click.IntRange(min=1), default=None, help="Model replicas. Default: one per GPU, else fit to CPUs.")
 @click.option("--cpus-per-actor", type=click.FloatRange(min=0.5), default=None, help="CPUs per model actor (torch threads).")
@@ -84,7 +88,7 @@ def _names(ctx, param, value: str) -> tuple[str, ...]:
 @cluster_options
 @output_options
 @friendly
-def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, batch_size, actors, cpus_per_actor, device, precision,
+def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, ood, batch_size, actors, cpus_per_actor, device, precision,
           compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, max_bytes, retries,
           retry_backoff, engine, decode_on, rows_per_part, lease_timeout, gate, modalities, views, report_, address,
           wait_for_gpus, wait_timeout, as_json, verbose):
@@ -109,7 +113,7 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, ba
                       rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,
                       lease_timeout_s=lease_timeout or DEFAULT_TIMEOUT_S, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
                       retries=retries, retry_backoff_s=retry_backoff, engine=_engine(engine, address, wait_for_gpus),
-                      decode_on=decode_on, gate=gate, modalities=modalities, views=views)
+                      decode_on=decode_on, gate=gate, modalities=modalities, views=views, ood=ood)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ def format_summary(sm) -> str:
         "",
         f"cxr-batch score: {sm.seen:,} files seen, {sm.scored:,} scored, {sm.errors:,} errors"
         + (f", {sm.skipped:,} skipped" if sm.skipped else "")
+        + (f", {sm.out_of_scope:,} out of scope" if getattr(sm, "out_of_scope", 0) else "")
         + (f", {sm.retry:,} to retry" if getattr(sm, "retry", 0) else "")
         + (f", {sm.already_done:,} already in the output (resumed)" if sm.already_done else ""),
         f"  input         {sm.listed:,} files from the {sm.listing.get('source', 'listing')}"
@@ -25,6 +26,7 @@ def format_summary(sm) -> str:
     if sm.errors:
         lines.append(f"  errors        rows with a non-null `error` column, e.g. "
                      f"pandas.read_parquet('{sm.out}').query('error.notna()')")
+    lines += _ood_lines(sm)
     lines += _failure_lines(sm)
     lines += [f"  note          {n}" for n in sm.notes]
     return "\n".join(lines)
@@ -38,6 +40,19 @@ def _skipped_text(sm, shown: int = 8) -> str:
         text += f", {len(by) - shown:,} more reasons ({sum(n for _, n in by[shown:]):,} files)"
     return (f"{sm.skipped:,} not scored: {text}" if text else f"{sm.skipped:,} not scored") + \
         " (status 'skipped'; the DICOM gate's rules: docs/dicom-gate.md)"
+
+
+def _ood_lines(sm) -> list[str]:
+    m, lines = sm.model, []
+    if m.get("ood_threshold") is not None:
+        lines.append(f"  OOD check     threshold {m['ood_threshold']:.2f} on ood_score (docs/ood.md)")
+    if getattr(sm, "out_of_scope", 0):
+        lines.append(f"  out of scope  {sm.out_of_scope:,} files do not look like the model's training images: status"
+                     " 'out_of_scope', no prediction (--ood flag keeps one, marked)")
+    if getattr(sm, "flagged_out_of_scope", 0):
+        lines.append(f"  out of scope  {sm.flagged_out_of_scope:,} scored files do not look like the model's training"
+                     " images: marked in the out_of_scope column (--ood flag)")
+    return lines
 
 
 def _failure_lines(sm) -> list[str]:
@@ -81,6 +96,10 @@ def format_train_summary(t: dict) -> str:
              f"  validation    {t['validation']} (files: {t.get('val_files', 'n/a')})",
              f"  calibration   {_calibration_line(t)}",
              f"  checkpoint    {t['best_checkpoint']}"]
+    if t.get("ood"):
+        o = t["ood"]
+        lines.append(f"  OOD check     threshold {o['threshold']:.2f}: the {o['percentile']:g}th percentile of the"
+                     f" {o['n_val']} validation images' ood_score (features fitted on {o['n_train']} training images)")
     if t.get("still_learning"):
         lines.append(f"  note          {t['still_learning']}")
     if t.get("weak"):
@@ -120,6 +139,7 @@ def format_eval_summary(m: dict, out: str) -> str:
             lines.append(f"                peaks follow the lesions by {pt['follow_x']:.2f} across, {pt['follow_y']:.2f} down"
                          " (1 = exactly; below 1 = pulled towards the middle)")
     lines += _eval_calibration_lines(m)
+    lines += _eval_ood_lines(m)
     lines.append(f"  report        {out}/report.html (open it in a browser; also report.md, metrics.json and the PNG plots)")
     return "\n".join(lines)
 
@@ -136,4 +156,18 @@ def _eval_calibration_lines(m: dict) -> list[str]:
         lines.append(f"  CAM deletion  area {d['auc_cam']:.3f} (CAM order) vs {d['auc_random']:.3f} (random), gap"
                      f" {d['auc_difference']:.3f} [{d['auc_difference_ci95'][0]:.3f}, {d['auc_difference_ci95'][1]:.3f}]"
                      f" on {d['n_images']} PNEUMONIA images")
+    return lines
+
+
+def _eval_ood_lines(m: dict) -> list[str]:
+    lines = []
+    if m.get("n_out_of_scope"):
+        lines.append(f"  out of scope  {m['n_out_of_scope']} of FOLDER's images (no prediction; not in the metrics above)")
+    o = m.get("ood_check")
+    if o:
+        pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+        auc = "n/a" if o["auroc"] is None else f"{o['auroc']:.3f}"
+        lines.append(f"  OOD check     {pct(o['share_refused'])} of {o['folder']} refused ({o['n_out_of_scope']} out of"
+                     f" scope, {o['n_skipped']} skipped, {o['n_scored']} scored, {o['n_error']} unreadable);"
+                     f" {pct(o['share_wrongly_out_of_scope'])} of FOLDER wrongly out of scope; AUROC {auc}")
     return lines

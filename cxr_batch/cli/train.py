@@ -103,11 +103,14 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
 @cam_size_option
 @cam_scale_option
 @cam_point_option("evidence")
+@click.option("--ood-check", default=None, metavar="DIR",
+              help="Also score DIR, images the model must not score (other views, modalities, photographs), and report"
+                   " the share put out of scope, the share of FOLDER wrongly put out of scope and their AUROC.")
 @cluster_options
 @output_options
 @friendly
-def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, cam_size, cam_scale, cam_point, address,
-             wait_for_gpus, wait_timeout, as_json, verbose):
+def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images, deletion_steps, cam_size, cam_scale, cam_point,
+             ood_check, address, wait_for_gpus, wait_timeout, as_json, verbose):
     """Score a labelled FOLDER with CHECKPOINT and write a metrics report with plots: accuracy, AUC and
     the rest with CIs, calibration (ECE before/after temperature scaling, reliability diagram), CAM
     deletion curves against random ones, and CAM pointing when a truth.csv is found.
@@ -119,7 +122,7 @@ def evaluate(checkpoint, folder, out, truth, batch_size, n_boot, deletion_images
 
     s = EvaluateSettings(checkpoint=checkpoint, folder=folder, out=out, truth=truth, batch_size=batch_size, n_boot=n_boot,
                          deletion_images=deletion_images, deletion_steps=deletion_steps, cam_size=cam_size,
-                         cam_scale=cam_scale, cam_point=cam_point)
+                         cam_scale=cam_scale, cam_point=cam_point, ood_check=ood_check)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,

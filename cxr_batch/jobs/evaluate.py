@@ -18,12 +18,13 @@ import json
 import os
 import posixpath
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from .. import CLASSES, POSITIVE
 from ..archive import storage
+from ..archive.results import ERROR, OUT_OF_SCOPE, RETRY, SCORED, SKIPPED
 from ..model.entries import checkpoint_entries
 from ..errors import InputError
 from ..reports.markdown import report_markdown
@@ -49,6 +50,9 @@ class EvaluateSettings:
     # Where the table's CAM point, and so the pointing game, comes from (see ScoreSettings.cam_point).
     # evidence here: a trust report can afford one backward pass per batch; score defaults to map.
     cam_point: str = "evidence"
+    # A folder of images the model must not score (other modalities, views, photographs): what share the
+    # out-of-distribution check puts out of scope, beside the share of FOLDER it wrongly does. None = skip.
+    ood_check: str | None = None
 
 
 def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
@@ -56,6 +60,9 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     from ..archive.results import read_table
     from .score import ScoreSettings, run_score
 
+    if s.ood_check and checkpoint_entries(s.checkpoint, with_id=False)[0].get("ood") is None:
+        raise InputError(f"--ood-check: {s.checkpoint} has no out-of-distribution statistics (written before they"
+                         " existed); retrain it with `cxr-batch train` to get them.")
     pred_out = storage.join(s.out, "predictions.parquet")
     score_settings = ScoreSettings(archive=s.folder, out=pred_out, model=s.checkpoint, batch_size=s.batch_size,
                                    cam_dir=storage.join(s.out, "cams"), cam_size=s.cam_size, cam_scale=s.cam_scale,
@@ -76,7 +83,8 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     metrics = {
         "checkpoint": s.checkpoint, "model_id": model_id, "folder": s.folder,
         "threshold": threshold, "threshold_rule": ckpt.get("metrics", {}).get("threshold_rule", "from checkpoint"),
-        "n_files": len(rows), "n_scored": len(scored), "n_errors": sum(r["error"] is not None for r in rows),
+        "n_files": len(rows), "n_scored": len(scored), "n_errors": sum(r["error"] is not None and r["status"] != OUT_OF_SCOPE for r in rows),
+        "n_out_of_scope": sum(r["status"] == OUT_OF_SCOPE for r in rows),
         "metrics": binary_metrics(y, p, threshold),
         "ci95": bootstrap_ci(y, p, threshold, n_boot=s.n_boot, seed=0),
         "scoring": {"seconds": summary.seconds, "images_per_s": summary.images_per_s},
@@ -87,6 +95,8 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
         metrics["pointing"] = dict(_pointing(scored, truth, s.pointing_tolerance), cam_point=s.cam_point)
     metrics["calibration"] = _calibration(scored, y, float(summary.model.get("temperature", 1.0)), s.n_boot)
     metrics["deletion"] = _deletion(scored, score_settings, summary.model, s)
+    if s.ood_check:
+        metrics["ood_check"] = _ood_check(s, score_settings, rows, progress, echo)
     history = ckpt.get("history", [])
     with tempfile.TemporaryDirectory() as tmp:
         _plots(tmp, y, p, threshold, metrics, history, scored, s.montage_size)
@@ -101,6 +111,30 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
 
     write_evaluate_report(s.out)  # built from the folder just written: it shows whatever is there
     return metrics
+
+
+def _ood_check(s: EvaluateSettings, score_settings, rows: list, progress, echo) -> dict:
+    """Score the --ood-check folder (no CAMs) and compare its rows with FOLDER's: the share of foreign
+    images refused (out of scope, or gated before decoding), the share of FOLDER's decoded images put
+    out of scope, and the AUROC of their ood_score."""
+    from ..archive.results import read_table
+    from ..model.ood import auroc
+    from .score import run_score
+
+    out = storage.join(s.out, "ood-check", "predictions.parquet")
+    run_score(replace(score_settings, archive=s.ood_check, out=out, cams=False, cam_point="map", ood="skip"),
+              progress=progress, echo=echo)
+    foreign = read_table(out).to_pylist()
+    counts = {k: sum(r["status"] == k for r in foreign) for k in (SCORED, OUT_OF_SCOPE, SKIPPED, ERROR, RETRY)}
+    judged = len(foreign) - counts[ERROR] - counts[RETRY]  # a file that could not be read says nothing of the check
+    refused = counts[OUT_OF_SCOPE] + counts[SKIPPED]
+    decoded = [r for r in rows if r["status"] in (SCORED, OUT_OF_SCOPE)]
+    wrong = sum(r["status"] == OUT_OF_SCOPE for r in decoded)
+    return {"folder": s.ood_check, "predictions": out, "files": len(foreign), **{f"n_{k}": v for k, v in counts.items()},
+            "share_refused": refused / judged if judged else None,
+            "in_distribution_files": len(decoded), "in_distribution_out_of_scope": wrong,
+            "share_wrongly_out_of_scope": wrong / len(decoded) if decoded else None,
+            "auroc": auroc([r["ood_score"] for r in decoded], [r["ood_score"] for r in foreign if r["ood_score"] is not None])}
 
 
 def _calibration(scored, y, temperature: float, n_boot: int) -> dict:

@@ -26,8 +26,8 @@ from ..archive import storage
 from ..archive.discover import check_archive, label_from_path, list_archive, read_manifest
 from ..archive.lease import DEFAULT_TIMEOUT_S, Lease
 from ..archive.outdir import check_placement, clear_output
-from ..archive.results import (ERROR, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, default_cam_dir, done_path_batches,
-                               drop_retry_rows, pending)
+from ..archive.results import (ERROR, OUT_OF_SCOPE, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, default_cam_dir,
+                               done_path_batches, drop_retry_rows, pending)
 from ..archive.storage import too_big
 from ..errors import InputError
 from ..model.cam import SCALES as CAM_SCALES
@@ -43,6 +43,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
 ENGINES = ("auto", "ray", "local")
 DECODE_ON = ("auto", "cpu", "device")
+OOD_MODES = ("skip", "flag", "off")
 DEVICE_DECODE_NOTE = "JPEGs decoded and overlays composed beside the model"  # the start line's and the summary's
 # The largest input file read (--max-bytes). Chest radiographs are 0.1-50 MB (a DICOM of a 3000 x 3000
 # 16-bit detector image is 18 MB); 1 GiB leaves room for odd multi-frame objects while one decode
@@ -94,8 +95,13 @@ class ScoreSettings:
     gate: bool = True
     modalities: tuple[str, ...] = DEFAULT_MODALITIES  # Modality values let through
     views: tuple[str, ...] = DEFAULT_VIEWS  # ViewPosition values let through (absent always is)
+    # The out-of-distribution check (docs/ood.md): skip = an image over the model's OOD threshold gets status
+    # out_of_scope and no prediction; flag = it keeps its prediction, marked in the out_of_scope column; off.
+    ood: str = "skip"
 
     def __post_init__(self):
+        if self.ood not in OOD_MODES:
+            raise InputError(f"Invalid --ood {self.ood}. Only {', '.join(OOD_MODES)} are supported.")
         if self.engine not in ENGINES:
             raise InputError(f"Invalid engine {self.engine!r}. Only {', '.join(ENGINES)} are supported.")
         if self.precision not in PRECISIONS:
@@ -180,6 +186,8 @@ class ScoreSummary:
     errors: int = 0
     skipped: int = 0  # files not scored by design (status "skipped"): the DICOM gate, extensionless non-DICOMs
     skipped_by: dict = field(default_factory=dict)  # skip reason ("Modality CT") -> files (score_stages.skip_reason)
+    out_of_scope: int = 0  # over the model's OOD threshold under --ood skip (status "out_of_scope"; no prediction)
+    flagged_out_of_scope: int = 0  # over it under --ood flag: scored, and marked in the out_of_scope column
     retry: int = 0  # files left with status "retry" (the environment failed them): the run is incomplete
     retried: int = 0  # files that failed transiently (or lost their worker) and were scored on a retry pass
     poison: int = 0  # files that killed their worker each time they were read alone (among errors)
@@ -202,7 +210,7 @@ class ScoreSummary:
 
     @property
     def images_per_s(self) -> float:
-        return (self.scored + self.errors + self.skipped) / self.seconds if self.seconds > 0 else 0.0
+        return (self.scored + self.errors + self.skipped + self.out_of_scope) / self.seconds if self.seconds > 0 else 0.0
 
 
 def prepare(s: ScoreSettings) -> tuple[ScoreSettings, ModelInfo]:
@@ -413,12 +421,12 @@ def stage_config(s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir:
                     follow_symlinks=s.follow_symlinks, max_bytes=s.max_bytes, device_decode=plan.decode_on == "device",
                     gate=s.gate_rules()),
         scorer=dict(info=info_d, threads=plan.torch_threads, precision=s.precision, compile=s.compile,
-                    channels_last=s.channels_last, max_pixels=s.max_pixels,
+                    channels_last=s.channels_last, max_pixels=s.max_pixels, ood=s.ood,
                     # Beside the device's decode, the overlays too (at the model's size: its input is the base).
                     overlay_scale=s.cam_scale if plan.decode_on == "device" and cam_dir and
                     s.cam_size in (None, info.image_size) else None, cam_point=s.cam_point),
         finish=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive, max_pixels=s.max_pixels,
-                    cam_scale=s.cam_scale),
+                    cam_scale=s.cam_scale, ood=s.ood),
         batch_size=s.batch_size, decode_rows=s.batch_size * max(1, 32 // s.batch_size))
 
 
@@ -481,6 +489,7 @@ def _score(todo: pa.Table, s: ScoreSettings, engine: str, stages: StageConfig, p
            info: ModelInfo, summary: ScoreSummary, t0: float, publish, echo) -> Outcome:
     """The run loop: files over --max-bytes get their row from the listing; the rest go through the
     engine with the retry policy of jobs/runloop.py."""
+    summary.notes += _ood_notes(s, info)
     failed = _failed_rows(info)
     big = pc.greater(todo["size"], s.max_bytes)
     if pc.any(big).as_py():
@@ -519,7 +528,9 @@ def _publisher(writer: PartWriter, summary: ScoreSummary, total: int, t0: float,
         if counts.get(SKIPPED):
             _count_skipped(summary.skipped_by, table)
         summary.retry += counts.get(RETRY, 0)
-        summary.errors += table.num_rows - counts.get(SCORED, 0) - counts.get(SKIPPED, 0) - counts.get(RETRY, 0)
+        summary.out_of_scope += counts.get(OUT_OF_SCOPE, 0)
+        summary.flagged_out_of_scope += _flagged(table)
+        summary.errors += table.num_rows - sum(counts.get(k, 0) for k in (SCORED, SKIPPED, RETRY, OUT_OF_SCOPE))
         summary.seconds = time.perf_counter() - t0
         if progress and time.perf_counter() - last[0] > 2:
             last[0] = time.perf_counter()
@@ -537,3 +548,20 @@ def _count_skipped(by: dict, table: pa.Table) -> None:
         key = skip_reason(d["values"])
         key = key if key in by or len(by) < MAX_SKIP_REASONS else "other reasons"
         by[key] = by.get(key, 0) + d["counts"]
+
+
+def _flagged(table: pa.Table) -> int:
+    """Rows scored although over the OOD threshold (--ood flag)."""
+    scored = pc.equal(table["status"].cast(pa.string()), SCORED)
+    return pc.sum(pc.and_(scored, table["out_of_scope"]).fill_null(False)).as_py() or 0
+
+
+def _ood_notes(s: ScoreSettings, info: ModelInfo) -> list[str]:
+    """Said once per run, not per row: a model without OOD statistics scores whatever it is shown."""
+    if s.ood == "off":
+        return ["out-of-distribution check off (--ood off): every decoded image was scored, whatever it shows"]
+    if info.ood_threshold is None:
+        why = "an untrained head" if not info.trained else "a checkpoint written before they existed"
+        return [f"the model has no out-of-distribution statistics ({why}): every decoded image was scored, whatever"
+                " it shows; retrain with `cxr-batch train` to get them"]
+    return []

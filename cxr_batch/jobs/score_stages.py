@@ -19,7 +19,7 @@ import numpy as np
 from .. import CLASSES, POSITIVE
 from ..archive import storage
 from ..archive.discover import label_from_path, opened_outside, outside_archive
-from ..archive.results import ERROR, RETRY, SCORED, SKIPPED, TEXT_COLUMNS, cam_uri
+from ..archive.results import ERROR, OUT_OF_SCOPE, RETRY, SCORED, SKIPPED, TEXT_COLUMNS, cam_uri
 from ..errors import DecodeError, Skipped, TransientError, one_line
 from ..pixels.decode import DEFAULT_MAX_PIXELS, decode_image
 from ..pixels.device_decode import decode_on_device, device_jpeg_header
@@ -225,10 +225,11 @@ class Scorer:
     there is none."""
 
     def __init__(self, info: dict, *, threads: int, precision: str, compile: bool, channels_last: bool,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, overlay_scale: str | None = None, cam_point: str = "map"):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, overlay_scale: str | None = None, cam_point: str = "map",
+                 ood: str = "skip"):
         import torch
 
-        from ..model.registry import ModelInfo, fc_bias, fc_weight, load
+        from ..model.registry import ModelInfo, fc_bias, fc_weight, load_with_ood
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -236,8 +237,12 @@ class Scorer:
         self.precision = auto_precision(self.device.type, native_bf16(self.device)) if precision == "auto" else precision
         self.autocast = self.precision == "bf16"
         self.channels_last = channels_last
-        model = load(ModelInfo(**info)).to(self.device)
+        model, stats = load_with_ood(ModelInfo(**info))
+        model = model.to(self.device)
         _check_grid(model, info)
+        # The OOD statistics on the model's device: two small products per batch beside the forward pass.
+        self.ood = None if ood == "off" or stats is None else (
+            torch.from_numpy(stats.means).to(self.device), torch.from_numpy(stats.precision).to(self.device))
         self.temperature = float(info.get("temperature", 1.0))
         self.weight, self.bias = fc_weight(model).float(), fc_bias(model).float()
         # cam_point "evidence" back-propagates through the model (model/evidence.py): an eager network,
@@ -287,6 +292,14 @@ class Scorer:
                 batch["format"][i] = None
                 record_failure(batch, i, e)
 
+    def ood_scores(self, features):
+        """The OOD score (model/ood.py) of each image's last features; NaN without the statistics or with --ood off."""
+        from ..model.ood import mahalanobis, pooled
+
+        if self.ood is None:
+            return np.nan
+        return mahalanobis(pooled(features), *self.ood).cpu().numpy()
+
     def __call__(self, batch: dict) -> dict:
         from ..model.calibration import margins
         from ..model.cam import log_odds_map
@@ -297,7 +310,7 @@ class Scorer:
             self.decode_jpegs(batch)
         ok = np.array([e is None for e in _strings(batch["error"])], dtype=bool)
         n = len(ok)
-        prob, margin = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+        prob, margin, ood = (np.full(n, np.nan, np.float32) for _ in range(3))
         cams = None
         points = np.full((n, 2), np.nan, np.float32)
         if ok.any():
@@ -320,13 +333,14 @@ class Scorer:
             logits, features = logits[:m].float(), features[:m]
             prob[ok] = torch.softmax(logits / self.temperature, dim=1)[:, POSITIVE].cpu().numpy()
             margin[ok] = margins(logits).cpu().numpy()
+            ood[ok] = self.ood_scores(features)
             maps = log_odds_map(features.float(), self.weight, self.bias, POSITIVE)
             cams = np.zeros((n,) + tuple(maps.shape[1:]), np.float32)
             cams[ok] = maps.cpu().numpy()
             self.add_overlays(batch, ok, gray[:m], maps)
         else:
             self.add_overlays(batch, ok, None, None)
-        batch["prob_pneumonia"], batch["logit_pneumonia"] = prob, margin
+        batch["prob_pneumonia"], batch["logit_pneumonia"], batch["ood_score"] = prob, margin, ood
         batch["cam"] = cams if cams is not None else np.zeros((n, 1, 1), np.float32)
         if self.cam_point == "evidence":  # in every batch or in none: blocks must share their columns
             batch["cam_point"] = points
@@ -356,12 +370,20 @@ NON_FINITE = ("model output is not finite (NaN or infinity): no prediction made;
               " image's pixels are broken")
 
 
+OUT_OF_SCOPE_REASON = ("out of scope: the image does not look like the frontal chest radiographs the model was trained"
+                       " on (ood_score above the model's OOD threshold), so it was not given a prediction")
+
+
 def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int | None, archive: str,
-                 max_pixels: int, cam_scale: str) -> dict:
+                 max_pixels: int, cam_scale: str, ood: str = "skip") -> dict:
+    """``ood``: skip (a row over the OOD threshold gets status out_of_scope, no prediction and no CAM),
+    flag (it keeps its prediction, marked by the out_of_scope column) or off."""
     from ..model.cam import encode_png, hot_spot, overlay
 
     n = len(batch["path"])
     prob = np.array(batch["prob_pneumonia"], np.float32)
+    logit = np.array(batch.get("logit_pneumonia", np.full(n, np.nan, np.float32)), np.float32)
+    over = out_of_scope(batch, info, ood)
     error, status = _strings(batch["error"]), _strings(batch.get("status", [None] * n))
     pred, cam_path = [None] * n, [None] * n
     peak_x, peak_y = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
@@ -373,6 +395,9 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
             error[i], prob[i], status[i] = NON_FINITE, np.nan, ERROR
         if error[i] is not None:
             status[i] = status[i] or ERROR
+            continue
+        if over[i] and ood == "skip":  # a probability for it would be a wrong answer, and a silent one
+            error[i], status[i], prob[i], logit[i] = OUT_OF_SCOPE_REASON, OUT_OF_SCOPE, np.nan, np.nan
             continue
         status[i] = SCORED
         pred[i] = CLASSES[POSITIVE] if prob[i] >= info["threshold"] else CLASSES[1 - POSITIVE]
@@ -399,13 +424,24 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
     out = {k: batch[k] for k in ("width", "height", "bytes")}
     out.update({k: np.asarray(_strings(batch[k]), dtype=object) for k in TEXT_COLUMNS if k in batch})
     out.update(error=np.asarray(error, dtype=object), status=np.asarray(status, dtype=object), pred=np.asarray(pred, dtype=object), prob_pneumonia=prob,
-               logit_pneumonia=batch.get("logit_pneumonia", np.full(n, np.nan, np.float32)),
+               logit_pneumonia=logit, ood_score=np.asarray(batch.get("ood_score", np.full(n, np.nan)), np.float32),
+               out_of_scope=over,
                temperature=np.full(n, info.get("temperature", 1.0), np.float32),
                cam_path=np.asarray(cam_path, dtype=object), cam_peak_x=peak_x, cam_peak_y=peak_y,
                cam_max=cam_max,
                threshold=np.full(n, info["threshold"], np.float32),
                model=np.asarray([info["model_id"]] * n, dtype=object))
     return out
+
+
+def out_of_scope(batch: dict, info: dict, ood: str) -> np.ndarray:
+    """Which rows' OOD score is above the model's threshold (none with --ood off or without a threshold)."""
+    n = len(batch["path"])
+    threshold = info.get("ood_threshold")
+    if ood == "off" or threshold is None or "ood_score" not in batch:
+        return np.zeros(n, bool)
+    with np.errstate(invalid="ignore"):
+        return np.asarray(batch["ood_score"], np.float32) > np.float32(threshold)
 
 
 def cam_grid_of(info: dict):

@@ -28,6 +28,7 @@ from ray.train import UserCallback
 from ..archive import storage
 from ..errors import InputError, TrainingError, one_line
 from ..model.archs import WEIGHTS
+from .ood_fit import fit_ood
 from .ray_env import check_shared_storage, node_cpus
 from .train_config import TrainSettings, best_epoch, fit_worker_cpus, still_learning, weak_model
 from .trainset import Split, make_split
@@ -70,7 +71,8 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool | N
         raise TrainingError(f"Training ended without finishing an epoch; nothing was written to {s.out}. See the"
                             " workers' notes above (unreadable images?).")
     history = json.loads(storage.read_bytes(storage.join(s.out, "history.json")))
-    summary = _summary(s, history, split.val_note, time.perf_counter() - t0)
+    ood = fit_ood(s, split, use_gpu=use_gpu)  # the OOD statistics of best.ckpt, stored in it (jobs/ood_fit.py)
+    summary = {**_summary(s, history, split.val_note, time.perf_counter() - t0), "ood": ood}
     return register_if_fit(summary, history, complete=len(history) == s.epochs, register=register)
 
 

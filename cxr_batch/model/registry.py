@@ -17,11 +17,13 @@ from ..archive import storage
 from ..errors import CheckpointError, InputError
 from .archs import ARCHS, WEIGHTS, check_cam, resnet_grid
 from .entries import check_model
+from .ood import threshold_of
 
 if TYPE_CHECKING:
     import torch
 
     from .network import CamResNet
+    from .ood import OodStats
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -38,6 +40,9 @@ class ModelInfo:
     cam_layer: int = 4  # 3 / 2: the network ends at layer3 / layer2 (what `cxr-batch train` writes; model.build_model)
     temperature: float = 1.0  # P(PNEUMONIA) = softmax(logits / T): fitted on validation (model/calibration.py); 1 = none
     cam_offset: float = 0.0  # input pixel on which CAM cell 0's receptive field is centred (receptive.cam_grid)
+    # An image whose OOD score (model/ood.py) is above this is out of scope; None: the checkpoint has no
+    # OOD statistics (written before they existed, or ARCH:WEIGHTS).
+    ood_threshold: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,7 +121,8 @@ def describe(spec: str | None, *, check: bool = True) -> ModelInfo:
         grid = _checkpoint_grid(ck, spec)
     return ModelInfo(spec, ck["arch"], model_id, int(ck["image_size"]), float(ck["threshold"]), True,
                      cam_stride=grid.stride, cam_offset=grid.offset, cam_layer=int(ck.get("cam_layer", 4)),
-                     temperature=float(ck.get("temperature", 1.0)))  # older checkpoints: T = 1
+                     temperature=float(ck.get("temperature", 1.0)),  # older checkpoints: T = 1
+                     ood_threshold=threshold_of(ck.get("ood")))
 
 
 def _grid(arch: str, cam_stride: int, cam_layer: int, image_size: int, check: bool):
@@ -148,18 +154,22 @@ def _checkpoint_grid(ck: dict, uri: str):
 
 def load(info: ModelInfo) -> CamResNet:
     """Build the network for ``info`` (in each scoring actor: the weights never travel through Ray)."""
+    return load_with_ood(info)[0]
+
+
+def load_with_ood(info: ModelInfo) -> tuple[CamResNet, OodStats | None]:
+    """``load``, and the checkpoint's OOD statistics (None where it has none), from one read of the file."""
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .network import build_model
+    from .ood import from_entries
 
     parsed = parse_arch_spec(info.spec)
     if parsed:
-        model = build_model(*parsed)
-    else:
-        loaded = load_checkpoint(info.spec)
-        if loaded.model_id != info.model_id:
-            raise InputError(f"{info.spec} changed while the job ran (hash {loaded.model_id} != {info.model_id}).")
-        model = model_from_checkpoint(loaded.ckpt, info.spec)
-    return model.eval()
+        return build_model(*parsed).eval(), None
+    loaded = load_checkpoint(info.spec)
+    if loaded.model_id != info.model_id:
+        raise InputError(f"{info.spec} changed while the job ran (hash {loaded.model_id} != {info.model_id}).")
+    return model_from_checkpoint(loaded.ckpt, info.spec).eval(), from_entries(loaded.ckpt.get("ood"))
 
 
 def fc_weight(model: CamResNet) -> torch.Tensor:

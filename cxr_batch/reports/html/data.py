@@ -29,8 +29,8 @@ from ...errors import InputError
 from ...archive.results import part_files, read_metadata
 from ..metrics import bin_index
 
-COLUMNS = ("path", "label", "pred", "prob_pneumonia", "threshold", "cam_path", "error", "status")
-GALLERY_COLUMNS = ("path", "label", "pred", "prob_pneumonia", "threshold", "cam_path")
+COLUMNS = ("path", "label", "pred", "prob_pneumonia", "threshold", "cam_path", "error", "status", "ood_score")
+GALLERY_COLUMNS = ("path", "label", "pred", "prob_pneumonia", "threshold", "cam_path", "ood_score")
 MAX_AUTO_DEPTH = 3  # the report picks the shallowest level down to this with 2+ folders
 # Folders tracked per level: an archive of one folder per study has a million at depth 2 or 3,
 # and a table of them is neither readable nor small; a level past the cap is left out.
@@ -53,13 +53,14 @@ _NORMALISE = [
 
 
 _GALLERY_KEYS = {"prob": ("prob_pneumonia", "descending"), "margin": ("margin", "ascending"),
-                 "wrong": ("margin", "descending")}
+                 "wrong": ("margin", "descending"), "ood": ("ood_score", "descending")}
 
 
 @dataclass(frozen=True)
 class GallerySpec:
     name: str
-    key: str  # "prob": highest P first; "margin": closest to the threshold first; "wrong": most confident errors
+    key: str  # "prob": highest P first; "margin": closest to the threshold first; "wrong": most confident errors;
+    # "ood": the out-of-scope rows farthest from the training images (highest ood_score) first
     k: int
 
 
@@ -223,6 +224,10 @@ class Aggregator:
         flagged = pc.and_(st.scored, pc.equal(t["pred"], CLASSES[POSITIVE])).fill_null(False)
         a.flagged += pc.sum(flagged).as_py() or 0
         self._add_scored(t.filter(st.scored), flagged.filter(st.scored))
+        if st.column is not None and "ood_score" in t.column_names:
+            out_of_scope = pc.equal(st.column, "out_of_scope").fill_null(False)
+            if pc.any(out_of_scope).as_py():
+                self._add_galleries(t.filter(out_of_scope), ood=True)
         self._add_folders(t, st, flagged)
         failed = pc.invert(st.scored)
         self._add_errors(t.filter(failed), None if st.column is None else st.column.filter(failed))
@@ -245,10 +250,13 @@ class Aggregator:
         self._tmax = max(self._tmax, pc.max(thr).as_py() if thr.null_count < len(thr) else -np.inf)
         self._add_galleries(s)
 
-    def _add_galleries(self, s: pa.Table) -> None:
+    def _add_galleries(self, s: pa.Table, ood: bool = False) -> None:
+        """Top-k candidates of each gallery: of the scored rows ``s``, or with ``ood`` of the out-of-scope ones."""
         cols = [c for c in GALLERY_COLUMNS if c in s.column_names]
         g = s.select(cols).append_column("margin", pc.abs(pc.subtract(s["prob_pneumonia"], s["threshold"])))
         for spec in self.specs:
+            if (spec.key == "ood") != ood:
+                continue
             column, order = _GALLERY_KEYS[spec.key]
             keep = pc.is_valid(g[column])
             if spec.key == "wrong":

@@ -25,6 +25,10 @@ def checkpoint_facts(uri: str, expected_id: str | None = None) -> dict:
     except (CxrError, OSError) as e:
         return {"uri": uri, "error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__}
     facts = {k: v for k, v in ck.items() if k not in _SKIP and not hasattr(v, "shape")}
+    if isinstance(facts.get("ood"), dict):  # its means and precision are weights: the threshold says what it does
+        o = facts["ood"]
+        facts["ood"] = (f"threshold {o.get('threshold'):.4g} on ood_score: the {o.get('percentile'):g}th percentile of"
+                        f" {o.get('n_val')} validation images (fitted on {o.get('n_train')} training images)")
     history = ck.get("history") or []
     facts.update(uri=uri, model_id=model_id, epochs_trained=len(history),
                  same_file=None if expected_id is None else model_id == expected_id)

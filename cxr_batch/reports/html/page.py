@@ -55,8 +55,10 @@ def _cam_of(r: dict, cam_dir: str | None) -> str | None:
     return cam
 
 
-def gallery_items(table, page: str, archive: str | None, *, cam_dir: str | None = None, badge=None) -> list[dict]:
-    """Gallery rows -> tiles: a CAM thumbnail (else the archive image itself) and a link to the full PNG."""
+def gallery_items(table, page: str, archive: str | None, *, cam_dir: str | None = None, badge=None,
+                  value: str = "prob_pneumonia") -> list[dict]:
+    """Gallery rows -> tiles: a CAM thumbnail (else the archive image itself) and a link to the full PNG;
+    each captioned with its ``value`` column (P(pneumonia), or ood_score)."""
     from .plots import thumbnails
 
     rows = table.to_pylist() if table is not None else []
@@ -73,7 +75,8 @@ def gallery_items(table, page: str, archive: str | None, *, cam_dir: str | None 
     items = []
     for r, (src, is_cam), thumb in zip(rows, sources, thumbs):
         b = badge(r) if badge else None
-        items.append({"path": r["path"], "prob": r["prob_pneumonia"], "thumb": thumb,
+        items.append({"path": r["path"], "prob": r[value], "thumb": thumb,
+                      "value_label": "P(pneumonia)" if value == "prob_pneumonia" else value,
                       "href": link(src, page) if thumb and is_cam else None,
                       "missing": "CAM not written" if not r.get("cam_path") else "CAM PNG not found",
                       "badge": b[0] if b else None, "badge_cls": b[1] if b else ""})

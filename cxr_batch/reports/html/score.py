@@ -58,7 +58,8 @@ class ReportResult:
 def write_score_report(s: ReportSettings) -> ReportResult:
     t0 = time.perf_counter()
     out = s.resolved_out()
-    specs = [GallerySpec("suspicious", "prob", s.gallery), GallerySpec("uncertain", "margin", s.gallery)]
+    specs = [GallerySpec("suspicious", "prob", s.gallery), GallerySpec("uncertain", "margin", s.gallery),
+             GallerySpec("out_of_scope", "ood", s.gallery)]
     with ThreadPoolExecutor(1) as pool:
         # The checkpoint's facts need torch (seconds to import): fetched while the table streams.
         prov = pool.submit(lambda: provenance(read_metadata(s.results)) if part_files(s.results) else {})
@@ -85,7 +86,8 @@ def render_score_page(a: Aggregate, prov: dict, s: ReportSettings, out: str) -> 
         heading=storage.absolute(s.results), banners=banners,
         subtitle=[f"{a.files:,} files", f"model {prov['model_id'] or '?'}", f"scored {prov['started'] or '?'}"],
         toc=[("counts", "Counts"), ("distribution", "P(pneumonia)"), ("folders", "Folders"), ("errors", "Errors"),
-             ("suspicious", "Most suspicious"), ("uncertain", "Most uncertain"), ("model", "Model"), ("run", "Run")],
+             ("suspicious", "Most suspicious"), ("uncertain", "Most uncertain"), ("out_of_scope", "Out of scope"),
+             ("model", "Model"), ("run", "Run")],
         counts=_counts(a), hist=_hist(a), folders=_folders(a, s.max_folders), errors=_errors(a),
         galleries=_galleries(a, out, archive, s.gallery, _default_cam_dir(s.results)), model=_model(prov),
         run=_run(prov, a),
@@ -178,7 +180,19 @@ def _galleries(a: Aggregate, out: str, archive: str | None, k: int, cam_dir: str
         {"id": "uncertain", "title": "Most uncertain", "empty": "No image was scored.",
          "lead": f"The {k} images closest to the threshold ({thr_text}): the model's hardest calls, worth a second look.",
          "tiles": gallery_items(a.galleries.get("uncertain"), out, archive, cam_dir=cam_dir, badge=flagged)},
+        _out_of_scope(a, out, archive, k),
     ]
+
+
+def _out_of_scope(a: Aggregate, out: str, archive: str | None, k: int) -> dict:
+    """The files the out-of-distribution check kept from the model, and the farthest of them as the archive shows them."""
+    n = a.count("out_of_scope")
+    lead = (f"{n:,} files ({pct(n, a.files)}) do not look like the frontal chest radiographs the model was trained on"
+            " (ood_score above the model's threshold): they have status out_of_scope and no prediction. Shown: the"
+            f" {min(k, n)} farthest from the training images, as they are in the archive.")
+    return {"id": "out_of_scope", "title": "Not scored: out of scope", "lead": lead,
+            "empty": "No file was put out of scope.",
+            "tiles": gallery_items(a.galleries.get("out_of_scope"), out, archive, value="ood_score")}
 
 
 def _model(prov: dict) -> dict:
