@@ -182,3 +182,43 @@ def test_kills_and_vanishing_folders_mixed_end_with_one_row_per_file(ray_address
     away("PNEUMONIA", True)
     got = check(run())
     assert sorted(got) == expected and {r["status"] for r in got.values()} == {"scored"}
+
+
+def unprivileged(cmd: list) -> list:
+    """``cmd`` run so that file permissions apply to it. CI runs as root, and root reads a chmod 000
+    folder: as root, the command runs without the two capabilities that let root ignore permissions."""
+    if os.geteuid() != 0:
+        return cmd
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("running as root, and setpriv (util-linux) is missing to drop root's permission override")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}", *cmd]
+
+
+def test_a_folder_that_cannot_be_listed_makes_the_run_incomplete_and_a_rerun_lists_it(archive, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    cmd = unprivileged([sys.executable, "-m", "cxr_batch.cli", "score", str(archive), "--out", str(out), "--model",
+                        "resnet18:none", "--no-cams", "--engine", "local", "--json"])
+    os.chmod(archive / "b", 0)  # cannot be listed at all
+    os.chmod(archive / "c", 0o444)  # its names can be read, but not one entry's type or size
+    try:
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        os.chmod(archive / "b", 0o755)
+        os.chmod(archive / "c", 0o755)
+    assert p.returncode == EXIT_INCOMPLETE, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "INCOMPLETE    1 folders and 6 entries could not be listed" in p.stdout and "b/: permission denied" in p.stdout
+    listing = json.loads(p.stdout.strip().splitlines()[-1])["summary"]["listing"]
+    assert (listing["unreadable_folders"], listing["unreadable_entries"]) == (1, PER)
+    assert listing["unlisted"] == ["b/: permission denied"] + [f"c/img{k}.png: permission denied" for k in range(PER)]
+    assert sorted(rows(out)) == [p for p in listed(archive) if p[0] in "ad"]
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    got = rows(out)
+    assert sorted(got) == listed(archive) and {r["status"] for r in got.values()} == {"scored"}

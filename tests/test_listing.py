@@ -195,3 +195,27 @@ def test_the_listing_benchmark_builds_its_hard_link_archive(tmp_path):
     listing = list_archive(built["path"])
     assert built["files"] == listing.files.num_rows == 200 and built["dicom_files"] == 2
     assert sum(1 for p in listing.files["path"].to_pylist() if "." not in p.rsplit("/", 1)[-1]) == 2
+
+
+def test_a_folder_that_fails_to_list_is_listed_again_after_a_backoff(tree, monkeypatch):
+    """A folder whose scandir fails twice (a remount, a throttled LIST) and then works is listed in
+    full; one that keeps failing is named in the listing, never dropped in silence."""
+    import cxr_batch.archive.discover as discover
+
+    monkeypatch.setattr(discover, "LIST_BACKOFF_S", 0.01)
+    expected = reference_walk(tree)
+    real_scandir, failures = os.scandir, {"p03/study3": 2, "p07/study7": 99}
+
+    def flaky_scandir(path):
+        for rel, left in failures.items():
+            if str(path).endswith(rel) and left:
+                failures[rel] -= 1
+                raise OSError(5, "Input/output error")
+        return real_scandir(path)
+
+    monkeypatch.setattr(discover.os, "scandir", flaky_scandir)
+    listing = list_archive(str(tree), threads=4)
+    assert rows(listing) == [r for r in expected if not r[0].startswith("p07/study7/")]
+    assert (listing.unreadable_folders, listing.unreadable_entries, listing.incomplete) == (1, 0, 1)
+    assert listing.unlisted == ("p07/study7/: input/output error",)
+    assert failures["p03/study3"] == 0 and failures["p07/study7"] == 99 - discover.LIST_ATTEMPTS

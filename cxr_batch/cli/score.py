@@ -108,7 +108,7 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, ba
         from ..reports.html.score import ReportSettings, write_score_report
 
         console.note(f"  report        {write_score_report(ReportSettings(results=summary.out)).path}")
-    if summary.retry:  # finished, but not every file got its verdict: a re-run retries exactly those
+    if summary.incomplete:  # finished, but not every file got its verdict: a re-run retries exactly those
         click.get_current_context().exit(EXIT_INCOMPLETE)
 
 

@@ -171,6 +171,7 @@ class ScoreSummary:
     retried: int = 0  # files that failed transiently (or lost their worker) and were scored on a retry pass
     poison: int = 0  # files that killed their worker each time they were read alone (among errors)
     redone: int = 0  # "retry" rows of earlier runs scored again by this one
+    unlisted: int = 0  # folders and entries the listing could not read (named in listing["unlisted"]): incomplete
     listed: int = 0  # files in the listing or manifest, before --limit
     seconds: float = 0.0
     out: str = ""
@@ -186,6 +187,11 @@ class ScoreSummary:
     # LocalStats, pool_start_s, torch_import_s, model_build_s (durations), first_decode_s and
     # first_batch_s (since the engine started), workers_lost.
     startup: dict = field(default_factory=dict)
+
+    @property
+    def incomplete(self) -> bool:
+        """Some file has no verdict yet (a "retry" row, or a folder not listed): a re-run goes on."""
+        return bool(self.retry or self.unlisted)
 
     @property
     def images_per_s(self) -> float:
@@ -309,6 +315,7 @@ def _listing(s: ScoreSettings, summary: ScoreSummary) -> pa.Table:
         listing = list_archive(s.archive, follow_symlinks=s.follow_symlinks)
     summary.listed = listing.files.num_rows
     summary.listing = listing.stats()
+    summary.unlisted = listing.incomplete
     if listing.outside_links:
         summary.notes.append(f"symlinks to outside the archive, not followed: {listing.outside_links:,}"
                              " (--follow-symlinks reads them)")
