@@ -222,3 +222,82 @@ def test_a_folder_that_cannot_be_listed_makes_the_run_incomplete_and_a_rerun_lis
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     got = rows(out)
     assert sorted(got) == listed(archive) and {r["status"] for r in got.values()} == {"scored"}
+
+
+FIFO = "not a regular file (FIFO): not read"
+
+
+def lease_left(out) -> bool:
+    from cxr_batch.archive.lease import LEASE_FILE
+
+    return (out / LEASE_FILE).exists()
+
+
+def test_a_fifo_named_in_a_manifest_is_an_error_row_and_the_run_finishes(archive, tmp_path):
+    os.mkfifo(archive / "b" / "pipe.png")  # open() of a FIFO waits for a writer that never comes
+    out, manifest = tmp_path / "out", tmp_path / "files.txt"
+    manifest.write_text("\n".join(listed(archive)) + "\n")
+    args = ["score", str(archive), "--out", str(out), "--manifest", str(manifest), "--model", "resnet18:none",
+            "--no-cams", "--engine", "local", "--stall-timeout", "60"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    got = rows(out)
+    assert sorted(got) == listed(archive) and "b/pipe.png" in got
+    assert (got["b/pipe.png"]["status"], got["b/pipe.png"]["error"]) == ("error", FIFO)
+    assert {r["status"] for p, r in got.items() if p != "b/pipe.png"} == {"scored"}
+    assert not lease_left(out)
+
+
+def test_a_fifo_swapped_in_after_the_listing_is_an_error_row(archive, tmp_path):
+    from cxr_batch.jobs.score import run_score
+
+    swapped = archive / "c" / "img2.png"
+
+    def echo(line: str) -> None:  # the listing saw a regular file; the reads meet a FIFO
+        if line.startswith("score:"):
+            swapped.unlink()
+            os.mkfifo(swapped)
+
+    out = tmp_path / "out"
+    summary = run_score(settings(archive, out, engine="local", cams=False, stall_timeout_s=60), echo=echo)
+    got = rows(out)
+    assert sorted(got) == listed(archive)
+    assert (got["c/img2.png"]["status"], got["c/img2.png"]["error"]) == ("error", FIFO)
+    assert summary.scored == len(got) - 1 and summary.errors == 1 and not lease_left(out)
+
+
+HANG_PLUGIN = '''
+import time
+from PIL import Image, ImageFile
+
+class Hang(ImageFile.ImageFile):
+    """A decoder that never returns, as a read from a hung hard NFS mount does not."""
+    format = "HANG"
+
+    def _open(self):
+        time.sleep(3600)
+
+Image.register_open("HANG", Hang, lambda prefix: prefix[:4] == b"HANG")
+'''
+
+
+def test_the_local_engine_stops_after_the_stall_timeout_and_a_rerun_resumes(archive, tmp_path):
+    hung = archive / "d" / "img5.png"
+    hung.write_bytes(b"HANG" + bytes(200))
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "sitecustomize.py").write_text(HANG_PLUGIN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cxr_batch.cli", "score", str(archive), "--out", str(out), "--model", "resnet18:none",
+           "--no-cams", "--engine", "local", "--stall-timeout", "5", "--rows-per-part", "8"]
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == EXIT_INCOMPLETE, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Error: no progress for 5 s (--stall-timeout) in the local engine" in p.stderr
+    assert "Traceback" not in p.stderr and not lease_left(out)
+    assert set(rows(out)) < set(listed(archive))  # whatever was published stays, one row per file
+    hung.write_bytes(encode(Image.new("L", (48, 48), 9), "PNG"))  # the mount is back
+    again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    got = rows(out)
+    assert sorted(got) == listed(archive) and {r["status"] for r in got.values()} == {"scored"}

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .. import CLASSES
-from ..errors import InputError, one_line
+from ..errors import DecodeError, InputError, one_line
 from . import storage
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
@@ -146,7 +146,7 @@ def _is_dicom_file(archive: str, rel: str) -> bool:
     try:
         with storage.open_file(archive, rel) as f:
             return is_dicom(f.read(132))
-    except OSError:
+    except (OSError, DecodeError):  # unreadable, or not a regular file
         return False
 
 

@@ -10,15 +10,17 @@ header alone, opened by ``open_file``).
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
+import stat
 import uuid
 from functools import lru_cache
 
 import pyarrow.fs as pafs
 
-from ..errors import DecodeError, TransientError, one_line
+from ..errors import DecodeError, NotRegularFile, TransientError, one_line
 
 
 def is_uri(path: str) -> bool:
@@ -110,12 +112,42 @@ def too_big(max_bytes: int) -> str:
 
 def open_file(root: str, rel: str, *, random_access: bool = False):
     """Archive file ``rel`` under ``root``, opened for reading (``read_file`` reads it whole;
-    ``random_access`` for a header read that seeks past what it does not need). Errors are OSErrors."""
+    ``random_access`` for a header read that seeks past what it does not need). Errors are OSErrors,
+    and ``NotRegularFile`` for a local path that is a FIFO, socket, device or folder."""
     fs, base = resolve(root)
     if isinstance(fs, pafs.LocalFileSystem):  # Python's open takes the non-UTF-8 names that pyarrow refuses
-        return open(local_path(base, rel), "rb")
+        return open_regular(local_path(base, rel))
     path = f"{base}/{rel}"
     return fs.open_input_file(path) if random_access else fs.open_input_stream(path)
+
+
+_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "folder"), (stat.S_ISSOCK, "socket"),
+          (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+
+
+def open_regular(path: str):
+    """A local file opened for reading, refused unless it is a regular file. The open is non-blocking:
+    a FIFO (named in a manifest, or swapped in after the listing) would otherwise wait for a writer
+    forever. The type is judged on the opened descriptor, so a swap after a check cannot slip by."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # what opening a socket gives
+            _refuse_irregular(os.stat(path).st_mode)
+        raise
+    try:
+        _refuse_irregular(os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)  # no effect on a regular file's reads; set back so no reader meets EAGAIN
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _refuse_irregular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "special file")
+        raise NotRegularFile(f"not a regular file ({kind}): not read")
 
 
 def text_name(name: str) -> str:

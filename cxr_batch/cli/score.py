@@ -41,7 +41,8 @@ from .summaries import format_summary
 @click.option("--follow-symlinks", is_flag=True,
               help="Also read symlinks whose target lies outside ARCHIVE. Default: such links are not followed.")
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=900, show_default=True, metavar="S",
-              help="Fail after this many seconds without progress (Ray Data would otherwise wait for resources forever).")
+              help="Stop after this many seconds without progress (Ray Data waiting for resources that never come, a"
+                   " read that never returns); what was written is kept and a re-run resumes.")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=None, metavar="N",
               help="Files larger than this (by the listing's size) get an error row and are not read. Default 1 GiB.")
 @click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,

@@ -428,7 +428,7 @@ def _rows(engine: str, todo: pa.Table, s: ScoreSettings, stages: StageConfig, pl
         stats = LocalStats()
         summary.startup.setdefault("engine_start_s", round(time.perf_counter() - t0, 3))
         try:
-            yield from run_local(todo, stages, workers=plan.workers, stats=stats)
+            yield from run_local(todo, stages, workers=plan.workers, stats=stats, stall_timeout_s=s.stall_timeout_s)
         finally:
             summary.startup.update(asdict(stats))
         return
