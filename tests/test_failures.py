@@ -301,3 +301,75 @@ def test_the_local_engine_stops_after_the_stall_timeout_and_a_rerun_resumes(arch
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     got = rows(out)
     assert sorted(got) == listed(archive) and {r["status"] for r in got.values()} == {"scored"}
+
+
+def test_damaged_parts_are_set_aside_and_their_files_scored_again(archive, tmp_path):
+    """A part cut to 0 bytes and one cut in half (a disk fault, a copy cut short): `report` skips
+    them and says so, a re-run sets them aside and scores their files again, --overwrite deletes
+    them. No ArrowInvalid traceback anywhere."""
+    import pyarrow.parquet as pq
+
+    from cxr_batch.archive.results import DAMAGED_PREFIX, part_files
+
+    out = tmp_path / "out"
+    args = ["score", str(archive), "--out", str(out), "--model", "resnet18:none", "--engine", "local",
+            "--batch-size", "4", "--rows-per-part", "4"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    parts = part_files(str(out))
+    assert len(parts) == len(listed(archive)) // 4
+    os.truncate(parts[1], 0)
+    os.truncate(parts[3], os.path.getsize(parts[3]) // 2)
+
+    report = CliRunner().invoke(main, ["report", str(out)])
+    assert report.exit_code == 0, report.output
+    assert f"{len(listed(archive)) - 8} rows" in report.output
+    assert "2 damaged part files (not Parquet: empty or truncated) skipped" in report.output
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert "2 damaged part files (not Parquet: empty or truncated) set aside; their files are scored again" in again.output
+    assert f"{len(listed(archive)) - 8} already in the output" in again.output
+    assert sorted(rows(out)) == listed(archive) and {r["status"] for r in rows(out).values()} == {"scored"}
+    assert sorted(n for n in os.listdir(out) if n.startswith(DAMAGED_PREFIX)) == sorted(
+        DAMAGED_PREFIX + os.path.basename(p) for p in (parts[1], parts[3]))
+    assert pq.read_table(out).num_rows == len(listed(archive))  # hidden from a plain Parquet reader too
+
+    os.truncate(part_files(str(out))[0], 0)
+    fresh = CliRunner().invoke(main, args + ["--overwrite", "--no-cams"])
+    assert fresh.exit_code == 0, fresh.output
+    assert "--overwrite: 1 damaged part files (not Parquet: empty or truncated) deleted unread" in fresh.output
+    assert not [n for n in os.listdir(out) if n.startswith(DAMAGED_PREFIX)]
+    assert sorted(rows(out)) == listed(archive)
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_a_rerun_resumes(tmp_path):
+    """`ray job stop`, Kubernetes and schedulers send SIGTERM: the lease goes with the run (a re-run
+    need not wait for it to go stale), and the re-run adds only the missing rows."""
+    import signal
+    import time
+
+    from cxr_batch.synth.archive import make_archive
+
+    root, out = tmp_path / "archive", tmp_path / "out"
+    make_archive(root, n_train=0, n_val=0, n_test=120, size=96, seed=5)
+    expected = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpeg"))
+    cmd = [sys.executable, "-m", "cxr_batch.cli", "score", str(root), "--out", str(out), "--model", "resnet18:none",
+           "--engine", "local", "--batch-size", "4", "--rows-per-part", "4", "--no-cams"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 400
+    while not (out.is_dir() and any(n.startswith("part-") for n in os.listdir(out))) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Stopped by SIGTERM" in err and "Traceback" not in err
+    assert not lease_left(out)
+    first = rows(out)
+    assert set(first) < set(expected)  # stopped mid-run, whole parts only
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(first)} already in the output" in again.stdout
+    got = rows(out)
+    assert sorted(got) == expected and {r["status"] for r in got.values()} == {"scored"}

@@ -497,11 +497,23 @@ def _relative(paths: pa.ChunkedArray, manifest: str, archive: str, root: str) ->
     uri = pc.match_substring(paths, "://")  # a URI that is not under the archive
     paths = pc.replace_substring_regex(paths, r"(^|/)(\./)+", r"\1")  # ./a and a/./b
     paths = pc.replace_substring_regex(paths, r"//+", "/")
-    bad = pc.or_kleene(pc.or_kleene(pc.is_null(paths), uri), pc.match_substring_regex(
-        paths, r"^$|^/|^\.$|/\.?$|(^|/)\.\.(/|$)|\x00"))
+    bad = pc.or_kleene(pc.or_kleene(pc.is_null(paths), uri), pc.or_kleene(_leaves(paths), _leaves(_unescaped(paths))))
     if pc.any(bad).as_py():
         i = pc.index(bad, True).as_py()
         raise InputError(
             f"Manifest {manifest}, entry {i + 1}: {given[i].as_py()!r} is not a file inside the archive {archive}."
             " Manifest paths must be relative to the archive, e.g. study1/series1/IM0001.")
     return paths
+
+
+def _leaves(paths: pa.ChunkedArray) -> pa.ChunkedArray:
+    """True where a normalised relative path is empty, absolute, or climbs out with "..". """
+    return pc.match_substring_regex(paths, r"^$|^/|^\.$|/\.?$|(^|/)\.\.(/|$)|\x00")
+
+
+def _unescaped(paths: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Paths with the ``\\xNN`` escapes that spell ".", "/" or NUL decoded: "\\x2e\\x2e\\x2f" must be
+    judged as the "../" it could become, whatever a reader later decodes (storage.local_path)."""
+    for escape, char in ((r"\\x2[eE]", "."), (r"\\x2[fF]", "/"), (r"\\x00", "\x00")):
+        paths = pc.replace_substring_regex(paths, escape, char)
+    return pc.replace_substring_regex(paths, r"//+", "/")

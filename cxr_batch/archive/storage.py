@@ -163,17 +163,22 @@ def text_name(name: str) -> str:
 
 
 def local_path(root: str, rel: str) -> str:
-    """The file behind a path ``discover`` returned for a local archive (undoes ``text_name``)."""
+    """The file behind a path ``discover`` returned for a local archive (undoes ``text_name``). Only
+    the escapes ``text_name`` makes are undone: bytes 0x80-0xff, which no UTF-8 decoder takes alone.
+    An escaped ".", "/" or NUL is left as it is, so an escape cannot spell a way out of the archive."""
     path = os.path.join(root, rel)
     if "\\x" in rel and not os.path.lexists(path):
-        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), rel.encode("utf-8"))
+        raw = re.sub(rb"\\x([89a-f][0-9a-f])", lambda m: bytes([int(m[1], 16)]), rel.encode("utf-8"))
         path = os.path.join(root, os.fsdecode(raw))
     return path
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
+def write_bytes_atomic(uri: str, data: bytes, *, durable: bool = False) -> None:
     """Readers never see a half-written file: local writes go to a hidden temp name in the same
-    folder and are renamed over the target (atomic on POSIX); an S3 PUT is atomic by itself."""
+    folder and are renamed over the target (atomic on POSIX); an S3 PUT is atomic by itself.
+    ``durable`` (result parts): the data is fsynced before the rename and the folder after it, so a
+    power loss leaves the old file or the whole new one, never a renamed empty one (a rename can
+    reach the disk before the data it names)."""
     fs, path = resolve(uri)
     parent = posixpath.dirname(path) if is_uri(uri) else os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
@@ -181,10 +186,34 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            fsync_dir(parent)
     else:
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+def fsync_dir(folder: str) -> None:
+    """Make the names in a local folder (a rename into it) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename(src: str, dst: str) -> None:
+    """Move a file within one filesystem (on object storage: a copy, then a delete)."""
+    fs, a = resolve(src)
+    _, b = resolve(dst)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.replace(a, b)
+    else:
+        fs.move(a, b)
 
 
 def exists(uri: str) -> bool:
