@@ -12,7 +12,10 @@ EXIT_INCOMPLETE = 3  # the run finished, but some files failed for a transient r
 
 
 class CxrError(Exception):
-    """Base class: something the user can fix, with a message that says how."""
+    """Base class: something the user can fix, with a message that says how. ``exit_code``: the
+    process's exit status when the CLI stops on it."""
+
+    exit_code = EXIT_ERROR
 
 
 class InputError(CxrError, ValueError):
@@ -49,6 +52,18 @@ class TransientError(DecodeError):
     """A file that could not be read for a reason outside the file (an I/O error, a folder that
     vanished, a timeout, throttling, no space, out of memory). Never a final verdict: the run retries
     it, and what still fails gets status "retry", which the next run scores again."""
+
+
+class NotRegularFile(DecodeError):
+    """An archive path that is a FIFO, a socket, a device or a folder: never read (a FIFO would wait for
+    a writer forever, a device would stream without end). A property of the path, so a final verdict."""
+
+
+class Stalled(CxrError):
+    """No progress for --stall-timeout seconds: the run stops; what it published is kept, so a re-run
+    resumes (exit code 3)."""
+
+    exit_code = EXIT_INCOMPLETE
 
 
 class TrainingError(CxrError):

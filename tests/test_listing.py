@@ -155,6 +155,10 @@ def test_a_parquet_manifest(archive, tmp_path):
     ("path\n/etc/passwd\n", "'/etc/passwd' is not a file inside the archive"),
     ("path\na/../../b.png\n", "'a/../../b.png' is not a file inside"),
     ("path\ns3://other/x.png\n", "'s3://other/x.png' is not a file inside"),
+    # \xNN escapes stand for the bytes of non-UTF-8 names: decoded, these would leave the archive.
+    ("path\nok.png\n\\x2e\\x2e\\x2fsecret.png\n", "entry 2: "),
+    ("path\na/\\x2E\\x2e/\\x2e\\x2e/b.png\n", "is not a file inside"),
+    ("path\n\\x2fetc\\x2fpasswd\n", "is not a file inside"),
     ("path\n\"\"\n", "'' is not a file inside"),
     ("name\nx.png\n", "has no `path` column"),
     ("path,size\nx.png,big\n", "is not readable as .csv"),
@@ -195,3 +199,44 @@ def test_the_listing_benchmark_builds_its_hard_link_archive(tmp_path):
     listing = list_archive(built["path"])
     assert built["files"] == listing.files.num_rows == 200 and built["dicom_files"] == 2
     assert sum(1 for p in listing.files["path"].to_pylist() if "." not in p.rsplit("/", 1)[-1]) == 2
+
+
+def test_a_folder_that_fails_to_list_is_listed_again_after_a_backoff(tree, monkeypatch):
+    """A folder whose scandir fails twice (a remount, a throttled LIST) and then works is listed in
+    full; one that keeps failing is named in the listing, never dropped in silence."""
+    import cxr_batch.archive.discover as discover
+
+    monkeypatch.setattr(discover, "LIST_BACKOFF_S", 0.01)
+    expected = reference_walk(tree)
+    real_scandir, failures = os.scandir, {"p03/study3": 2, "p07/study7": 99}
+
+    def flaky_scandir(path):
+        for rel, left in failures.items():
+            if str(path).endswith(rel) and left:
+                failures[rel] -= 1
+                raise OSError(5, "Input/output error")
+        return real_scandir(path)
+
+    monkeypatch.setattr(discover.os, "scandir", flaky_scandir)
+    listing = list_archive(str(tree), threads=4)
+    assert rows(listing) == [r for r in expected if not r[0].startswith("p07/study7/")]
+    assert (listing.unreadable_folders, listing.unreadable_entries, listing.incomplete) == (1, 0, 1)
+    assert listing.unlisted == ("p07/study7/: input/output error",)
+    assert failures["p03/study3"] == 0 and failures["p07/study7"] == 99 - discover.LIST_ATTEMPTS
+
+
+def test_only_the_escapes_of_non_utf8_bytes_are_undone(tmp_path):
+    """A name the listing escaped (Latin-1 bytes) is found again; an escaped "../" stays a plain name
+    inside the archive, so no path can be made to leave it by escaping."""
+    from cxr_batch.archive.storage import local_path
+
+    root = tmp_path / "archive"
+    root.mkdir()
+    (tmp_path / "secret.png").write_bytes(b"s")
+    latin = os.path.join(os.fsencode(root), b"caf\xe9.png")
+    with open(latin, "wb") as f:
+        f.write(b"x")
+    assert rows(list_archive(str(root))) == [("caf\\xe9.png", 1, False)]
+    assert os.fsencode(local_path(str(root), "caf\\xe9.png")) == latin
+    escaped = local_path(str(root), "\\x2e\\x2e\\x2fsecret.png")
+    assert os.path.dirname(escaped) == str(root) and not os.path.exists(escaped)

@@ -72,6 +72,7 @@ def test_overwrite_deletes_only_what_cxr_batch_wrote(tmp_path):
     (out / "_cxr_batch_old.json").write_text("{}")  # bookkeeping of ours
     (cams / "a" / "theirs.png").write_bytes(b"theirs")
     (cams / "b" / "c" / ".y.jpeg.png.89abcdef.tmp").write_bytes(b"half")
+    (cams / "keep" / "empty").mkdir(parents=True)  # a user's: empty before, so not ours to remove
     assert len(part_files(str(out))) == 2
 
     with Lease(str(out), run_id="0000beef"):  # as in a run: the lease it holds stays
@@ -79,7 +80,7 @@ def test_overwrite_deletes_only_what_cxr_batch_wrote(tmp_path):
         assert sorted(os.listdir(out)) == ["_cxr_batch_lease.json", "_cxr_batch_lease.lock", "notes.txt"]
     assert sorted(os.listdir(out)) == ["notes.txt"]  # released: the lease's files go
     assert victim.read_bytes() == b"mine"
-    assert sorted(str(p.relative_to(cams)) for p in cams.rglob("*")) == ["a", "a/theirs.png"]  # b/c pruned
+    assert sorted(str(p.relative_to(cams)) for p in cams.rglob("*")) == ["a", "a/theirs.png", "keep", "keep/empty"]  # b/c pruned
     assert (cleared.parts, cleared.pngs) == (2, 2)
     notes = " ".join(cleared.notes())
     assert "left 1 files in" in notes and "notes.txt" in notes and "a/theirs.png" in notes
@@ -123,3 +124,18 @@ def test_overwrite_finds_our_pngs_in_copied_folders(tmp_path):
     cleared = clear_output(str(tmp_path / "b" / "results"), str(tmp_path / "b" / "results-cams"))
     assert cleared.pngs == 1 and not (tmp_path / "b" / "results-cams").exists()
     assert os.path.exists(png)  # the original, which the table's cam_path names, is not this run's to delete
+
+
+def test_two_outputs_that_share_a_cam_folder_cannot_run_at_once(tmp_path):
+    """--out r and --out r.parquet both put their CAMs in r-cams: the CAM folder has a lease too."""
+    from cxr_batch.archive.lease import LeaseHeld
+    from cxr_batch.jobs.score import ScoreSettings, run_score
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "x.png").write_bytes(b"x")
+    with Lease(str(tmp_path / "r-cams"), run_id="0000beef", option="--cam-dir"):  # as the run on --out r holds it
+        with pytest.raises(LeaseHeld, match=r"^--cam-dir .*r-cams is in use by another cxr-batch run: run 0000beef"):
+            run_score(ScoreSettings(archive=str(archive), out=str(tmp_path / "r.parquet"), model="resnet18:none",
+                                    engine="local"))
+    assert not (tmp_path / "r.parquet").exists()  # refused before anything was written

@@ -95,3 +95,26 @@ def test_part_names_past_99999_are_still_parts(tmp_path):
         w.add(pa.Table.from_pylist([{"path": p}], schema=SCHEMA))
     assert [os.path.basename(p) for p in part_files(out)] == ["part-0000000a-100000.parquet", "part-0000000a-99999.parquet"]
     assert sorted(read_table(out)["path"].to_pylist()) == ["a.png", "b.png"]
+
+
+def test_a_part_is_fsynced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """A power loss must leave the old part or the new one whole, never a renamed empty file: the
+    data reaches the disk before the rename, and the rename before the run goes on."""
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append("rename")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    w = PartWriter(str(tmp_path / "out"), {"model_id": "m1"}, rows_per_part=2)
+    w.add(pa.Table.from_pylist([{"path": p, "model": "m1"} for p in ("a.png", "b.png")], schema=SCHEMA))
+    assert events == ["fsync file", "rename", "fsync folder"]

@@ -213,3 +213,41 @@ def test_a_scorer_refuses_a_cam_grid_that_its_network_does_not_have():
     Scorer(info, threads=1, precision="fp32", compile=False, channels_last=False)
     with pytest.raises(RuntimeError, match="resnet_grid"):
         Scorer({**info, "cam_offset": 8.0}, threads=1, precision="fp32", compile=False, channels_last=False)
+
+
+def test_the_second_read_for_full_size_cams_has_the_first_read_s_checks(tmp_path):
+    """--cam-size 0 reads each file again for its overlay: that read refuses an outside link and a
+    file over --max-bytes as the first does, and a file whose bytes changed since it was scored."""
+    import hashlib
+
+    from PIL import Image
+
+    from cxr_batch.jobs.score_stages import CHANGED, finish_batch
+    from images import encode
+
+    archive, outside = tmp_path / "archive", tmp_path / "secret.png"
+    archive.mkdir()
+    png = encode(Image.new("L", (32, 32), 90), "PNG")
+    outside.write_bytes(png)
+    for name in ("same.png", "changed.png"):
+        (archive / name).write_bytes(png)
+    (archive / "big.png").write_bytes(png + bytes(4000))
+    os.symlink(outside, archive / "link.png")  # swapped in after its first read
+    names = ["same.png", "link.png", "changed.png", "big.png"]
+    digest = hashlib.sha256(png).hexdigest()
+    n = len(names)
+    batch = {"path": np.array(names, dtype=object), "error": np.array([None] * n, dtype=object),
+             "sha256": np.array([digest, digest, hashlib.sha256(b"before").hexdigest(),
+                                 hashlib.sha256((archive / "big.png").read_bytes()).hexdigest()], dtype=object),
+             "width": np.full(n, 32, np.int32), "height": np.full(n, 32, np.int32), "bytes": np.full(n, 9, np.int64),
+             "pixels": np.zeros((n, 16, 16), np.uint8), "cam": np.random.default_rng(0).random((n, 4, 4), np.float32),
+             "prob_pneumonia": np.full(n, 0.7, np.float32)}
+    info = {"threshold": 0.5, "model_id": "m", "cam_stride": 4, "cam_offset": 0.0, "image_size": 16}
+    out = finish_batch(batch, info=info, cam_dir=str(tmp_path / "cams"), cam_size=0, archive=str(archive),
+                       max_pixels=10**6, cam_scale="relative", max_bytes=len(png) + 100)
+    got = dict(zip(names, zip(out["status"], out["error"])))
+    assert got["same.png"] == ("scored", None) and os.path.exists(out["cam_path"][0])
+    assert got["link.png"][0] == "error" and "symlink to outside the archive: not read" in got["link.png"][1]
+    assert got["changed.png"] == ("retry", f"CAM PNG not written: TransientError: {CHANGED}")
+    assert got["big.png"][0] == "error" and "file larger than --max-bytes" in got["big.png"][1]
+    assert list(out["cam_path"][1:]) == [None] * 3

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from .. import CLASSES
-from ..errors import InputError, one_line
+from ..errors import DecodeError, InputError, one_line
 from . import storage
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
@@ -49,6 +49,12 @@ LISTING = pa.schema([
 THREADS = 32
 LOCAL_THREADS = 8
 _CHUNK_ROWS = 1 << 16  # rows held as Python objects before they become one Arrow batch
+# A folder that cannot be listed whole (EACCES, EIO, a stale NFS handle, an S3 LIST that failed
+# after pyarrow's own retries) is listed again after a short wait: a remount or a throttle passes.
+# What still fails is named in the listing and makes the run incomplete (exit 3), never a silent gap.
+LIST_ATTEMPTS = 3
+LIST_BACKOFF_S = 0.2  # wait before attempt k + 1: LIST_BACKOFF_S * 2**(k-1)
+NAMED = 20  # unlisted folders and entries named in ``Listing.unlisted``; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,9 @@ class Listing:
     files: pa.Table  # LISTING, sorted by path, each path once
     source: str = "listing"  # "listing" or "manifest FILE"
     outside_links: int = 0  # symlinks to outside the archive, not followed (--follow-symlinks follows them)
-    unreadable_folders: int = 0  # folders that could not be listed (permissions, I/O errors)
+    unreadable_folders: int = 0  # folders that could not be listed, after LIST_ATTEMPTS tries (permissions, I/O errors)
+    unreadable_entries: int = 0  # entries of a listed folder whose type or size could not be read (stat failed)
+    unlisted: tuple = ()  # the first NAMED of both, "path: reason", sorted
     requests: int = 0  # folder listings made (scandir calls, or S3 LIST calls/paginations)
     max_in_flight: int = 0  # most folder listings running at the same moment
     seconds: float = 0.0
@@ -67,9 +75,15 @@ class Listing:
             return self
         return replace(self, files=self.files.slice(0, n))
 
+    @property
+    def incomplete(self) -> int:
+        """Folders and entries that could not be listed: their files (if any) have no row this run."""
+        return self.unreadable_folders + self.unreadable_entries
+
     def stats(self) -> dict:
         return {"source": self.source, "files": self.files.num_rows, "outside_links": self.outside_links,
-                "unreadable_folders": self.unreadable_folders, "requests": self.requests,
+                "unreadable_folders": self.unreadable_folders, "unreadable_entries": self.unreadable_entries,
+                "unlisted": list(self.unlisted), "requests": self.requests,
                 "max_in_flight": self.max_in_flight, "seconds": round(self.seconds, 3)}
 
 
@@ -132,7 +146,7 @@ def _is_dicom_file(archive: str, rel: str) -> bool:
     try:
         with storage.open_file(archive, rel) as f:
             return is_dicom(f.read(132))
-    except OSError:
+    except (OSError, DecodeError):  # unreadable, or not a regular file
         return False
 
 
@@ -146,7 +160,7 @@ class _Found:
     links: list = field(default_factory=list)  # (rel, path) of symlinked folders, decided after the real tree
     folder_id: tuple | None = None  # (st_dev, st_ino) of a local folder
     outside_links: int = 0
-    unreadable: int = 0
+    unlisted: list = field(default_factory=list)  # (path, reason, is_folder) of what could not be listed
 
     def add(self, rel: str, name: str, size: int | None) -> None:
         kind = _kind(name)
@@ -190,7 +204,7 @@ def _crawl(lister, threads: int) -> tuple[pa.Table, dict]:
     the path a twice-reachable folder is listed under does not depend on thread timing."""
     batches, buf = [], _Found()
     seen: set = set()
-    outside = unreadable = 0
+    outside, unlisted = 0, _Unlisted()
     queue, links = deque([lister.root_task()]), []
     with ThreadPoolExecutor(threads) as pool:
         running: set = set()
@@ -209,7 +223,8 @@ def _crawl(lister, threads: int) -> tuple[pa.Table, dict]:
                     if found.folder_id in seen:
                         continue  # reached twice (a bind mount): listed once
                     seen.add(found.folder_id)
-                outside, unreadable = outside + found.outside_links, unreadable + found.unreadable
+                outside += found.outside_links
+                unlisted.add(found.unlisted)
                 links += found.links
                 buf.paths += found.paths
                 buf.sizes += found.sizes
@@ -221,7 +236,44 @@ def _crawl(lister, threads: int) -> tuple[pa.Table, dict]:
     batches.append(_batch(buf))
     c = lister.counter
     return pa.Table.from_batches(batches, LISTING).combine_chunks(), dict(
-        outside_links=outside, unreadable_folders=unreadable, requests=c.total, max_in_flight=c.peak)
+        outside_links=outside, requests=c.total, max_in_flight=c.peak, **unlisted.stats())
+
+
+class _Unlisted:
+    """What could not be listed: counted, and the first NAMED named."""
+
+    def __init__(self):
+        self.folders = self.entries = 0
+        self.named: list = []
+
+    def add(self, items: list) -> None:
+        for path, reason, is_folder in items:
+            self.folders += is_folder
+            self.entries += not is_folder
+            if len(self.named) < NAMED:
+                self.named.append(f"{path}{'/' if is_folder and path != '.' else ''}: {reason}")
+
+    def stats(self) -> dict:
+        return dict(unreadable_folders=self.folders, unreadable_entries=self.entries, unlisted=tuple(sorted(self.named)))
+
+
+def _with_retries(list_once):
+    """``folder(task)`` made to list a folder again, after a backoff, while anything in it failed."""
+    @functools.wraps(list_once)
+    def folder(self, task) -> _Found:
+        for attempt in range(LIST_ATTEMPTS):
+            if attempt:
+                time.sleep(LIST_BACKOFF_S * 2 ** (attempt - 1))
+            found = list_once(self, task)
+            if not found.unlisted:
+                break
+        return found
+    return folder
+
+
+def _reason(e: OSError) -> str:
+    """An OSError as the few words a user needs ("permission denied", "stale file handle")."""
+    return one_line(e.strerror.lower() if e.strerror else e, 120)
 
 
 def _batch(found: _Found) -> pa.RecordBatch:
@@ -256,6 +308,7 @@ class _LocalLister:
                 tasks.append((path, rel, True))
         return tasks
 
+    @_with_retries
     def folder(self, task) -> _Found:
         folder, rel, counted = task
         found = _Found()
@@ -266,8 +319,8 @@ class _LocalLister:
                     found.folder_id = (st.st_dev, st.st_ino)
                 with os.scandir(folder) as it:
                     entries = list(it)
-        except OSError:
-            found.unreadable = 1  # its files cannot be scored; its siblings still are
+        except OSError as e:  # its files cannot be scored this run; its siblings still are
+            found.unlisted.append((rel or ".", _reason(e), True))
             return found
         prefix = f"{rel}/" if rel else ""
         paths, sizes, sniff = found.paths, found.sizes, found.sniff
@@ -284,11 +337,12 @@ class _LocalLister:
                     dot = name.rfind(".")
                     ext = name[dot:].lower() if dot > 0 else ""
                     if (ext in IMAGE_EXTENSIONS or not ext) and e.is_file(follow_symlinks=False):
+                        size = e.stat(follow_symlinks=False).st_size  # first: a failing stat adds no half row
                         paths.append(prefix + storage.text_name(name))
-                        sizes.append(e.stat(follow_symlinks=False).st_size)
+                        sizes.append(size)
                         sniff.append(not ext)
-            except OSError:
-                continue  # vanished or unreadable entry: nothing to score
+            except OSError as e:  # a folder without search permission, an entry that vanished: counted, never dropped
+                found.unlisted.append((prefix + storage.text_name(name), _reason(e), False))
         return found
 
     def _link(self, e: os.DirEntry, prefix: str, found: _Found) -> None:
@@ -331,14 +385,15 @@ class _StoreLister:
     def follow(self, links: list, seen: set) -> list:
         return []
 
+    @_with_retries
     def folder(self, task) -> _Found:
         prefix, rel, flat = task
         found = _Found()
         try:
             with self.counter:
                 infos = self.fs.get_file_info(pafs.FileSelector(prefix, recursive=flat))
-        except OSError:
-            found.unreadable = 1
+        except OSError as e:
+            found.unlisted.append((rel or ".", _reason(e), True))
             return found
         cut = len(prefix) + 1
         for info in infos:
@@ -442,11 +497,23 @@ def _relative(paths: pa.ChunkedArray, manifest: str, archive: str, root: str) ->
     uri = pc.match_substring(paths, "://")  # a URI that is not under the archive
     paths = pc.replace_substring_regex(paths, r"(^|/)(\./)+", r"\1")  # ./a and a/./b
     paths = pc.replace_substring_regex(paths, r"//+", "/")
-    bad = pc.or_kleene(pc.or_kleene(pc.is_null(paths), uri), pc.match_substring_regex(
-        paths, r"^$|^/|^\.$|/\.?$|(^|/)\.\.(/|$)|\x00"))
+    bad = pc.or_kleene(pc.or_kleene(pc.is_null(paths), uri), pc.or_kleene(_leaves(paths), _leaves(_unescaped(paths))))
     if pc.any(bad).as_py():
         i = pc.index(bad, True).as_py()
         raise InputError(
             f"Manifest {manifest}, entry {i + 1}: {given[i].as_py()!r} is not a file inside the archive {archive}."
             " Manifest paths must be relative to the archive, e.g. study1/series1/IM0001.")
     return paths
+
+
+def _leaves(paths: pa.ChunkedArray) -> pa.ChunkedArray:
+    """True where a normalised relative path is empty, absolute, or climbs out with "..". """
+    return pc.match_substring_regex(paths, r"^$|^/|^\.$|/\.?$|(^|/)\.\.(/|$)|\x00")
+
+
+def _unescaped(paths: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Paths with the ``\\xNN`` escapes that spell ".", "/" or NUL decoded: "\\x2e\\x2e\\x2f" must be
+    judged as the "../" it could become, whatever a reader later decodes (storage.local_path)."""
+    for escape, char in ((r"\\x2[eE]", "."), (r"\\x2[fF]", "/"), (r"\\x00", "\x00")):
+        paths = pc.replace_substring_regex(paths, escape, char)
+    return pc.replace_substring_regex(paths, r"//+", "/")

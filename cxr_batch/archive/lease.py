@@ -1,4 +1,5 @@
-"""One writer per output: a run holds a lease on ``--out`` while it writes there.
+"""One writer per output: a run holds a lease on ``--out`` while it writes there (and scoring one on
+its CAM folder too, which two outputs can share).
 
 The lease is a small JSON file, ``<out>/_cxr_batch_lease.json`` (the leading "_" keeps Parquet
 readers from taking it for data): holder host, pid, run id, when it started, its last heartbeat,
@@ -60,8 +61,9 @@ class Lease:
     call ``lease.check()`` before publishing anything."""
 
     def __init__(self, out: str, *, run_id: str, timeout_s: float = DEFAULT_TIMEOUT_S, settle_s: float = SETTLE_S,
-                 details: dict | None = None):
+                 details: dict | None = None, option: str = "--out"):
         self.out, self.run_id, self.timeout_s = out, run_id, float(timeout_s)
+        self.where = f"{option} {out}"  # what the messages name: the option the user gave this folder with
         self.store = _LocalStore(out) if not storage.is_uri(out) else _ObjectStore(out, settle_s)
         self.token = uuid.uuid4().hex
         self.started = time.time()
@@ -87,24 +89,24 @@ class Lease:
             with self.store.mutex():
                 current = self.store.read()
                 if current is not None and not _stale(current):
-                    raise LeaseHeld(_held_message(self.out, current))
+                    raise LeaseHeld(_held_message(self.where, current))
                 written = self.store.create(self._record()) if current is None else self.store.replace(self._record())
             if not written:
                 continue
             winner = self.store.settle_and_read()
             if winner is not None and winner.get("token") != self.token:
-                raise LeaseHeld(_held_message(self.out, winner))
+                raise LeaseHeld(_held_message(self.where, winner))
             self._thread = threading.Thread(target=self._heartbeat, name="cxr-batch-lease", daemon=True)
             self._thread.start()
             return self
-        raise LeaseHeld(f"--out {self.out}: could not take the lease (it changed hands 5 times); try again.")
+        raise LeaseHeld(f"{self.where}: could not take the lease (it changed hands 5 times); try again.")
 
     def refresh(self) -> None:
         """Rewrite the heartbeat; ``LeaseLost`` if the lease is no longer ours."""
         with self.store.mutex():
             current = self.store.read()
             if current is None or current.get("token") != self.token:
-                raise LeaseLost(_lost_message(self.out, current))
+                raise LeaseLost(_lost_message(self.where, current))
             self.store.replace(self._record())
 
     def check(self) -> None:
@@ -144,7 +146,7 @@ class Lease:
                 return
             except OSError as e:  # storage briefly unreachable: try again, but not past the timeout
                 if time.monotonic() - last_ok > 0.75 * self.timeout_s:
-                    self.lost = (f"--out {self.out}: could not refresh the lease for {time.monotonic() - last_ok:.0f} s"
+                    self.lost = (f"{self.where}: could not refresh the lease for {time.monotonic() - last_ok:.0f} s"
                                  f" ({one_line(e, 120)}); another run may take it over, so this one stops.")
                     return
 
@@ -203,15 +205,15 @@ def _who(record: dict) -> str:
             f" {record.get('started', '?')}, last heartbeat {ago:.0f} s ago")
 
 
-def _held_message(out: str, record: dict) -> str:
-    return (f"--out {out} is in use by another cxr-batch run: {_who(record)}. Wait for it to finish or choose another"
-            f" --out; if that run died, its lease is taken over {float(record.get('timeout_s', DEFAULT_TIMEOUT_S)):g} s"
+def _held_message(where: str, record: dict) -> str:
+    return (f"{where} is in use by another cxr-batch run: {_who(record)}. Wait for it to finish or choose another"
+            f" {where.split()[0]}; if that run died, its lease is taken over {float(record.get('timeout_s', DEFAULT_TIMEOUT_S)):g} s"
             " after its last heartbeat.")
 
 
-def _lost_message(out: str, record: dict | None) -> str:
+def _lost_message(where: str, record: dict | None) -> str:
     now = "nobody holds it now" if record is None else f"it is now held by {_who(record)}"
-    return f"This run lost its lease on --out {out} ({now}); it stopped writing there. Re-run to resume."
+    return f"This run lost its lease on {where} ({now}); it stopped writing there. Re-run to resume."
 
 
 class _LocalStore:

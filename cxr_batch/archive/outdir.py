@@ -7,8 +7,8 @@ URI prefixes (``s3://bucket/a`` holds ``s3://bucket/a/b``, not ``s3://bucket/ab`
 
 ``clear_output`` deletes only what cxr-batch wrote: its part files and their temporary names, its
 lease and other ``_cxr_batch*`` files (except the lease this run holds), the CAM PNGs of its tables'
-rows inside the CAM folder, and then the folders this left empty. Anything else stays, and
-the run says what was left.
+rows inside the CAM folder, and then the folders that this emptied (an empty folder that was
+empty before, a user's, stays). Anything else stays, and the run says what was left.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from . import storage
 from ..errors import InputError
 from .lease import LEASE_FILE, LOCK_FILE
-from .results import cam_uri, part_files
+from .results import cam_uri, damaged_note, part_files, read_part
 
 # Temporary names of storage.write_bytes_atomic (".<name>.<8 hex>.tmp") and our bookkeeping files.
 _OURS_IN_OUT = re.compile(r"^(\.part-.*\.parquet\.[0-9a-f]{8}\.tmp|_cxr_batch.*)$")
@@ -48,6 +48,11 @@ def check_placement(archive: str, out: str, cam_dir: str | None, *, overwrite: b
                              f" {option} that does not contain the archive.")
 
 
+def same_folder(a: str, b: str) -> bool:
+    """Whether two paths or URIs name one folder (symlinks resolved)."""
+    return _key(a) == _key(b)
+
+
 def _key(path: str) -> tuple[str, tuple[str, ...]]:
     if storage.is_uri(path):
         scheme, _, rest = str(path).partition("://")
@@ -64,7 +69,8 @@ def _within(inner: tuple, outer: tuple) -> bool:
 class Cleared:
     parts: int = 0
     pngs: int = 0
-    other: int = 0  # temporary files, old leases, empty folders
+    other: int = 0  # temporary files, old leases, parts set aside as damaged, empty folders
+    damaged: list = field(default_factory=list)  # names of damaged parts, deleted unread
     left: dict = field(default_factory=dict)  # folder -> [count, first few names] of files cxr-batch did not write
 
     def keep(self, folder: str, name: str) -> None:
@@ -75,6 +81,8 @@ class Cleared:
 
     def notes(self) -> list[str]:
         out = [f"--overwrite deleted {self.parts:,} part files and {self.pngs:,} CAM PNGs of earlier runs"]
+        if self.damaged:
+            out.append("--overwrite: " + damaged_note(self.damaged, "deleted unread (the CAM PNGs they named are left)"))
         for folder, (count, names) in self.left.items():
             more = f", ... ({count:,} in all)" if count > len(names) else ""
             out.append(f"--overwrite left {count:,} files in {folder} that no cxr-batch table points to: "
@@ -86,32 +94,39 @@ def clear_output(out: str, cam_dir: str | None) -> Cleared:
     """Delete what earlier runs wrote to ``out`` and ``cam_dir`` (see the module doc). PNGs first:
     an interrupted clear leaves the parts that still point to the rest, and a re-run finishes it."""
     c = Cleared()
+    emptied: set = set()  # folders (filesystem paths) this deleted something from: the only ones pruned
     with ThreadPoolExecutor(16) as pool:
         for part in part_files(out):
-            if cam_dir:
-                c.pngs += sum(pool.map(_delete, _cam_paths(part, cam_dir)))
+            pngs = _cam_paths(part, cam_dir)
+            if pngs is None:  # damaged: it names no PNG we can read, but it is ours
+                c.damaged.append(posixpath.basename(part))
+            else:
+                pngs = sorted(pngs)
+                gone = [png for png, n in zip(pngs, pool.map(_delete, pngs)) if n]
+                c.pngs += len(gone)
+                emptied.update(storage.resolve(posixpath.dirname(png))[1] for png in gone)
             c.parts += _delete(part)
     for name in storage.list_dir(out):
         if _OURS_IN_OUT.match(name) and name not in (LEASE_FILE, LOCK_FILE):
             c.other += _delete(storage.join(out, name))
     if cam_dir:
-        c.other += _prune_local(cam_dir, c) if not storage.is_uri(cam_dir) else _prune_store(cam_dir, c)
+        prune = _prune_local if not storage.is_uri(cam_dir) else _prune_store
+        c.other += prune(cam_dir, c, emptied)
     for name in storage.list_dir(out):
         if name not in (LEASE_FILE, LOCK_FILE):
             c.keep(out, name)
     return c
 
 
-def _cam_paths(part: str, cam_dir: str) -> set[str]:
+def _cam_paths(part: str, cam_dir: str | None) -> set[str] | None:
     """The CAM PNGs of a part's scored rows inside ``cam_dir``: where its ``cam_path`` points, and
     where this CAM folder keeps a row's PNG (``cam_uri``), which still holds when the folders were
-    copied or moved. Nothing outside ``cam_dir`` is returned, whatever a (foreign, edited) table says."""
-    fs, path = storage.resolve(part)
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        if "cam_path" not in pf.schema_arrow.names:
-            return set()
-        t = pf.read(columns=["path", "cam_path"])
+    copied or moved. Nothing outside ``cam_dir`` is returned, whatever a (foreign, edited) table says.
+    None for a damaged part (judged even without a CAM folder, so that it is reported)."""
+    t = read_part(part, lambda pf: pf.read(columns=["path", "cam_path"]) if cam_dir and "cam_path" in pf.schema_arrow.names
+                  else pa.table({"path": pa.array([], pa.string()), "cam_path": pa.array([], pa.string())}))
+    if t is None:
+        return None
     root = _key(cam_dir)
     out = set()
     for rel, png in zip(t.column("path").to_pylist(), t.column("cam_path").to_pylist()):
@@ -132,26 +147,31 @@ def _delete(uri: str) -> int:
         return 0
 
 
-def _prune_local(cam_dir: str, c: Cleared) -> int:
-    """Our temporary PNGs go, then the folders left empty, deepest first (rmdir refuses a folder
-    that holds anything, so nothing of anyone else's can go with it). Streams: 10 M names never
-    sit in memory at once."""
+def _prune_local(cam_dir: str, c: Cleared, emptied: set) -> int:
+    """Our temporary PNGs go, then the folders this emptied, deepest first (a folder whose last
+    entry went counts its parent in). rmdir refuses a folder that holds anything, so nothing of
+    anyone else's can go with it. Streams: 10 M names never sit in memory at once."""
     removed = 0
     for folder, _, names in os.walk(cam_dir, topdown=False):
         for name in names:
+            if folder == cam_dir and name in (LEASE_FILE, LOCK_FILE):
+                continue  # the lease this run holds on the CAM folder
             if _TMP_PNG.match(name):
                 removed += _delete(os.path.join(folder, name))
+                emptied.add(folder)
             else:
                 c.keep(cam_dir, os.path.relpath(os.path.join(folder, name), cam_dir))
-        try:
-            os.rmdir(folder)
-            removed += 1
-        except OSError:
-            pass  # not empty
+        if folder in emptied:
+            try:
+                os.rmdir(folder)
+                removed += 1
+                emptied.add(os.path.dirname(folder))
+            except OSError:
+                pass  # not empty
     return removed
 
 
-def _prune_store(cam_dir: str, c: Cleared) -> int:
+def _prune_store(cam_dir: str, c: Cleared, emptied: set) -> int:
     """The same on object storage, where a folder is a key prefix (an empty one may have a marker)."""
     fs, root = storage.resolve(cam_dir)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
@@ -160,14 +180,18 @@ def _prune_store(cam_dir: str, c: Cleared) -> int:
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if info.type == pafs.FileType.Directory:
             dirs.append(info.path)
+        elif info.path in (f"{root}/{LEASE_FILE}", f"{root}/{LOCK_FILE}"):
+            continue
         elif _TMP_PNG.match(info.base_name):
             removed += _delete(_uri(cam_dir, root, info.path))
+            emptied.add(posixpath.dirname(info.path))
         else:
             c.keep(cam_dir, info.path[len(root) + 1:])
     for d in sorted(dirs, key=lambda p: -p.count("/")) + [root]:  # deepest first
-        if not fs.get_file_info(pafs.FileSelector(d)):
+        if d in emptied and not fs.get_file_info(pafs.FileSelector(d)):
             fs.delete_dir(d)  # empty at this moment: only its marker goes
             removed += 1
+            emptied.add(posixpath.dirname(d))
     return removed
 
 

@@ -1,8 +1,13 @@
 """Where results land: the Parquet part files, their schema, resume bookkeeping, and CAM paths.
 
 Rows are written by the driver in part files of a few thousand rows, each published atomically
-(temp name + rename, or one S3 PUT), so a job killed at any moment leaves only whole parts. A
-re-run reads the ``path`` column of the parts already there and scores only the rest.
+(temp name + fsync + rename + fsync of the folder, or one S3 PUT), so a job killed at any moment,
+or a machine that loses power, leaves only whole parts. A re-run reads the ``path`` column of the
+parts already there and scores only the rest.
+
+A part that is not Parquet any more (empty or truncated: a disk fault, a copy cut short) is
+"damaged": readers skip it and say so, and a scoring run sets it aside under a hidden name
+(``set_aside``), so that its files are scored again.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_string(f.type))
 # Sequence numbers are zero-padded to 5 digits for a readable sort, and grow past 99999 (200 M rows
 # of 2,000): the pattern takes any length, or a 6-digit part would be ignored and its files rescored.
 _PART = re.compile(r"^part-[0-9a-f]{8}-\d{5,}\.parquet$")
+# A damaged part's new name: the leading "_" hides it from Parquet readers (pyarrow, pandas, duckdb
+# skip such files in a folder) and from ``part_files``; --overwrite deletes it with our other files.
+DAMAGED_PREFIX = "_cxr_batch_damaged-"
 
 
 class PartWriter:
@@ -94,7 +102,8 @@ class PartWriter:
         pq.write_table(table, buf, compression="zstd")
         if self.before_publish:
             self.before_publish()
-        storage.write_bytes_atomic(storage.join(self.out, f"part-{self.run}-{self.seq:05d}.parquet"), buf.getvalue())
+        storage.write_bytes_atomic(storage.join(self.out, f"part-{self.run}-{self.seq:05d}.parquet"), buf.getvalue(),
+                                   durable=True)
         self.seq += 1
         self.pending, self.rows = [], 0
 
@@ -103,25 +112,61 @@ def part_files(out: str) -> list[str]:
     return sorted(storage.join(out, n) for n in storage.list_dir(out) if _PART.match(n))
 
 
+class _Damaged(Exception):
+    pass
+
+
+def read_part(part: str, read):
+    """``read(pyarrow.parquet.ParquetFile)`` on one part; None when the part is damaged (not Parquet:
+    empty, truncated). A storage error (OSError) is not damage: it is raised, and a re-run tries again."""
+    fs, path = storage.resolve(part)
+    with fs.open_input_file(path) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except pa.ArrowException as e:
+            if isinstance(e, OSError):
+                raise
+            return None
+        return read(pf)
+
+
+def set_aside(parts: list) -> list[str]:
+    """Rename damaged parts to DAMAGED_PREFIX + their name (hidden, kept for a person to look at);
+    -> the new names."""
+    names = []
+    for part in parts:
+        name = DAMAGED_PREFIX + posixpath.basename(part)
+        storage.rename(part, storage.join(posixpath.dirname(part), name))
+        names.append(name)
+    return names
+
+
+def damaged_note(names: list, what: str) -> str:
+    """One line for the user about damaged parts (``what``: what was done with them)."""
+    shown = ", ".join(names[:3]) + (f", ... ({len(names):,} in all)" if len(names) > 3 else "")
+    return f"{len(names):,} damaged part files (not Parquet: empty or truncated) {what}: {shown}"
+
+
 def done_path_batches(out: str, model_id: str, *, archive: str | None = None, batch_rows: int = 1 << 20,
-                      retry_parts: list | None = None) -> Iterator[pa.Array]:
+                      retry_parts: list | None = None, damaged: list | None = None) -> Iterator[pa.Array]:
     """Paths that are done in ``out`` (a row whose status is not "retry"), as Arrow string arrays of
     about ``batch_rows`` paths (10 M done paths never sit in memory at once, nor as 10 M Python
     objects); refuses to mix two models' or two archives' rows in one table. The parts that hold
-    "retry" rows are appended to ``retry_parts``: ``drop_retry_rows`` then opens only those."""
+    "retry" rows are appended to ``retry_parts``: ``drop_retry_rows`` then opens only those. Damaged
+    parts hold nothing done: they are appended to ``damaged`` (for ``set_aside``)."""
     done, rows = [], 0
     for part in part_files(out):
-        fs, path = storage.resolve(part)
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            _check_same_job(out, json.loads((pf.schema_arrow.metadata or {}).get(b"cxr_batch", b"{}")), model_id, archive)
-            table = pf.read(columns=[c for c in ("path", "status") if c in pf.schema_arrow.names])
-            if "status" in table.column_names:
-                retry = pc.fill_null(pc.equal(table["status"], RETRY), False)
-                if retry_parts is not None and pc.any(retry).as_py():
-                    retry_parts.append(part)
-                table = table.filter(pc.invert(retry))
-            chunks = table.column("path").chunks
+        table = read_part(part, lambda pf: _done_keys(pf, out, model_id, archive))
+        if table is None:
+            if damaged is not None:
+                damaged.append(part)
+            continue
+        if "status" in table.column_names:
+            retry = pc.fill_null(pc.equal(table["status"], RETRY), False)
+            if retry_parts is not None and pc.any(retry).as_py():
+                retry_parts.append(part)
+            table = table.filter(pc.invert(retry))
+        chunks = table.column("path").chunks
         done += chunks
         rows += sum(len(c) for c in chunks)
         if rows >= batch_rows:
@@ -129,6 +174,11 @@ def done_path_batches(out: str, model_id: str, *, archive: str | None = None, ba
             done, rows = [], 0
     if done:
         yield pa.concat_arrays(done)
+
+
+def _done_keys(pf: pq.ParquetFile, out: str, model_id: str, archive: str | None) -> pa.Table:
+    _check_same_job(out, json.loads((pf.schema_arrow.metadata or {}).get(b"cxr_batch", b"{}")), model_id, archive)
+    return pf.read(columns=[c for c in ("path", "status") if c in pf.schema_arrow.names])
 
 
 def _check_same_job(out: str, meta: dict, model_id: str, archive: str | None) -> None:
@@ -150,24 +200,26 @@ def drop_retry_rows(out: str, paths: pa.Array, *, parts: list | None = None, bef
     such rows (``done_path_batches``'s ``retry_parts``); default every part. -> the number of rows dropped."""
     dropped = 0
     for part in part_files(out) if parts is None else parts:
-        fs, path = storage.resolve(part)
-        with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            if "status" not in pf.schema_arrow.names:
-                continue
-            keys = pf.read(columns=["path", "status"])
-            drop = pc.and_(pc.fill_null(pc.equal(keys["status"], RETRY), False), pc.is_in(keys["path"], value_set=paths))
-            n = pc.sum(drop).as_py() or 0
-            if not n:
-                continue
-            table = pf.read().filter(pc.invert(drop))
+        n, table = read_part(part, lambda pf: _without_retry_rows(pf, paths)) or (0, None)
+        if not n:
+            continue
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         if before_publish:
             before_publish()
-        storage.write_bytes_atomic(part, buf.getvalue())
+        storage.write_bytes_atomic(part, buf.getvalue(), durable=True)
         dropped += n
     return dropped
+
+
+def _without_retry_rows(pf: pq.ParquetFile, paths: pa.Array) -> tuple[int, pa.Table | None]:
+    """(rows dropped, the part's table without its "retry" rows for ``paths``); (0, None) when none."""
+    if "status" not in pf.schema_arrow.names:
+        return 0, None
+    keys = pf.read(columns=["path", "status"])
+    drop = pc.and_(pc.fill_null(pc.equal(keys["status"], RETRY), False), pc.is_in(keys["path"], value_set=paths))
+    n = pc.sum(drop).as_py() or 0
+    return (n, pf.read().filter(pc.invert(drop))) if n else (0, None)
 
 
 def pending(files: pa.Table, done: Iterable[pa.Array]) -> pa.Table:
@@ -180,23 +232,26 @@ def pending(files: pa.Table, done: Iterable[pa.Array]) -> pa.Table:
 
 
 def read_metadata(out: str) -> dict:
-    parts = part_files(out)
-    if not parts:
-        return {}
-    fs, path = storage.resolve(parts[0])
-    with fs.open_input_file(path) as f:
-        return json.loads(pq.ParquetFile(f).schema_arrow.metadata[b"cxr_batch"])
+    """The ``cxr_batch`` metadata of the first readable part; {} when there is none."""
+    for part in part_files(out):
+        meta = read_part(part, lambda pf: json.loads(pf.schema_arrow.metadata[b"cxr_batch"]))
+        if meta is not None:
+            return meta
+    return {}
 
 
-def read_table(out: str) -> pa.Table:
-    parts = part_files(out)
-    if not parts:
-        return SCHEMA.empty_table()
+def read_table(out: str, *, damaged: list | None = None) -> pa.Table:
+    """Every readable part as one table; damaged parts are skipped (and appended to ``damaged``)."""
     tables = []
-    for part in parts:
-        fs, path = storage.resolve(part)
-        with fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f))
+    for part in part_files(out):
+        table = read_part(part, lambda pf: pf.read())
+        if table is None:
+            if damaged is not None:
+                damaged.append(part)
+            continue
+        tables.append(table)
+    if not tables:
+        return SCHEMA.empty_table()
     # Parts written before a column was added lack it: those rows read as null there.
     return pa.concat_tables(tables, promote_options="default")
 

@@ -10,15 +10,17 @@ header alone, opened by ``open_file``).
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
+import stat
 import uuid
 from functools import lru_cache
 
 import pyarrow.fs as pafs
 
-from ..errors import DecodeError, TransientError, one_line
+from ..errors import DecodeError, NotRegularFile, TransientError, one_line
 
 
 def is_uri(path: str) -> bool:
@@ -110,12 +112,42 @@ def too_big(max_bytes: int) -> str:
 
 def open_file(root: str, rel: str, *, random_access: bool = False):
     """Archive file ``rel`` under ``root``, opened for reading (``read_file`` reads it whole;
-    ``random_access`` for a header read that seeks past what it does not need). Errors are OSErrors."""
+    ``random_access`` for a header read that seeks past what it does not need). Errors are OSErrors,
+    and ``NotRegularFile`` for a local path that is a FIFO, socket, device or folder."""
     fs, base = resolve(root)
     if isinstance(fs, pafs.LocalFileSystem):  # Python's open takes the non-UTF-8 names that pyarrow refuses
-        return open(local_path(base, rel), "rb")
+        return open_regular(local_path(base, rel))
     path = f"{base}/{rel}"
     return fs.open_input_file(path) if random_access else fs.open_input_stream(path)
+
+
+_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "folder"), (stat.S_ISSOCK, "socket"),
+          (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+
+
+def open_regular(path: str):
+    """A local file opened for reading, refused unless it is a regular file. The open is non-blocking:
+    a FIFO (named in a manifest, or swapped in after the listing) would otherwise wait for a writer
+    forever. The type is judged on the opened descriptor, so a swap after a check cannot slip by."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # what opening a socket gives
+            _refuse_irregular(os.stat(path).st_mode)
+        raise
+    try:
+        _refuse_irregular(os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)  # no effect on a regular file's reads; set back so no reader meets EAGAIN
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _refuse_irregular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "special file")
+        raise NotRegularFile(f"not a regular file ({kind}): not read")
 
 
 def text_name(name: str) -> str:
@@ -131,17 +163,22 @@ def text_name(name: str) -> str:
 
 
 def local_path(root: str, rel: str) -> str:
-    """The file behind a path ``discover`` returned for a local archive (undoes ``text_name``)."""
+    """The file behind a path ``discover`` returned for a local archive (undoes ``text_name``). Only
+    the escapes ``text_name`` makes are undone: bytes 0x80-0xff, which no UTF-8 decoder takes alone.
+    An escaped ".", "/" or NUL is left as it is, so an escape cannot spell a way out of the archive."""
     path = os.path.join(root, rel)
     if "\\x" in rel and not os.path.lexists(path):
-        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), rel.encode("utf-8"))
+        raw = re.sub(rb"\\x([89a-f][0-9a-f])", lambda m: bytes([int(m[1], 16)]), rel.encode("utf-8"))
         path = os.path.join(root, os.fsdecode(raw))
     return path
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
+def write_bytes_atomic(uri: str, data: bytes, *, durable: bool = False) -> None:
     """Readers never see a half-written file: local writes go to a hidden temp name in the same
-    folder and are renamed over the target (atomic on POSIX); an S3 PUT is atomic by itself."""
+    folder and are renamed over the target (atomic on POSIX); an S3 PUT is atomic by itself.
+    ``durable`` (result parts): the data is fsynced before the rename and the folder after it, so a
+    power loss leaves the old file or the whole new one, never a renamed empty one (a rename can
+    reach the disk before the data it names)."""
     fs, path = resolve(uri)
     parent = posixpath.dirname(path) if is_uri(uri) else os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
@@ -149,10 +186,34 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            fsync_dir(parent)
     else:
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+def fsync_dir(folder: str) -> None:
+    """Make the names in a local folder (a rename into it) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename(src: str, dst: str) -> None:
+    """Move a file within one filesystem (on object storage: a copy, then a delete)."""
+    fs, a = resolve(src)
+    _, b = resolve(dst)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.replace(a, b)
+    else:
+        fs.move(a, b)
 
 
 def exists(uri: str) -> bool:

@@ -11,14 +11,17 @@ from ..errors import CxrError
 
 
 def friendly(fn):
-    """Domain errors become one line ("Error: ...") and exit code 1 (errors.EXIT_ERROR), never a traceback."""
+    """Domain errors become one line ("Error: ...") and the exit code of their class (errors.EXIT_ERROR,
+    or EXIT_INCOMPLETE for a run that a re-run resumes), never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except CxrError as e:
-            raise click.ClickException(str(e)) from None
+            exc = click.ClickException(str(e))
+            exc.exit_code = e.exit_code
+            raise exc from None
 
     return wrapper
 

@@ -28,3 +28,8 @@ def report(results, out, folder_depth, gallery):
 
     r = write_score_report(ReportSettings(results=results, out=out, folder_depth=folder_depth, gallery=gallery))
     click.echo(f"cxr-batch report: {r.files:,} rows in {r.seconds:.1f} s -> {r.path}")
+    if r.damaged:
+        from ..archive.results import damaged_note
+
+        click.echo("  note: " + damaged_note(r.damaged, "skipped (a `cxr-batch score` re-run into the same --out"
+                                             " sets them aside and scores their files again)"))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 
@@ -54,7 +57,8 @@ def _names(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--follow-symlinks", is_flag=True,
               help="Also read symlinks whose target lies outside ARCHIVE. Default: such links are not followed.")
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=900, show_default=True, metavar="S",
-              help="Fail after this many seconds without progress (Ray Data would otherwise wait for resources forever).")
+              help="Stop after this many seconds without progress (Ray Data waiting for resources that never come, a"
+                   " read that never returns); what was written is kept and a re-run resumes.")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=None, metavar="N",
               help="Files larger than this (by the listing's size) get an error row and are not read. Default 1 GiB.")
 @click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
@@ -122,19 +126,48 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, oo
     # Ray starts only if the engine needs it (run_score decides once it knows the number of files).
     ray = partial(ray_for_job, address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
                   echo=console.note)
-    summary = run_score(s, progress=console.score_progress(), echo=console.note, ray_context=ray,
-                        prepared=(s, info, time.perf_counter() - t0))
+    with sigterm_stops_the_run():
+        summary = run_score(s, progress=console.score_progress(), echo=console.note, ray_context=ray,
+                            prepared=(s, info, time.perf_counter() - t0))
     _FINISHED.append(True)  # the work is done and its files closed: the process may skip teardown (cli.run)
     console.summary(format_summary(summary), asdict(summary))
     if report_:
         from ..reports.html.score import ReportSettings, write_score_report
 
         console.note(f"  report        {write_score_report(ReportSettings(results=summary.out)).path}")
-    if summary.retry:  # finished, but not every file got its verdict: a re-run retries exactly those
+    if summary.incomplete:  # finished, but not every file got its verdict: a re-run retries exactly those
         click.get_current_context().exit(EXIT_INCOMPLETE)
 
 
 _FINISHED: list = []
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwound like Ctrl-C (a KeyboardInterrupt), so every cleanup on the way runs."""
+
+
+@contextmanager
+def sigterm_stops_the_run():
+    """SIGTERM (what `ray job stop`, Kubernetes and batch schedulers send) stops the run as Ctrl-C does:
+    the local engine's pool is ended and the lease released, so the next run need not wait for the
+    lease to go stale. The process then exits 143 (128 + SIGTERM) with one line. (When this process
+    starts Ray, Ray installs its own SIGTERM handler, an exit that unwinds the same way.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the cleanup short
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except Terminated:
+        click.echo("Stopped by SIGTERM: what was written is kept; run the same command again to resume.", err=True)
+        click.get_current_context().exit(128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def finished() -> bool:

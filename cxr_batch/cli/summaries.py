@@ -63,11 +63,23 @@ def _failure_lines(sm) -> list[str]:
     if getattr(sm, "poison", 0):
         lines.append(f"  poison        {sm.poison:,} files killed their worker each time they were read alone:"
                      " error rows, not retried")
+    if getattr(sm, "unlisted", 0):
+        lines.append(_unlisted_line(sm.listing))
     if getattr(sm, "retry", 0):
         lines.append(f"  INCOMPLETE    {sm.retry:,} files failed for a transient reason (I/O, a vanished folder, throttling,"
                      " no space, a dead worker) and have status 'retry': run the same command again to retry exactly"
                      " those (exit code 3)")
     return lines
+
+
+def _unlisted_line(listing: dict) -> str:
+    folders, entries = listing.get("unreadable_folders", 0), listing.get("unreadable_entries", 0)
+    what = " and ".join(t for t in (f"{folders:,} folders" if folders else "",
+                                    f"{entries:,} entries" if entries else "") if t)
+    named = (listing.get("unlisted") or [])[:5]  # --json names more
+    more = f", ... ({folders + entries:,} in all)" if folders + entries > len(named) else ""
+    return (f"  INCOMPLETE    {what} could not be listed, after retries: {'; '.join(named)}{more}. Their files have"
+            " no rows yet: fix the cause and run the same command again to list them again (exit code 3)")
 
 
 def _engine_line(plan: dict) -> str:

@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from ..errors import Stalled
 from .proc_pool import DONE, FAILED, ProcessPool
 from .score_stages import Scorer, StageConfig, decode_batch, finish_batch
 
@@ -67,13 +68,15 @@ class LocalStats:
 
 
 def run_local(paths: pa.Table, stages: StageConfig, *, workers: int, max_decoded: int | None = None,
-              stats: LocalStats | None = None) -> Iterator[pa.Table]:
+              stats: LocalStats | None = None, stall_timeout_s: float | None = None) -> Iterator[pa.Table]:
     """Yield ``finish_batch`` outputs (Arrow tables) for the rows of ``paths`` (a ``path`` column,
     and whatever else decode_batch reads), each row at most once; rows of a lost batch are absent.
 
     ``max_decoded``: decoded rows allowed to wait for the model once it runs (default: 8 decode
     batches, 1.6 MB each at 224 px), flat in the archive's size. Until the model is built, more may
-    wait (``startup_rows``, at most STARTUP_BYTES of pixels)."""
+    wait (``startup_rows``, at most STARTUP_BYTES of pixels). ``stall_timeout_s``: ``Stalled`` is
+    raised when the pool returns nothing for that long (--stall-timeout, as Ray Data's), and the pool's
+    processes, stuck ones included, are ended."""
     stats = stats if stats is not None else LocalStats()
     t0 = time.perf_counter()
     rows = stages.decode_rows
@@ -87,7 +90,7 @@ def run_local(paths: pa.Table, stages: StageConfig, *, workers: int, max_decoded
         state.top_up()  # decoding starts before torch is even imported
         scorer = _build_scorer(stages, stats, t0)
         state.ahead = ahead  # from here on the model drains the queue: keep it short
-        yield from _drive(state, scorer, stages, stats, t0)
+        yield from _drive(state, scorer, stages, stats, t0, stall_timeout_s)
     finally:
         pool.close()
         stats.workers_lost = pool.replaced
@@ -157,9 +160,16 @@ def _build_scorer(stages: StageConfig, stats: LocalStats, t0: float) -> Scorer:
     return scorer
 
 
-def _drive(state: _Flow, scorer: Scorer, stages: StageConfig, stats: LocalStats, t0: float) -> Iterator[pa.Table]:
+STALLED = ("no progress for {s:g} s (--stall-timeout) in the local engine: a read or decode that does not return"
+           " (a hung mount?). The rows written so far are kept: run again to resume.")
+
+
+def _drive(state: _Flow, scorer: Scorer, stages: StageConfig, stats: LocalStats, t0: float,
+           stall_timeout_s: float | None = None) -> Iterator[pa.Table]:
     while not state.done:
-        r = state.pool.get()
+        r = state.pool.get(timeout=stall_timeout_s)
+        if r is None:
+            raise Stalled(STALLED.format(s=stall_timeout_s))
         state.in_flight -= 1
         kind, n = r.tag
         if r.status == FAILED:

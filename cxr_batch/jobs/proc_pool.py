@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -93,14 +94,18 @@ class ProcessPool:
         self._wake_w.send(b"")
         return task
 
-    def get(self) -> Result:
-        """The next finished task, in completion order."""
+    def get(self, timeout: float | None = None) -> Result | None:
+        """The next finished task, in completion order; None when none finished within ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            wait_s = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
             try:
-                return self._results.get(timeout=1.0)
+                return self._results.get(timeout=wait_s)
             except queue.Empty:
                 if not self._thread.is_alive():  # never wait forever on a dispatcher that is gone
                     raise RuntimeError("the local engine's process pool stopped dispatching") from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
 
     def close(self) -> None:
         if self._closed:

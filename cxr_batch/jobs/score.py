@@ -25,9 +25,9 @@ from .. import CLASSES
 from ..archive import storage
 from ..archive.discover import check_archive, label_from_path, list_archive, read_manifest
 from ..archive.lease import DEFAULT_TIMEOUT_S, Lease
-from ..archive.outdir import check_placement, clear_output
-from ..archive.results import (ERROR, OUT_OF_SCOPE, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, default_cam_dir,
-                               done_path_batches, drop_retry_rows, pending)
+from ..archive.outdir import check_placement, clear_output, same_folder
+from ..archive.results import (ERROR, OUT_OF_SCOPE, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, damaged_note,
+                               default_cam_dir, done_path_batches, drop_retry_rows, pending, set_aside)
 from ..archive.storage import too_big
 from ..errors import InputError
 from ..model.cam import SCALES as CAM_SCALES
@@ -192,6 +192,8 @@ class ScoreSummary:
     retried: int = 0  # files that failed transiently (or lost their worker) and were scored on a retry pass
     poison: int = 0  # files that killed their worker each time they were read alone (among errors)
     redone: int = 0  # "retry" rows of earlier runs scored again by this one
+    unlisted: int = 0  # folders and entries the listing could not read (named in listing["unlisted"]): incomplete
+    damaged_parts: int = 0  # part files of earlier runs that were not Parquet any more, set aside (see results.set_aside)
     listed: int = 0  # files in the listing or manifest, before --limit
     seconds: float = 0.0
     out: str = ""
@@ -207,6 +209,11 @@ class ScoreSummary:
     # LocalStats, pool_start_s, torch_import_s, model_build_s (durations), first_decode_s and
     # first_batch_s (since the engine started), workers_lost.
     startup: dict = field(default_factory=dict)
+
+    @property
+    def incomplete(self) -> bool:
+        """Some file has no verdict yet (a "retry" row, or a folder not listed): a re-run goes on."""
+        return bool(self.retry or self.unlisted)
 
     @property
     def images_per_s(self) -> float:
@@ -257,8 +264,7 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
         early = choose_engine(s.engine, 0) == "ray"
         if early:
             info = stack.enter_context(_ray_engine(s, info, cam_dir, summary, ray_context))
-        lease = stack.enter_context(Lease(s.out, run_id=run_id, timeout_s=s.lease_timeout_s,
-                                          details={"archive": s.archive}))
+        lease = _leases(stack, s, run_id, cam_dir)
         files = _listing(s, summary)
         engine = choose_engine(s.engine, files.num_rows)
         if engine == "ray" and not early:
@@ -267,9 +273,7 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
         summary.plan = asdict(plan)
         if s.overwrite:
             summary.notes += clear_output(s.out, cam_dir).notes()
-        retry_parts: list = []  # named while the done paths are read, so the retry rows cost no second pass
-        todo = pending(files, done_path_batches(s.out, info.model_id, archive=s.archive, retry_parts=retry_parts))
-        summary.already_done = files.num_rows - todo.num_rows
+        todo, retry_parts = _resume(s, files, info, summary)
         info = info if todo.num_rows else _vetted(info, summary)  # nothing to score: a bad model is still refused
         metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
                     "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
@@ -289,6 +293,31 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
     if progress:
         progress(summary, todo.num_rows)
     return summary
+
+
+def _leases(stack: ExitStack, s: ScoreSettings, run_id: str, cam_dir: str | None) -> Lease:
+    """Take the lease on --out, then on the CAM folder: two outputs can share one (``--out r`` and
+    ``--out r.parquet`` both default to ``r-cams``), and two runs writing and pruning it would collide.
+    -> the --out lease (the one publishing checks)."""
+    lease = stack.enter_context(Lease(s.out, run_id=run_id, timeout_s=s.lease_timeout_s, details={"archive": s.archive}))
+    if cam_dir and not same_folder(cam_dir, s.out):
+        stack.enter_context(Lease(cam_dir, run_id=run_id, timeout_s=s.lease_timeout_s, details={"archive": s.archive},
+                                  option="--cam-dir"))
+    return lease
+
+
+def _resume(s: ScoreSettings, files: pa.Table, info: ModelInfo, summary: ScoreSummary) -> tuple[pa.Table, list]:
+    """-> (the listed files with no final row in --out yet, the parts that hold "retry" rows). Damaged
+    parts (not Parquet any more) are set aside, and their files are scored again."""
+    retry_parts: list = []  # named while the done paths are read, so the retry rows cost no second pass
+    damaged: list = []
+    todo = pending(files, done_path_batches(s.out, info.model_id, archive=s.archive, retry_parts=retry_parts,
+                                            damaged=damaged))
+    summary.already_done = files.num_rows - todo.num_rows
+    if damaged:
+        summary.damaged_parts = len(damaged)
+        summary.notes.append(damaged_note(set_aside(damaged), "set aside; their files are scored again"))
+    return todo, retry_parts
 
 
 @contextmanager
@@ -330,6 +359,7 @@ def _listing(s: ScoreSettings, summary: ScoreSummary) -> pa.Table:
         listing = list_archive(s.archive, follow_symlinks=s.follow_symlinks)
     summary.listed = listing.files.num_rows
     summary.listing = listing.stats()
+    summary.unlisted = listing.incomplete
     if listing.outside_links:
         summary.notes.append(f"symlinks to outside the archive, not followed: {listing.outside_links:,}"
                              " (--follow-symlinks reads them)")
@@ -426,7 +456,7 @@ def stage_config(s: ScoreSettings, info: ModelInfo, plan: ResourcePlan, cam_dir:
                     overlay_scale=s.cam_scale if plan.decode_on == "device" and cam_dir and
                     s.cam_size in (None, info.image_size) else None, cam_point=s.cam_point),
         finish=dict(info=info_d, cam_dir=cam_dir, cam_size=s.cam_size, archive=s.archive, max_pixels=s.max_pixels,
-                    cam_scale=s.cam_scale, ood=s.ood),
+                    cam_scale=s.cam_scale, ood=s.ood, follow_symlinks=s.follow_symlinks, max_bytes=s.max_bytes),
         batch_size=s.batch_size, decode_rows=s.batch_size * max(1, 32 // s.batch_size))
 
 
@@ -443,7 +473,7 @@ def _rows(engine: str, todo: pa.Table, s: ScoreSettings, stages: StageConfig, pl
         stats = LocalStats()
         summary.startup.setdefault("engine_start_s", round(time.perf_counter() - t0, 3))
         try:
-            yield from run_local(todo, stages, workers=plan.workers, stats=stats)
+            yield from run_local(todo, stages, workers=plan.workers, stats=stats, stall_timeout_s=s.stall_timeout_s)
         finally:
             summary.startup.update(asdict(stats))
         return

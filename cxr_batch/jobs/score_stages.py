@@ -375,7 +375,8 @@ OUT_OF_SCOPE_REASON = ("out of scope: the image does not look like the frontal c
 
 
 def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int | None, archive: str,
-                 max_pixels: int, cam_scale: str, ood: str = "skip") -> dict:
+                 max_pixels: int, cam_scale: str, ood: str = "skip", follow_symlinks: bool = False,
+                 max_bytes: int | None = None) -> dict:
     """``ood``: skip (a row over the OOD threshold gets status out_of_scope, no prediction and no CAM),
     flag (it keeps its prediction, marked by the out_of_scope column) or off."""
     from ..model.cam import encode_png, hot_spot, overlay
@@ -412,7 +413,9 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
             if "overlay" in batch:  # composed beside the model (Scorer.add_overlays)
                 rgb = batch["overlay"][i]
             else:
-                rgb = overlay(_cam_base(batch, i, cam_size, archive, max_pixels), batch["cam"][i], grid, scale=cam_scale)
+                base = _cam_base(batch, i, cam_size, archive, max_pixels, follow_symlinks=follow_symlinks,
+                                 max_bytes=max_bytes)
+                rgb = overlay(base, batch["cam"][i], grid, scale=cam_scale)
             uri = cam_uri(cam_dir, batch["path"][i])
             storage.write_bytes_atomic(uri, encode_png(rgb))
             cam_path[i] = uri
@@ -420,7 +423,7 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
             error[i] = f"CAM PNG not written: {type(e).__name__}: {one_line(e, 160)}"
             # No space, a read-only remount, an unreadable file for a full-size overlay: the
             # environment's, so the row is redone; anything else is this image's own problem.
-            status[i] = RETRY if isinstance(e, (OSError, MemoryError)) else ERROR
+            status[i] = RETRY if isinstance(e, (OSError, MemoryError, TransientError)) else ERROR
     out = {k: batch[k] for k in ("width", "height", "bytes")}
     out.update({k: np.asarray(_strings(batch[k]), dtype=object) for k in TEXT_COLUMNS if k in batch})
     out.update(error=np.asarray(error, dtype=object), status=np.asarray(status, dtype=object), pred=np.asarray(pred, dtype=object), prob_pneumonia=prob,
@@ -451,10 +454,18 @@ def cam_grid_of(info: dict):
     return CamGrid(int(info["cam_stride"]), float(info.get("cam_offset", 0.0)), int(info["image_size"]))
 
 
-def _cam_base(batch: dict, i: int, cam_size: int | None, archive: str, max_pixels: int) -> np.ndarray:
-    """The X-ray under the overlay: the model's input when sizes match (no second decode)."""
+CHANGED = "file changed between its two reads (scored, then read again for --cam-size): run again to score it"
+
+
+def _cam_base(batch: dict, i: int, cam_size: int | None, archive: str, max_pixels: int, *, follow_symlinks: bool,
+              max_bytes: int | None) -> np.ndarray:
+    """The X-ray under the overlay: the model's input when sizes match (no second decode). Else the file
+    is read again by the decode stage's reader, with its checks, and must be the bytes that were scored."""
     pixels = batch["pixels"][i]
     if cam_size is None or cam_size == pixels.shape[0]:
         return pixels
-    d = decode_image(storage.read_file(archive, batch["path"][i]), max_pixels=max_pixels, draft=cam_size or None)
+    data = _read(archive, batch["path"][i], sniff=False, follow_symlinks=follow_symlinks, max_bytes=max_bytes)
+    if hashlib.sha256(data).hexdigest() != batch["sha256"][i]:
+        raise TransientError(CHANGED)
+    d = decode_image(data, max_pixels=max_pixels, draft=cam_size or None)
     return to_u8(d.gray) if cam_size == 0 else to_model_pixels(d.gray, cam_size)

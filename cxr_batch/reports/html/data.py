@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ... import CLASSES, POSITIVE
 from ...archive import storage
 from ...errors import InputError
-from ...archive.results import part_files, read_metadata
+from ...archive.results import part_files, read_metadata, read_part
 from ..metrics import bin_index
 
 COLUMNS = ("path", "label", "pred", "prob_pneumonia", "threshold", "cam_path", "error", "status", "ood_score")
@@ -93,6 +92,7 @@ class Aggregate:
     other_error_rows: int = 0  # rows whose message did not fit in MAX_ERROR_GROUPS groups
     galleries: dict = field(default_factory=dict)  # name -> pa.Table of GALLERY_COLUMNS (+ margin)
     parts: int = 0
+    damaged: list = field(default_factory=list)  # names of damaged parts, skipped (results.read_part)
     runs: int = 0
 
     def count(self, status: str) -> int:
@@ -113,50 +113,64 @@ class Aggregate:
 
 # ---------------------------------------------------------------- reading
 
-def _read_schema(part: str) -> pa.Schema:
-    fs, path = storage.resolve(part)
-    with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).schema_arrow
+def _first_schema(parts) -> pa.Schema | None:
+    """The schema of the first part in ``parts`` that is not damaged."""
+    for part in parts:
+        schema = read_part(part, lambda pf: pf.schema_arrow)
+        if schema is not None:
+            return schema
+    return None
 
 
 def open_results(results: str) -> tuple[list[str], pa.Schema]:
     """The part files of a ``cxr-batch score`` output (local or s3://) and the schema they share."""
     parts = part_files(results)
-    if not parts:
-        hint = " (it is a file: pass the output folder of `cxr-batch score`)" if storage.exists(results) and not storage.is_dir(results) else ""
-        raise InputError(f"No results under {results}{hint}: expected part-*.parquet files written by `cxr-batch score`.")
     # Columns are only ever added: the newest part knows every column, and older parts read as null there.
-    schema = pa.unify_schemas([_read_schema(parts[i]) for i in sorted({0, len(parts) - 1})], promote_options="permissive")
-    return parts, schema
+    schemas = [x for x in (_first_schema(parts), _first_schema(reversed(parts))) if x is not None]
+    if not schemas:
+        hint = " (it is a file: pass the output folder of `cxr-batch score`)" if storage.exists(results) and not storage.is_dir(results) else ""
+        hint = hint or (" (only damaged parts: re-run `cxr-batch score`)" if parts else "")
+        raise InputError(f"No results under {results}{hint}: expected part-*.parquet files written by `cxr-batch score`.")
+    return parts, pa.unify_schemas(schemas, promote_options="permissive")
 
 
-def _read_part(part: str, schema: pa.Schema) -> pa.Table:
-    fs, path = storage.resolve(part)
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        t = pf.read(columns=[c for c in schema.names if c in pf.schema_arrow.names])
+def _read_part(part: str, schema: pa.Schema) -> pa.Table | None:
+    """One part in ``schema``; None when it is damaged."""
+    t = read_part(part, lambda pf: pf.read(columns=[c for c in schema.names if c in pf.schema_arrow.names]))
+    if t is None:
+        return None
     for name in schema.names:
         if name not in t.column_names:  # a part from before the column existed
             t = t.append_column(schema.field(name), pa.nulls(t.num_rows, schema.field(name).type))
     return t.select(schema.names).cast(schema)
 
 
-def _batches(parts: list[str], schema: pa.Schema, rows: int, threads: int = 4):
+def _batches(parts: list[str], schema: pa.Schema, rows: int, threads: int = 4, damaged: list | None = None):
     """Tables of about ``rows`` rows, read from the parts in order by a few threads (object stores
-    answer each GET in tens of ms); at most ``2 * threads`` parts are in flight, so memory stays flat."""
+    answer each GET in tens of ms); at most ``2 * threads`` parts are in flight, so memory stays flat.
+    Damaged parts are skipped and appended to ``damaged``."""
     pending, n = [], 0
+    damaged = [] if damaged is None else damaged
     with ThreadPoolExecutor(threads) as pool:
         window: deque = deque()
         for part in parts:
-            window.append(pool.submit(_read_part, part, schema))
+            window.append((part, pool.submit(_read_part, part, schema)))
             if len(window) < 2 * threads:
                 continue
-            pending.append(window.popleft().result())
+            name, t = window.popleft()
+            if t.result() is None:
+                damaged.append(name)
+                continue
+            pending.append(t.result())
             n += pending[-1].num_rows
             if n >= rows:
                 yield pa.concat_tables(pending)
                 pending, n = [], 0
-        pending += [f.result() for f in window]
+        for name, t in window:
+            if t.result() is None:
+                damaged.append(name)
+            else:
+                pending.append(t.result())
     if pending:
         yield pa.concat_tables(pending)
 
@@ -365,13 +379,15 @@ def aggregate(results: str, *, depth: int | None = None, galleries: list[Gallery
         raise InputError(f"{results} is not a cxr-batch results table: it lacks the column(s) {', '.join(sorted(missing))}.")
     schema = pa.schema([schema.field(c) for c in COLUMNS if c in schema.names])
     agg = Aggregator(depth=depth, galleries=list(galleries), bins=bins)
-    for t in _batches(parts, schema, batch_rows):
+    damaged: list = []
+    for t in _batches(parts, schema, batch_rows, damaged=damaged):
         if "label" not in t.column_names:
             t = t.append_column("label", pa.nulls(t.num_rows, pa.string()))
         if "threshold" not in t.column_names:
             t = t.append_column("threshold", pa.nulls(t.num_rows, pa.float32()))
         agg.add(t)
     a = agg.result()
-    a.parts = len(parts)
+    a.parts = len(parts) - len(damaged)
+    a.damaged = [p.rsplit("/", 1)[-1] for p in damaged]
     a.runs = len({re.sub(r"^part-([0-9a-f]+)-.*$", r"\1", p.rsplit("/", 1)[-1]) for p in parts})
     return a, read_metadata(results)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from markupsafe import Markup
 
@@ -51,6 +51,7 @@ class ReportResult:
     files: int
     seconds: float  # all of it: the pass over the table, the checkpoint, thumbnails, the page
     pass_seconds: float  # the one pass over the table
+    damaged: list = field(default_factory=list)  # names of damaged part files, skipped
 
 
 # ---------------------------------------------------------------- the score page
@@ -67,7 +68,8 @@ def write_score_report(s: ReportSettings) -> ReportResult:
         t_pass = time.perf_counter() - t0
         html = render_score_page(a, prov.result(), s, out)
     storage.write_bytes_atomic(out, html.encode("utf-8"))
-    return ReportResult(path=storage.absolute(out), files=a.files, seconds=time.perf_counter() - t0, pass_seconds=t_pass)
+    return ReportResult(path=storage.absolute(out), files=a.files, seconds=time.perf_counter() - t0, pass_seconds=t_pass,
+                        damaged=a.damaged)
 
 
 def render_score_page(a: Aggregate, prov: dict, s: ReportSettings, out: str) -> str:
