@@ -1,4 +1,4 @@
-"""The scoring run's retry policy (issue 11): what the driver does with the rows an engine returns.
+"""The scoring run's retry policy: what the driver does with the rows an engine returns.
 
 An engine (``engine(rows, isolate) -> Iterator[pa.Table]``) turns todo rows (path, sniff, ...) into
 result rows with a ``status``; a path whose worker died is simply absent from what comes back.

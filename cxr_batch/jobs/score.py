@@ -171,7 +171,7 @@ def plan_resources(cluster_cpus: float, cluster_gpus: float, s: ScoreSettings) -
     if cluster_cpus < 4 and s.cpus_per_actor is None and s.actors is None:
         # One actor on a small node. The decode and finish tasks hold half a CPU each but use about
         # 5% of one per image that ResNet-101 takes (draft JPEG decode, 224 px PNGs): idling that CPU
-        # halves throughput, so torch gets every CPU and the tasks interleave (docs/benchmark.md).
+        # halves throughput, so torch gets every CPU and the tasks interleave (docs/performance.md).
         threads = int(cluster_cpus)
     return ResourcePlan(actors, cpus, 0.0, threads, task_cpus)
 
@@ -384,7 +384,7 @@ def choose_engine(engine: str, n_files: int, *, cpus: int | None = None, gpus: i
     local engine drives one), and on a CPU node of more than LOCAL_MAX_CPUS CPUs for archives of
     more than LOCAL_MAX_FILES files (there several model actors of a few threads each beat one
     process with every thread, and Ray's ~10 s of start-up is small beside the run).
-    Measured on 2 CPUs (docs/benchmark.md): the local engine is faster at every archive size.
+    Measured on 2 CPUs (docs/performance.md): the local engine is faster at every archive size.
     """
     if engine != "auto":
         return engine

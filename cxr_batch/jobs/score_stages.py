@@ -379,7 +379,7 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
                  max_bytes: int | None = None) -> dict:
     """``ood``: skip (a row over the OOD threshold gets status out_of_scope, no prediction and no CAM),
     flag (it keeps its prediction, marked by the out_of_scope column) or off."""
-    from ..model.cam import encode_png, hot_spot, overlay
+    from ..model.cam import hot_spot
 
     n = len(batch["path"])
     prob = np.array(batch["prob_pneumonia"], np.float32)
@@ -407,23 +407,11 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
         else:
             peak_x[i], peak_y[i] = hot_spot(batch["cam"][i], grid)
         cam_max[i] = batch["cam"][i].max()
-        if cam_dir is None:
-            continue
-        try:
-            if "overlay" in batch:  # composed beside the model (Scorer.add_overlays)
-                rgb = batch["overlay"][i]
-            else:
-                base = _cam_base(batch, i, cam_size, archive, max_pixels, follow_symlinks=follow_symlinks,
-                                 max_bytes=max_bytes)
-                rgb = overlay(base, batch["cam"][i], grid, scale=cam_scale)
-            uri = cam_uri(cam_dir, batch["path"][i])
-            storage.write_bytes_atomic(uri, encode_png(rgb))
-            cam_path[i] = uri
-        except Exception as e:  # a failed PNG must not lose the row's prediction
-            error[i] = f"CAM PNG not written: {type(e).__name__}: {one_line(e, 160)}"
-            # No space, a read-only remount, an unreadable file for a full-size overlay: the
-            # environment's, so the row is redone; anything else is this image's own problem.
-            status[i] = RETRY if isinstance(e, (OSError, MemoryError, TransientError)) else ERROR
+        if cam_dir is not None:
+            cam_path[i], failed = _write_cam(batch, i, cam_dir, cam_size, archive, max_pixels, cam_scale, grid,
+                                             follow_symlinks, max_bytes)
+            if failed:
+                error[i], status[i] = failed
     out = {k: batch[k] for k in ("width", "height", "bytes")}
     out.update({k: np.asarray(_strings(batch[k]), dtype=object) for k in TEXT_COLUMNS if k in batch})
     out.update(error=np.asarray(error, dtype=object), status=np.asarray(status, dtype=object), pred=np.asarray(pred, dtype=object), prob_pneumonia=prob,
@@ -435,6 +423,27 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
                threshold=np.full(n, info["threshold"], np.float32),
                model=np.asarray([info["model_id"]] * n, dtype=object))
     return out
+
+
+def _write_cam(batch, i, cam_dir, cam_size, archive, max_pixels, cam_scale, grid, follow_symlinks, max_bytes):
+    """Row ``i``'s overlay PNG -> (its URI or None, None or (error, status) when it could not be written)."""
+    from ..model.cam import encode_png, overlay
+
+    try:
+        if "overlay" in batch:  # composed beside the model (Scorer.add_overlays)
+            rgb = batch["overlay"][i]
+        else:
+            base = _cam_base(batch, i, cam_size, archive, max_pixels, follow_symlinks=follow_symlinks,
+                             max_bytes=max_bytes)
+            rgb = overlay(base, batch["cam"][i], grid, scale=cam_scale)
+        uri = cam_uri(cam_dir, batch["path"][i])
+        storage.write_bytes_atomic(uri, encode_png(rgb))
+        return uri, None
+    except Exception as e:  # a failed PNG must not lose the row's prediction
+        # No space, a read-only remount, an unreadable file for a full-size overlay: the environment's, so
+        # the row is redone; anything else is this image's own problem.
+        status = RETRY if isinstance(e, (OSError, MemoryError, TransientError)) else ERROR
+        return None, (f"CAM PNG not written: {type(e).__name__}: {one_line(e, 160)}", status)
 
 
 def out_of_scope(batch: dict, info: dict, ood: str) -> np.ndarray:
