@@ -66,7 +66,9 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     pred_out = storage.join(s.out, "predictions.parquet")
     score_settings = ScoreSettings(archive=s.folder, out=pred_out, model=s.checkpoint, batch_size=s.batch_size,
                                    cam_dir=storage.join(s.out, "cams"), cam_size=s.cam_size, cam_scale=s.cam_scale,
-                                   cam_point=s.cam_point)
+                                   cam_point=s.cam_point, ood="flag")
+    # ood="flag": every labelled image keeps its prediction, so the metrics judge the model on the whole
+    # folder; the images the OOD check would have put out of scope are counted beside them.
     summary = run_score(score_settings, progress=progress, echo=echo)  # refuses a bad checkpoint before any work
     # Its small entries (threshold, history, ...): the weights were read on this driver once, by the scoring's model check.
     ckpt, model_id = checkpoint_entries(summary.model["spec"])
@@ -84,7 +86,7 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
         "checkpoint": s.checkpoint, "model_id": model_id, "folder": s.folder,
         "threshold": threshold, "threshold_rule": ckpt.get("metrics", {}).get("threshold_rule", "from checkpoint"),
         "n_files": len(rows), "n_scored": len(scored), "n_errors": sum(r["error"] is not None and r["status"] != OUT_OF_SCOPE for r in rows),
-        "n_out_of_scope": sum(r["status"] == OUT_OF_SCOPE for r in rows),
+        "n_out_of_scope": sum(bool(r.get("out_of_scope")) for r in rows),
         "metrics": binary_metrics(y, p, threshold),
         "ci95": bootstrap_ci(y, p, threshold, n_boot=s.n_boot, seed=0),
         "scoring": {"seconds": summary.seconds, "images_per_s": summary.images_per_s},
@@ -128,8 +130,8 @@ def _ood_check(s: EvaluateSettings, score_settings, rows: list, progress, echo) 
     counts = {k: sum(r["status"] == k for r in foreign) for k in (SCORED, OUT_OF_SCOPE, SKIPPED, ERROR, RETRY)}
     judged = len(foreign) - counts[ERROR] - counts[RETRY]  # a file that could not be read says nothing of the check
     refused = counts[OUT_OF_SCOPE] + counts[SKIPPED]
-    decoded = [r for r in rows if r["status"] in (SCORED, OUT_OF_SCOPE)]
-    wrong = sum(r["status"] == OUT_OF_SCOPE for r in decoded)
+    decoded = [r for r in rows if r["status"] == SCORED]  # the labelled folder, scored under ood="flag"
+    wrong = sum(bool(r.get("out_of_scope")) for r in decoded)
     return {"folder": s.ood_check, "predictions": out, "files": len(foreign), **{f"n_{k}": v for k, v in counts.items()},
             "share_refused": refused / judged if judged else None,
             "in_distribution_files": len(decoded), "in_distribution_out_of_scope": wrong,
