@@ -120,7 +120,8 @@ def test_register_default_is_on_for_a_ray_of_our_own_and_off_when_joining(monkey
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # what `ray job submit` gives its driver
     assert joining_a_cluster(None)
     help_text = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
-    assert "Default: on when Ray runs in this process, off when joining a cluster" in help_text
+    assert "Default: when Ray runs in this process and the model is not weak" in help_text
+    assert "never when joining a cluster" in help_text
 
 
 def test_no_module_imports_from_the_cli():

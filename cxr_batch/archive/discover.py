@@ -22,6 +22,7 @@ finds the file again.
 from __future__ import annotations
 
 import functools
+import errno
 import os
 import threading
 import time
@@ -350,7 +351,13 @@ class _LocalLister:
             found.outside_links += 1
             return
         name = storage.text_name(e.name)
-        if e.is_dir():  # follows the link
+        try:
+            is_dir = e.is_dir()  # follows the link
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # a link loop is the entry's own fault, as a broken link is: no file
+                return
+            raise
+        if is_dir:
             found.links.append((prefix + name, e.path))
         elif e.is_file():
             found.add(prefix + name, name, e.stat().st_size)
