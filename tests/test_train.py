@@ -94,7 +94,7 @@ def test_cam_peaks_point_at_the_lesions_far_more_often_than_chance(trained):
     assert game["rate"] >= 3 * chance, (game, chance)
 
 
-@pytest.mark.xfail(strict=True, reason="8 epochs at 128 px (a 4 x 4 map) are too few: the default network's fixture"
+@pytest.mark.xfail(strict=True, reason="8 epochs at 128 px are too few: the default network's fixture"
                                        " points 33/40 (82%), mean dy +0.99 radii, with the evidence point")
 def test_cam_localisation_meets_the_target(trained):
     game = trained[3]["pointing"]["true_positives"]
