@@ -40,7 +40,8 @@ class TrainSettings:
     cam_layer: int = 4
     cam_stride: int | None = None  # None = the layer's (archs.TRAIN_STRIDE); only layer4 has a choice (32, or 16 dilated)
     # Random shift of each training image, up to this share of its side in x and y (after the crop and rotation).
-    # Off by default: on the full network it did not learn faster or better (the same decision record).
+    # Off by default: the shifts were a fix for the layer2 map, and on the full network they are not yet shown
+    # to learn as fast and as accurately (the same decision record).
     translate: float = 0.0
     # Weight of the CAM flip-consistency loss (model/camloss.py): each image trains beside its mirrored
     # twin and their maps must mirror too, which forbids the network to learn its evidence off the
