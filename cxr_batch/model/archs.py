@@ -11,11 +11,10 @@ ARCHS = ("resnet18", "resnet50", "resnet101")
 WEIGHTS = ("imagenet", "none")  # or a path to a local file
 CAM_STRIDES = (32, 16, 8)
 CAM_LAYERS = (4, 3, 2)
-# The stride `cxr-batch train --cam-layer N` builds unless told: layer4 as the network was built (32; the
-# standard network, which ImageNet weights were trained as, and the cheaper one; 16, layer4 without its last
-# stride, is `--cam-stride 16`: docs/decisions/001-full-network.md); a map from layer3 has stride 16 and one
-# from layer2 stride 8.
-TRAIN_STRIDE = {4: 32, 3: 16, 2: 8}
+# The stride `cxr-batch train --cam-layer N` builds unless told: layer4 without its last stride (16; dilated in
+# ResNet-50/101), which learned where the plain layer4 (32, `--cam-stride 32`) did not on small images
+# (docs/decisions/001-full-network.md); a map from layer3 has stride 16 and one from layer2 stride 8.
+TRAIN_STRIDE = {4: 16, 3: 16, 2: 8}
 
 
 def check_arch(arch: str) -> str:
