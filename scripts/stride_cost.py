@@ -39,7 +39,7 @@ def _seconds(net, x, train: bool) -> float:
     return time.perf_counter() - t
 
 
-def main(size=224, rounds=3, *archs, batch=8):
+def main(size=224, rounds=3, *archs, batch=4):
     size, rounds = int(size), int(rounds)
     x = torch.randn(batch, 3, size, size)
     for arch in archs or ("resnet18", "resnet101"):
