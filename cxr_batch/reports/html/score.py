@@ -192,7 +192,9 @@ def _out_of_scope(a: Aggregate, out: str, archive: str | None, k: int) -> dict:
     lead = (f"{n:,} files ({pct(n, a.files)}) do not look like the frontal chest radiographs the model was trained on"
             " (ood_score above the model's threshold): they have status out_of_scope and no prediction. Shown: the"
             f" {min(k, n)} farthest from the training images, as they are in the archive.")
-    return {"id": "out_of_scope", "title": "Not scored: out of scope", "lead": lead,
+    # Why each file was kept from the model: the gate's reasons (one per tag and value) and the OOD check's.
+    reasons = [g for g in a.errors if g.status in ("skipped", "out_of_scope")]
+    return {"id": "out_of_scope", "title": "Not scored: out of scope", "lead": lead, "reasons": reasons,
             "empty": "No file was put out of scope.",
             "tiles": gallery_items(a.galleries.get("out_of_scope"), out, archive, value="ood_score")}
 
