@@ -37,7 +37,7 @@ def synth(out, n_train, n_val, n_test, size, seed, family):
 
 @click.command()
 @click.option("--out", "-o", default="demo", show_default=True, help="Folder for the archive, the run and the report.")
-@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True, help="Training epochs.")
 @click.option("--train", "n_train", type=click.IntRange(min=20), default=400, show_default=True, help="Training phantoms.")
 @cluster_options
 @output_options
