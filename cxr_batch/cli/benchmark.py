@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..fields import DEVICES
 from .options import friendly
 
 
@@ -31,7 +32,7 @@ from .options import friendly
 @click.option("--engines", default="local,ray", show_default=True,
               help="(d): run `cxr-batch score --engine E` (fp32) in a fresh process for each, start-up included"
                    " and broken down. Empty: skip (d).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where (a), (b), (c) and (d) run. auto: the GPU when there is one.")
 @click.option("--baseline-images", type=click.IntRange(min=1), default=None,
               help="Run (a) on the first N images only (it is the slow one). Default: all.")
