@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from cxr_batch.cli import main
 from cxr_batch.cli.options import names
-from cxr_batch.errors import InputError
 from cxr_batch.fields import exposed
 from cxr_batch.jobs.demo import DemoSettings
 from cxr_batch.jobs.evaluate import EvaluateSettings
@@ -101,27 +100,31 @@ def test_help_lists_the_options_in_groups(command):
         assert f"\n{group} options:\n" in text, (command, group)
 
 
-def captured(monkeypatch, module: str, function: str) -> dict:
-    """Replace ``module.function`` (the library call behind a command) and Ray's start with stand-ins: the
-    command's settings land in the returned dict, and the command ends there with one line."""
+def captured(monkeypatch, module: str, function: str, summary: str) -> dict:
+    """Replace ``module.function`` (the library call behind a command), its summary formatter
+    ``cli.train.<summary>`` and Ray's start with stand-ins: the settings the command built land in the
+    returned dict, and the command ends with the stand-in summary "summary of OUT"."""
     import importlib
 
     seen = {}
 
     def stand_in(s, **kwargs):
         seen["settings"] = s
-        raise InputError("captured")
+        return {"out": s.out}
 
     monkeypatch.setattr(importlib.import_module(module), function, stand_in)
+    # The module, not the `train` command that cxr_batch.cli's namespace gives that name to.
+    monkeypatch.setattr(importlib.import_module("cxr_batch.cli.train"), summary,
+                        lambda result, *out: f"summary of {out[0] if out else result['out']}")
     monkeypatch.setattr("cxr_batch.jobs.ray_env.ray_for_job", lambda *a, **k: nullcontext())
     return seen
 
 
 def test_evaluate_takes_the_model_with_dash_m_and_passes_device_precision_limit_and_no_cams(monkeypatch, tmp_path):
-    seen = captured(monkeypatch, "cxr_batch.jobs.evaluate", "run_evaluate")
+    seen = captured(monkeypatch, "cxr_batch.jobs.evaluate", "run_evaluate", "format_eval_summary")
     r = CliRunner().invoke(main, ["evaluate", "-m", "run/best.ckpt", str(tmp_path), "--out", "rep", "--device", "cpu",
                                   "--precision", "fp32", "--limit", "4", "--no-cams"])
-    assert "captured" in r.output, r.output
+    assert r.exit_code == 0 and "summary of rep" in r.output, r.output
     s = seen["settings"]
     assert (s.checkpoint, s.folder) == ("run/best.ckpt", str(tmp_path))
     scoring = s.score_settings()
@@ -131,11 +134,11 @@ def test_evaluate_takes_the_model_with_dash_m_and_passes_device_precision_limit_
 
 
 def test_train_takes_device_like_score_and_keeps_the_gpu_flag_as_an_alias(monkeypatch, tmp_path):
-    seen = captured(monkeypatch, "cxr_batch.jobs.train", "run_train")
+    seen = captured(monkeypatch, "cxr_batch.jobs.train", "run_train", "format_train_summary")
     base = ["train", str(tmp_path), "--out", str(tmp_path / "run")]
     for args, gpu in ((["--device", "cpu"], False), (["--device", "gpu"], True), ([], None), (["--gpu"], True)):
         r = CliRunner().invoke(main, [*base, *args])
-        assert "captured" in r.output, r.output
+        assert r.exit_code == 0 and f"summary of {tmp_path / 'run'}" in r.output, r.output
         assert seen["settings"].gpu is gpu, args
     r = CliRunner().invoke(main, [*base, "--device", "cpu", "--gpu"])
     assert r.exit_code == 1 and "drop --gpu/--no-gpu" in r.output
@@ -148,3 +151,13 @@ def test_cam_point_defaults_differ_and_evaluate_says_why():
     field = exposed(EvaluateSettings)["cam_point"]
     assert field.default == "evidence" and "score's default" in field.metadata["help"]
     assert field.metadata["choices"] == exposed(ScoreSettings)["cam_point"].metadata["choices"]
+
+
+def test_a_setting_needs_help_a_known_group_and_a_default_among_its_choices():
+    from cxr_batch.fields import INPUT, setting
+
+    assert setting("a", "Which.", group=INPUT, choices=("a", "b")).metadata["choices"] == ("a", "b")
+    for bad in (dict(default="c", help="Which.", group=INPUT, choices=("a", "b")),
+                dict(default=1, help="", group=INPUT), dict(default=1, help="How many.", group="Misc")):
+        with pytest.raises(ValueError):
+            setting(**bad)

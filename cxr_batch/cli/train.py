@@ -110,4 +110,4 @@ def evaluate(address, wait_for_gpus, wait_timeout, as_json, verbose, **settings)
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
                      echo=console.note):
         m = run_evaluate(s, progress=console.score_progress(), echo=console.note)
-    console.summary(format_eval_summary(m, out), m)
+    console.summary(format_eval_summary(m, s.out), m)
