@@ -4,7 +4,7 @@ Example (from the repository root, against the cluster of cluster.yaml, whose GP
 zero: ask for 2, then train on 2 GPU workers):
 
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/train.py \
-        s3://my-bucket/chest_xray --out s3://my-bucket/runs/r101 --workers 2 --gpu --wait-for-gpus 2
+        s3://my-bucket/chest_xray --out s3://my-bucket/runs/r101 --workers 2 --device gpu --wait-for-gpus 2
 
 The options are those of `cxr-batch train` (`python jobs/train.py --help`). On several nodes --out
 must be storage every node sees (s3://, or an NFS mount with CXR_BATCH_SHARED_FS=1). Re-submitting

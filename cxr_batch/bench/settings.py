@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..fields import DEVICES
 from ..model.archs import TRAIN_STRIDE, check_cam
 
 PRECISIONS = ("fp32", "bf16")
@@ -58,8 +59,8 @@ class BenchSettings:
                              " (every other mode is compared with it).")
         if not set(self.engines) <= {"local", "ray"}:
             raise InputError(f"Invalid engines {list(self.engines)}. Only local and ray are supported.")
-        if self.device not in ("auto", "cpu", "gpu"):
-            raise InputError(f"Invalid device {self.device!r}. Only auto, cpu and gpu are supported.")
+        if self.device not in DEVICES:
+            raise InputError(f"Invalid device {self.device!r}. Only {', '.join(DEVICES)} are supported.")
         if self.train_check and (self.train_images < 2 or self.train_epochs < 2):
             raise InputError("--train-images must be at least 2 and the training check runs at least 2 epochs.")
         if self.network() is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..fields import DEVICES
 from .options import friendly
 
 
@@ -13,17 +14,17 @@ from .options import friendly
 @click.option("--images", type=click.IntRange(min=1), default=600, show_default=True, help="Images to generate / use.")
 @click.option("--min-side", type=click.IntRange(min=32), default=1000, show_default=True, help="Smallest generated side, px.")
 @click.option("--max-side", type=click.IntRange(min=32), default=2000, show_default=True, help="Largest generated side, px.")
-@click.option("--model", "-m", default="resnet101:none", show_default=True, metavar="CKPT|ARCH:WEIGHTS")
+@click.option("--model", "-m", default="resnet101:none", show_default=True, metavar="CKPT|ARCH:WEIGHTS",
+              help="The model to time: a checkpoint from `cxr-batch train` or ARCH:WEIGHTS.")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="Untrained head: score a derived checkpoint whose P(PNEUMONIA) spreads around 0.5, so that"
                    " agreement with fp32 means something (same compute per image).")
-@click.option("--cam-layer", type=click.Choice(["2", "3", "4"]), default=None,
+@click.option("--cam-layer", type=click.Choice(["2", "3", "4"]), default=None, show_default="the model's own",
               help="For an ARCH:WEIGHTS model: 3 ends the network at layer3 (CAM stride 16), 2 at layer2 (stride 8), as"
-                   " `train --cam-layer` does; default: the spec's own (4).")
-@click.option("--cam-stride", type=click.Choice(["16", "32"]), default=None,
-              help="For an ARCH:WEIGHTS model with layer4: 16 dilates layer4 (more compute);"
-                   " default: the spec's own (32).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+                   " `train --cam-layer` does.")
+@click.option("--cam-stride", type=click.Choice(["16", "32"]), default=None, show_default="the model's own",
+              help="For an ARCH:WEIGHTS model with layer4: 16 dilates layer4 (more compute).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
 @click.option("--modes", default="fp32,bf16", show_default=True,
               help="Comma-separated modes: fp32 or bf16, optionally +compile, +nocams (no CAM PNGs) and/or"
                    " +cpudecode (JPEGs decoded by the CPUs where the model runs on a GPU), e.g."
@@ -31,7 +32,7 @@ from .options import friendly
 @click.option("--engines", default="local,ray", show_default=True,
               help="(d): run `cxr-batch score --engine E` (fp32) in a fresh process for each, start-up included"
                    " and broken down. Empty: skip (d).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where (a), (b), (c) and (d) run. auto: the GPU when there is one.")
 @click.option("--baseline-images", type=click.IntRange(min=1), default=None,
               help="Run (a) on the first N images only (it is the slow one). Default: all.")
@@ -44,7 +45,7 @@ from .options import friendly
 @click.option("--train-images", type=click.IntRange(min=2), default=96, show_default=True,
               help="Training phantoms for --train-check.")
 @click.option("--num-cpus", type=click.IntRange(min=2), default=None, help="CPUs of the local Ray it starts. Default: all.")
-@click.option("--out-json", default=None, help="Write every number to this JSON file.")
+@click.option("--out-json", default=None, show_default="no file", help="Write every number to this JSON file.")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output too. Default: it goes to Ray's log files.")
 @friendly
 def benchmark(workdir, archive, images, min_side, max_side, model, calibrate, cam_layer, cam_stride, batch_size, modes,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ..jobs.demo import DemoSettings
 from ..synth import FAMILIES
 from .console import Console
-from .options import cluster_options, friendly, output_options
+from .options import GroupedCommand, cluster_options, friendly, option_from_field, output_options
 from .summaries import format_eval_summary
 
 
@@ -35,22 +36,22 @@ def synth(out, n_train, n_val, n_test, size, seed, family):
     click.echo(f"Wrote {n_train + n_val + n_test} phantoms to {out} (truth: {truth}).")
 
 
-@click.command()
-@click.option("--out", "-o", default="demo", show_default=True, help="Folder for the archive, the run and the report.")
-@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--train", "n_train", type=click.IntRange(min=20), default=400, show_default=True, help="Training phantoms.")
+@click.command(cls=GroupedCommand)
+@option_from_field(DemoSettings, "out", "--out", "-o")
+@option_from_field(DemoSettings, "epochs", "--epochs", type=click.IntRange(min=1))
+@option_from_field(DemoSettings, "n_train", "--train", type=click.IntRange(min=20))
 @cluster_options
 @output_options
 @friendly
-def demo(out, epochs, n_train, address, wait_for_gpus, wait_timeout, as_json, verbose):
+def demo(address, wait_for_gpus, wait_timeout, as_json, verbose, **settings):
     """Run the whole flow on built-in phantoms: synth -> train -> score -> report (minutes on a CPU).
 
     Example: cxr-batch demo --out demo
     """
-    from ..jobs.demo import DemoSettings, run_demo
+    from ..jobs.demo import run_demo
     from ..jobs.ray_env import ray_for_job
 
-    s = DemoSettings(out=out, epochs=epochs, n_train=n_train)
+    s = DemoSettings(**settings)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,

@@ -1,13 +1,74 @@
 """Options that several commands share, declared once: which cluster, how to print, and the one
-place where a CxrError becomes one line and an exit code."""
+place where a CxrError becomes one line and an exit code; and the options built from a settings
+field's metadata (cxr_batch/fields.py), listed in groups by `--help`."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import click
 
 from ..errors import CxrError
+from ..fields import CLUSTER, GROUPS, OUTPUT, field_of
+
+OTHER = "Other"
+
+
+class GroupedOption(click.Option):
+    """A click option that knows its `--help` group."""
+
+    def __init__(self, *decls, group: str = OTHER, **kwargs):
+        super().__init__(*decls, **kwargs)
+        self.group = group
+
+
+class GroupedCommand(click.Command):
+    """A command whose `--help` lists its options in sections (Input options, Output options, ...)."""
+
+    def format_options(self, ctx, formatter):
+        rows: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record:
+                rows.setdefault(getattr(param, "group", OTHER), []).append(record)
+        for group in (*GROUPS, OTHER):
+            if group in rows:
+                with formatter.section(f"{group} options" if len(rows) > 1 else "Options"):
+                    formatter.write_dl(rows[group])
+
+
+def names(ctx, param, value) -> tuple[str, ...]:
+    """A comma-separated option value as a tuple of upper-case names ("pa, ap" -> ("PA", "AP"))."""
+    if isinstance(value, tuple):
+        return value
+    out = tuple(v.strip().upper() for v in value.split(",") if v.strip())
+    if not out:
+        raise click.BadParameter("give at least one value, e.g. CR,DX")
+    return out
+
+
+def option_from_field(settings, name: str, *decls: str, **extra):
+    """The click option of settings field ``name``: its default, choices, help and group come from the
+    field's metadata; ``extra`` adds what only the command line has (a range type, a metavar, hidden).
+    The option's parameter is the field's name, so the command passes it straight to the settings."""
+    f = field_of(settings, name)
+    meta = f.metadata
+    if "help" not in meta:
+        raise TypeError(f"{settings.__name__}.{name} has no option metadata: declare it with fields.setting().")
+    kwargs = {"help": meta["help"], "cls": GroupedOption, "group": meta["group"],
+              "show_default": meta["shown"] if meta["shown"] is not None else True}
+    if f.default is dataclasses.MISSING:
+        kwargs.update(required=True, show_default=False)
+    elif isinstance(f.default, tuple):  # a list of names, given comma-separated
+        kwargs.update(default=",".join(f.default), callback=names, metavar="LIST")
+    else:
+        kwargs["default"] = f.default
+    if isinstance(f.default, bool) and not any("/" in d for d in decls):
+        kwargs["is_flag"] = True
+    if meta["choices"]:
+        kwargs["type"] = click.Choice(meta["choices"])
+    return click.option(*decls, name, **kwargs, **extra)
 
 
 def friendly(fn):
@@ -29,47 +90,23 @@ def friendly(fn):
 def cluster_options(fn):
     """--address, --wait-for-gpus, --wait-timeout: where the job runs."""
     fn = click.option("--wait-timeout", type=click.FloatRange(min=0), default=900, show_default=True, metavar="S",
+                      cls=GroupedOption, group=CLUSTER,
                       help="Seconds to wait for --wait-for-gpus, then fail with what to check.")(fn)
     fn = click.option("--wait-for-gpus", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+                      cls=GroupedOption, group=CLUSTER,
                       help="First ask the autoscaler for N GPUs and wait for them (a cluster that scales from zero).")(fn)
-    fn = click.option("--address", envvar="RAY_ADDRESS", default=None, metavar="ADDR",
-                      help="Ray cluster to join (also RAY_ADDRESS; `ray job submit` sets it)."
-                           " Default: start Ray in this process.")(fn)
+    fn = click.option("--address", envvar="RAY_ADDRESS", default=None, metavar="ADDR", cls=GroupedOption,
+                      group=CLUSTER, show_default="start Ray in this process",
+                      help="Ray cluster to join (also RAY_ADDRESS, which `ray job submit` sets).")(fn)
     return fn
-
-
-def cam_size_option(fn):
-    """--cam-size: the overlay PNGs' side (score and evaluate)."""
-    return click.option("--cam-size", type=click.IntRange(min=0), default=None,
-                        help="Overlay side in px. Default: the model's input size; 0 = the image's own resolution (slow).")(fn)
-
-
-def cam_scale_option(fn):
-    """--cam-scale: how the overlay PNGs show heat (score and evaluate)."""
-    return click.option(
-        "--cam-scale", type=click.Choice(["absolute", "relative"]), default="absolute", show_default=True,
-        help="Overlay heat. absolute: one fixed range of the map's logit units for every image, so a confident"
-             " NORMAL stays cold and heat says how strong; relative: min-max per image (always a hot spot)."
-             " The raw maximum is in the cam_max column either way.")(fn)
-
-
-def cam_point_option(default: str):
-    """--cam-point: where cam_peak_x/y come from (score: map by default, for speed; evaluate: evidence)."""
-    def add(fn):
-        return click.option(
-            "--cam-point", type=click.Choice(["map", "evidence"]), default=default, show_default=True,
-            help="Where cam_peak_x/y come from. map: the centre of the CAM's hot spot (no extra work); evidence: the"
-                 " input pixels that make that hot spot hot, by one backward pass per batch (several times the"
-                 " forward's cost on a CPU; free of the map's pull towards mid-lung, see docs/score.md).")(fn)
-    return add
 
 
 def output_options(fn):
     """--json, --verbose: what the console shows."""
-    fn = click.option("--verbose", "-v", is_flag=True,
-                      help="Show Ray's own output too (workers, Ray Train, Ray Data). Default: it goes to Ray's log"
-                           " files (/tmp/ray/session_latest/logs) and only our progress and summary are printed.")(fn)
-    fn = click.option("--json", "as_json", is_flag=True,
+    fn = click.option("--verbose", "-v", is_flag=True, cls=GroupedOption, group=OUTPUT,
+                      help="Show Ray's own output too (workers, Ray Train, Ray Data); without it that goes to Ray's"
+                           " log files (/tmp/ray/session_latest/logs).")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, cls=GroupedOption, group=OUTPUT,
                       help="Print the settings as JSON first (\"settings: {...}\") and the summary as JSON last"
                            " ({\"summary\": {...}}), for scripts and job logs.")(fn)
     return fn

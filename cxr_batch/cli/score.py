@@ -12,90 +12,54 @@ from functools import partial
 import click
 
 from .console import Console
-from .options import cam_point_option, cam_scale_option, cam_size_option, cluster_options, friendly, output_options
+from .options import GroupedCommand, GroupedOption, cluster_options, friendly, option_from_field, output_options
 from .summaries import format_summary
-from ..pixels.gate import DEFAULT_MODALITIES, DEFAULT_VIEWS
+from ..fields import OUTPUT
+from ..jobs.score_settings import ScoreSettings
 
 
-def _names(ctx, param, value: str) -> tuple[str, ...]:
-    """A comma-separated option value as a tuple of upper-case names ("pa, ap" -> ("PA", "AP"))."""
-    names = tuple(v.strip().upper() for v in value.split(",") if v.strip())
-    if not names:
-        raise click.BadParameter("give at least one value, e.g. CR,DX")
-    return names
+def _option(name: str, *decls: str, **extra):
+    return option_from_field(ScoreSettings, name, *decls, **extra)
 
 
-@click.command()
+@click.command(cls=GroupedCommand)
 @click.argument("archive")
-@click.option("--out", "-o", required=True, help="Parquet output: a folder of part files (local path or s3://).")
-@click.option("--model", "-m", default=None, metavar="CKPT|ARCH:WEIGHTS",
-              help="A checkpoint from `cxr-batch train`, or e.g. resnet101:imagenet / resnet18:none (untrained head)."
-                   " Default: $CXR_BATCH_MODEL, else the model the last training registered.")
-@click.option("--cam-dir", default=None, help="Where CAM overlay PNGs go. Default: <out>-cams beside the output.")
-@click.option("--cams/--no-cams", default=True, show_default=True, help="Write a CAM overlay PNG per image.")
-@cam_size_option
-@cam_scale_option
-@cam_point_option("map")
-@click.option("--ood", type=click.Choice(["skip", "flag", "off"]), default="skip", show_default=True,
-              help="Images that do not look like the model's training images (the out-of-distribution check, docs/ood.md):"
-                   " skip = status out_of_scope, no prediction; flag = keep the prediction, mark the out_of_scope column;"
-                   " off = no check.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
-@click.option("--actors", type=click.IntRange(min=1), default=None, help="Model replicas. Default: one per GPU, else fit to CPUs.")
-@click.option("--cpus-per-actor", type=click.FloatRange(min=0.5), default=None, help="CPUs per model actor (torch threads).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast where the hardware has native bf16 (GPU sm80+, CPU with AVX512-BF16 or AMX), else fp32.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model in each actor.")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Refuse images above this many pixels (decompression bombs). Default 100M.")
-@click.option("--overwrite", is_flag=True, help="First delete what earlier runs wrote to the output and CAM folder (only"
-              " cxr-batch's own files). Default: resume, scoring only files with no row yet.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N files (sorted by path).")
-@click.option("--manifest", default=None, metavar="FILE",
-              help="Score the files this CSV (`path`, optional `size` column), .txt (one path per line) or Parquet"
-                   " file lists, relative to ARCHIVE, instead of listing ARCHIVE.")
-@click.option("--follow-symlinks", is_flag=True,
-              help="Also read symlinks whose target lies outside ARCHIVE. Default: such links are not followed.")
-@click.option("--stall-timeout", type=click.FloatRange(min=1), default=900, show_default=True, metavar="S",
-              help="Stop after this many seconds without progress (Ray Data waiting for resources that never come, a"
-                   " read that never returns); what was written is kept and a re-run resumes.")
-@click.option("--max-bytes", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Files larger than this (by the listing's size) get an error row and are not read. Default 1 GiB.")
-@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Retry passes, with backoff, for files that failed for a transient reason (I/O, a vanished folder,"
-                   " throttling, no space, a dead worker). What still fails has status 'retry': exit code 3.")
-@click.option("--retry-backoff", type=click.FloatRange(min=0), default=2.0, hidden=True, metavar="S",
-              help="Seconds before the first retry pass, doubled for each next one.")
-@click.option("--engine", type=click.Choice(["auto", "ray", "local"]), default="auto", show_default=True,
-              help="ray: Ray Data (tasks, an actor pool; any cluster). local: this process and a process pool, no"
-                   " Ray start-up. auto: local on one machine with at most one GPU (and for up to 20,000 files on"
-                   " a CPU machine of more than 8 CPUs), ray when joining a cluster (--address, RAY_ADDRESS).")
-@click.option("--decode-on", type=click.Choice(["auto", "cpu", "device"]), default="auto", show_default=True,
-              help="Where JPEGs are decoded and CAM overlays composed. device: beside the model, in one batched"
-                   " call (nvJPEG on a GPU), the CPUs only read and check the files and encode the PNGs; other formats"
-                   " and files the device fails on are decoded on the CPUs. auto: device when the model runs on a"
-                   " GPU, else cpu.")
-@click.option("--rows-per-part", type=click.IntRange(min=1), default=2000, hidden=True,
-              help="Rows per published Parquet part: small values make tests see parts early.")
-@click.option("--lease-timeout", type=click.FloatRange(min=1), default=None, hidden=True,
-              help="Seconds without a heartbeat after which this run's lease on --out may be taken over (default 120).")
-@click.option("--gate/--no-gate", default=True, show_default=True,
-              help="Skip (status 'skipped', never decoded) each DICOM whose header says it is not a frontal chest"
-                   " radiograph: another modality, colour, several frames, another body part, a lateral view, a"
-                   " report (docs/dicom-gate.md). Off: every file is scored.")
-@click.option("--modalities", default=",".join(DEFAULT_MODALITIES), show_default=True, metavar="LIST",
-              callback=_names, help="DICOM Modality values the gate lets through, comma-separated.")
-@click.option("--views", default=",".join(DEFAULT_VIEWS), show_default=True, metavar="LIST", callback=_names,
-              help="DICOM ViewPosition values the gate lets through (a file without one always passes), e.g."
-                   " PA,AP,LL to score left laterals too.")
-@click.option("--report", "report_", is_flag=True, help="Also write an HTML report beside the output (see `cxr-batch report`).")
+@_option("out", "--out", "-o")
+@_option("model", "--model", "-m", metavar="CKPT|ARCH:WEIGHTS")
+@_option("cam_dir", "--cam-dir", metavar="DIR")
+@_option("cams", "--cams/--no-cams")
+@_option("cam_size", "--cam-size", type=click.IntRange(min=0), metavar="PX")
+@_option("cam_scale", "--cam-scale")
+@_option("cam_point", "--cam-point")
+@_option("ood", "--ood")
+@_option("batch_size", "--batch-size", type=click.IntRange(min=1))
+@_option("actors", "--actors", type=click.IntRange(min=1))
+@_option("cpus_per_actor", "--cpus-per-actor", type=click.FloatRange(min=0.5))
+@_option("device", "--device")
+@_option("precision", "--precision")
+@_option("compile", "--compile")
+@_option("max_pixels", "--max-pixels", type=click.IntRange(min=1), metavar="N")
+@_option("overwrite", "--overwrite")
+@_option("limit", "--limit", type=click.IntRange(min=1), metavar="N")
+@_option("manifest", "--manifest", metavar="FILE")
+@_option("follow_symlinks", "--follow-symlinks")
+@_option("stall_timeout_s", "--stall-timeout", type=click.FloatRange(min=1), metavar="S")
+@_option("max_bytes", "--max-bytes", type=click.IntRange(min=1), metavar="N")
+@_option("retries", "--retries", type=click.IntRange(min=0))
+@_option("retry_backoff_s", "--retry-backoff", type=click.FloatRange(min=0), hidden=True, metavar="S")
+@_option("engine", "--engine")
+@_option("decode_on", "--decode-on")
+@_option("rows_per_part", "--rows-per-part", type=click.IntRange(min=1), hidden=True)
+@_option("lease_timeout_s", "--lease-timeout", type=click.FloatRange(min=1), hidden=True, metavar="S")
+@_option("gate", "--gate/--no-gate")
+@_option("modalities", "--modalities")
+@_option("views", "--views")
+@click.option("--report", "report_", is_flag=True, cls=GroupedOption, group=OUTPUT,
+              help="Also write an HTML report beside the output (see `cxr-batch report`).")
 @cluster_options
 @output_options
 @friendly
-def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, ood, batch_size, actors, cpus_per_actor, device, precision,
-          compile_, max_pixels, overwrite, limit, manifest, follow_symlinks, stall_timeout, max_bytes, retries,
-          retry_backoff, engine, decode_on, rows_per_part, lease_timeout, gate, modalities, views, report_, address,
-          wait_for_gpus, wait_timeout, as_json, verbose):
+def score(report_, address, wait_for_gpus, wait_timeout, as_json, verbose, **settings):
     """Score every chest X-ray under ARCHIVE (JPEG, PNG, DICOM; any nesting) into a Parquet table.
 
     One row per file: path, label (from a NORMAL/PNEUMONIA folder), pred, prob_pneumonia, cam_path,
@@ -105,19 +69,11 @@ def score(archive, out, model, cam_dir, cams, cam_size, cam_scale, cam_point, oo
     Example: cxr-batch score /data/chest_xray/test --out results.parquet
     """
     from ..jobs.ray_env import ray_for_job
-    from ..archive.lease import DEFAULT_TIMEOUT_S
     from ..errors import EXIT_INCOMPLETE
-    from ..jobs.score import DEFAULT_MAX_BYTES, ScoreSettings, prepare, run_score
-    from ..pixels.decode import DEFAULT_MAX_PIXELS
+    from ..jobs.score import prepare, run_score
 
-    s = ScoreSettings(archive=archive, out=out, model=model, cam_dir=cam_dir, cams=cams, cam_size=cam_size,
-                      cam_scale=cam_scale, cam_point=cam_point, batch_size=batch_size, actors=actors, cpus_per_actor=cpus_per_actor, device=device,
-                      precision=precision, compile=compile_, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
-                      overwrite=overwrite, limit=limit, manifest=manifest, follow_symlinks=follow_symlinks,
-                      rows_per_part=rows_per_part, stall_timeout_s=stall_timeout,
-                      lease_timeout_s=lease_timeout or DEFAULT_TIMEOUT_S, max_bytes=max_bytes or DEFAULT_MAX_BYTES,
-                      retries=retries, retry_backoff_s=retry_backoff, engine=_engine(engine, address, wait_for_gpus),
-                      decode_on=decode_on, gate=gate, modalities=modalities, views=views, ood=ood)
+    settings["engine"] = _engine(settings["engine"], address, wait_for_gpus)
+    s = ScoreSettings(**settings)
     console = Console(as_json=as_json, verbose=verbose)
     console.settings(s)
     t0 = time.perf_counter()

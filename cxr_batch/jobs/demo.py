@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..archive import storage
+from ..fields import OUTPUT, TRAINING, setting
 
 
 @dataclass(frozen=True, kw_only=True)
 class DemoSettings:
-    out: str = "demo"
-    n_train: int = 400
+    out: str = setting("demo", "Folder for the archive, the run and the report.", group=OUTPUT)
+    n_train: int = setting(400, "Training phantoms.", group=TRAINING)
     n_val: int = 80
     n_test: int = 120
     phantom_size: int = 160
@@ -24,7 +25,7 @@ class DemoSettings:
     # (upsampled from the phantom itself, so the anatomy stays sharp under the heat).
     cam_size: int = 320
     arch: str = "resnet18"
-    epochs: int = 8
+    epochs: int = setting(8, "Training epochs.", group=TRAINING)
     batch_size: int = 16
     lr: float = 5e-4
     workers: int = 2

@@ -27,48 +27,69 @@ from ..archive import storage
 from ..archive.results import ERROR, OUT_OF_SCOPE, RETRY, SCORED, SKIPPED
 from ..model.entries import checkpoint_entries
 from ..errors import InputError
+from ..fields import INPUT, METRICS, MODEL, OUTPUT, setting, setting_like
 from ..reports.markdown import report_markdown
+from .score_settings import ScoreSettings
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateSettings:
-    checkpoint: str
+    checkpoint: str = setting(help="A checkpoint from `cxr-batch train`.", group=MODEL)
     folder: str  # labelled: a NORMAL/ or PNEUMONIA/ folder on each image's path
-    out: str
-    truth: str | None = None  # truth.csv of lesion positions; None = look in folder and its parents
-    batch_size: int = 16
-    n_boot: int = 1000  # bootstrap resamples for the 95% CIs
+    out: str = setting(help="Report folder for report.html, report.md, metrics.json, the plots and the predictions.",
+                       group=OUTPUT)
+    truth: str | None = setting(None, "A truth.csv of lesion positions.", group=INPUT,
+                                shown="truth.csv in FOLDER or its parents")
+    limit: int | None = setting_like(ScoreSettings, "limit", help="Evaluate only the first N files, sorted by path.")
+    batch_size: int = setting_like(ScoreSettings, "batch_size")
+    device: str = setting_like(ScoreSettings, "device")
+    precision: str = setting_like(ScoreSettings, "precision")
+    n_boot: int = setting(1000, "Bootstrap resamples for the 95% confidence intervals.", group=METRICS)
     pointing_tolerance: float = 1.5  # a CAM peak within this many lesion radii of the centre is a hit
     montage_size: int = 8  # most confident errors shown
     # Deletion curves cost (2 x steps + 1) forward passes per image: a bounded, seeded sample of the
     # PNEUMONIA images, so the cost does not grow with the folder (the bare forward's rate in
-    # docs/performance.md gives it for a machine). 0 = skip.
-    deletion_images: int = 32
-    deletion_steps: int = 10
-    cam_size: int | None = None  # overlay side in px (see ScoreSettings.cam_size)
-    cam_scale: str = "absolute"  # of the overlay PNGs (see ScoreSettings.cam_scale)
-    # Where the table's CAM point, and so the pointing game, comes from (see ScoreSettings.cam_point).
-    # evidence here: a trust report can afford one backward pass per batch; score defaults to map.
-    cam_point: str = "evidence"
-    # A folder of images the model must not score (other modalities, views, photographs): what share the
-    # out-of-distribution check puts out of scope, beside the share of FOLDER it wrongly does. None = skip.
-    ood_check: str | None = None
+    # docs/performance.md gives it for a machine).
+    deletion_images: int = setting(32, "PNEUMONIA images, a seeded sample, for the CAM deletion curves; 0 skips"
+                                   " them.", group=METRICS)
+    deletion_steps: int = setting(10, "Steps of the deletion curves, from nothing to everything greyed out.",
+                                  group=METRICS)
+    cams: bool = setting_like(ScoreSettings, "cams")
+    cam_size: int | None = setting_like(ScoreSettings, "cam_size")
+    cam_scale: str = setting_like(ScoreSettings, "cam_scale")
+    # Where the table's CAM point, and so the pointing game, comes from: a trust report can afford
+    # one backward pass per batch; score defaults to map, which costs nothing.
+    cam_point: str = setting_like(ScoreSettings, "cam_point", default="evidence",
+                                  help="Where cam_peak_x/y, and so the pointing game, come from: evidence, the input"
+                                       " pixels that make the CAM's hot spot hot; map, its centre (score's default,"
+                                       " which saves the backward pass).")
+    # Images the model must not score (other modalities, views, photographs): what share the
+    # out-of-distribution check puts out of scope, beside the share of FOLDER it wrongly does.
+    ood_check: str | None = setting(None, "Also score DIR, images the model must not score, and report the share"
+                                    " that the out-of-distribution check puts out of scope.", group=INPUT,
+                                    shown="no such check")
+
+    def score_settings(self) -> ScoreSettings:
+        """The scoring run behind the metrics. ood="flag": every labelled image keeps its prediction, so the
+        metrics judge the model on the whole folder; the images the OOD check would have put out of scope
+        are counted beside them."""
+        return ScoreSettings(archive=self.folder, out=storage.join(self.out, "predictions.parquet"),
+                             model=self.checkpoint, batch_size=self.batch_size, device=self.device,
+                             precision=self.precision, limit=self.limit, cams=self.cams,
+                             cam_dir=storage.join(self.out, "cams"), cam_size=self.cam_size, cam_scale=self.cam_scale,
+                             cam_point=self.cam_point, ood="flag")
 
 
 def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     from ..reports.metrics import binary_metrics, bootstrap_ci
     from ..archive.results import read_table
-    from .score import ScoreSettings, run_score
+    from .score import run_score
 
     if s.ood_check and checkpoint_entries(s.checkpoint, with_id=False)[0].get("ood") is None:
         raise InputError(f"--ood-check: {s.checkpoint} has no out-of-distribution statistics (written before they"
                          " existed); retrain it with `cxr-batch train` to get them.")
-    pred_out = storage.join(s.out, "predictions.parquet")
-    score_settings = ScoreSettings(archive=s.folder, out=pred_out, model=s.checkpoint, batch_size=s.batch_size,
-                                   cam_dir=storage.join(s.out, "cams"), cam_size=s.cam_size, cam_scale=s.cam_scale,
-                                   cam_point=s.cam_point, ood="flag")
-    # ood="flag": every labelled image keeps its prediction, so the metrics judge the model on the whole
-    # folder; the images the OOD check would have put out of scope are counted beside them.
+    score_settings = s.score_settings()
+    pred_out = score_settings.out
     summary = run_score(score_settings, progress=progress, echo=echo)  # refuses a bad checkpoint before any work
     # Its small entries (threshold, history, ...): the weights were read on this driver once, by the scoring's model check.
     ckpt, model_id = checkpoint_entries(summary.model["spec"])

@@ -24,109 +24,19 @@ import pyarrow.compute as pc
 from .. import CLASSES
 from ..archive import storage
 from ..archive.discover import check_archive, label_from_path, list_archive, read_manifest
-from ..archive.lease import DEFAULT_TIMEOUT_S, Lease
+from ..archive.lease import Lease
 from ..archive.outdir import check_placement, clear_output, same_folder
 from ..archive.results import (ERROR, OUT_OF_SCOPE, RETRY, SCHEMA, SCORED, SKIPPED, PartWriter, damaged_note,
-                               default_cam_dir, done_path_batches, drop_retry_rows, pending, set_aside)
+                               done_path_batches, drop_retry_rows, pending, set_aside)
 from ..archive.storage import too_big
 from ..errors import InputError
-from ..model.cam import SCALES as CAM_SCALES
-from ..model.evidence import CAM_POINTS
 from ..model.registry import ModelInfo, describe
-from ..pixels.decode import DEFAULT_MAX_PIXELS
-from ..pixels.gate import DEFAULT_MODALITIES, DEFAULT_VIEWS
 from .ray_env import check_shared_storage, joining_a_cluster
 from .runloop import Outcome, RetryPolicy, drive
+from .score_settings import ScoreSettings
 from .score_stages import Scorer, StageConfig, decode_batch, finish_batch, skip_reason
 
-PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "gpu")
-ENGINES = ("auto", "ray", "local")
-DECODE_ON = ("auto", "cpu", "device")
-OOD_MODES = ("skip", "flag", "off")
 DEVICE_DECODE_NOTE = "JPEGs decoded and overlays composed beside the model"  # the start line's and the summary's
-# The largest input file read (--max-bytes). Chest radiographs are 0.1-50 MB (a DICOM of a 3000 x 3000
-# 16-bit detector image is 18 MB); 1 GiB leaves room for odd multi-frame objects while one decode
-# worker holding a few such files still fits a 4 GB worker.
-DEFAULT_MAX_BYTES = 1 << 30
-
-
-@dataclass(frozen=True, kw_only=True)
-class ScoreSettings:
-    archive: str
-    out: str  # a folder of Parquet part files (pandas, pyarrow, duckdb read it as one table)
-    model: str | None = None  # checkpoint path/URI or ARCH:WEIGHTS; None = the registered default
-    cam_dir: str | None = None  # None: "<out>-cams" beside the output
-    cams: bool = True
-    cam_size: int | None = None  # overlay side in px; None = the model's input size (fast); 0 = original size
-    # absolute: heat through one fixed range of the map's logit units (cam.ABSOLUTE_RANGE), so a
-    # confident NORMAL stays cold and heat says how strong; relative: min-max per image (every
-    # image, NORMAL too, shows a hot spot: where the model looked, however weakly).
-    cam_scale: str = "absolute"
-    # Where cam_peak_x/y come from: map = the centre of the map's hot spot (model.cam.hot_spot; no
-    # extra work); evidence = the input pixels that make that hot spot hot, found by one backward
-    # pass per batch (model/evidence.py: free of the map's pull towards mid-lung, 3-5x the forward's
-    # cost on a CPU).
-    cam_point: str = "map"
-    batch_size: int = 16  # images per forward pass
-    actors: int | None = None  # model replicas; None = one per GPU, or as many CPU actors as fit
-    cpus_per_actor: float | None = None  # None: sized from the cluster (see plan_resources)
-    device: str = "auto"
-    precision: str = "auto"  # auto = bf16 autocast where native (GPU sm80+, CPU AVX512-BF16/AMX), else fp32
-    compile: bool = False  # torch.compile the model in each actor (slow start, faster steady state)
-    channels_last: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    overwrite: bool = False
-    rows_per_part: int = 2000
-    limit: int | None = None  # score only the first N files (sorted by path): smoke tests
-    manifest: str | None = None  # CSV/txt/Parquet list of paths relative to the archive, read instead of listing it
-    follow_symlinks: bool = False  # False: a symlink whose target lies outside the archive is neither listed nor read
-    lease_timeout_s: float = DEFAULT_TIMEOUT_S  # a run silent this long on --out is taken for dead (see archive/lease.py)
-    max_bytes: int = DEFAULT_MAX_BYTES  # larger files get an error row from the listing's size, unread
-    retries: int = 3  # retry passes for transient failures and files whose worker died (see jobs/runloop.py)
-    retry_backoff_s: float = 2.0  # wait before retry pass k: retry_backoff_s * 2**(k-1)
-    engine: str = "auto"  # ray | local (no Ray: this process + a process pool) | auto (see choose_engine)
-    # Where JPEGs are decoded: cpu (the decode stage), device (the Scorer, on the model's device: nvJPEG
-    # on a GPU; pixels/device_decode.py), auto (device when the model runs on a GPU).
-    decode_on: str = "auto"
-    stall_timeout_s: float = 900  # Ray Data raises instead of hanging this long without progress
-    # The DICOM header gate (pixels/gate.py, docs/dicom-gate.md): a DICOM whose header says it is no
-    # frontal chest radiograph gets status "skipped" and is never decoded. Values compare upper-case.
-    gate: bool = True
-    modalities: tuple[str, ...] = DEFAULT_MODALITIES  # Modality values let through
-    views: tuple[str, ...] = DEFAULT_VIEWS  # ViewPosition values let through (absent always is)
-    # The out-of-distribution check (docs/ood.md): skip = an image over the model's OOD threshold gets status
-    # out_of_scope and no prediction; flag = it keeps its prediction, marked in the out_of_scope column; off.
-    ood: str = "skip"
-
-    def __post_init__(self):
-        if self.ood not in OOD_MODES:
-            raise InputError(f"Invalid --ood {self.ood}. Only {', '.join(OOD_MODES)} are supported.")
-        if self.engine not in ENGINES:
-            raise InputError(f"Invalid engine {self.engine!r}. Only {', '.join(ENGINES)} are supported.")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"Invalid precision {self.precision!r}. Only {', '.join(PRECISIONS)} are supported.")
-        if self.cam_scale not in CAM_SCALES:
-            raise InputError(f"Invalid --cam-scale {self.cam_scale}. Only {', '.join(CAM_SCALES)} are supported.")
-        if self.cam_point not in CAM_POINTS:
-            raise InputError(f"Invalid --cam-point {self.cam_point}. Only {', '.join(CAM_POINTS)} are supported.")
-        if self.cam_point == "evidence" and self.compile:
-            raise InputError("--cam-point evidence needs gradients, which a compiled model here does not give: drop --compile.")
-        if self.device not in DEVICES:
-            raise InputError(f"Invalid device {self.device!r}. Only {', '.join(DEVICES)} are supported.")
-        if self.decode_on not in DECODE_ON:
-            raise InputError(f"Invalid --decode-on {self.decode_on!r}. Only {', '.join(DECODE_ON)} are supported.")
-        if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
-            raise InputError("--batch-size and --actors must be at least 1.")
-        if self.gate and not (self.modalities and self.views):
-            raise InputError("--modalities and --views each need at least one value (or pass --no-gate).")
-
-    def gate_rules(self) -> dict | None:
-        """The gate's keyword arguments for the decode stage (pixels/gate.gate_reason); None: no gate."""
-        return {"modalities": tuple(self.modalities), "views": tuple(self.views)} if self.gate else None
-
-    def resolved_cam_dir(self) -> str:
-        return self.cam_dir or default_cam_dir(self.out)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool | N
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = bool(gpus >= 1) if s.gpu is None else s.gpu
     if use_gpu and gpus < s.workers:
-        raise InputError(f"--gpu with {s.workers} workers, but the cluster has {int(gpus)} GPUs.")
+        raise InputError(f"{s.workers} GPU workers, but the cluster has {int(gpus)} GPUs: lower --workers or pass"
+                         " --device cpu.")
     if s.cpus_per_worker is None:  # settings.json and the checkpoints record the number the workers got
         s = replace(s, cpus_per_worker=fit_worker_cpus(s.workers, node_cpus(), use_gpu))
     _check_fits(s, use_gpu)

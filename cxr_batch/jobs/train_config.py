@@ -14,61 +14,90 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from ..model.calibration import calibrated
-from ..model.archs import TRAIN_STRIDE, check_arch, check_cam
+from ..fields import CLUSTER, DEVICES, INPUT, MODEL, OUTPUT, PERFORMANCE, TRAINING, setting
+from ..model.archs import ARCHS, CAM_LAYERS, CAM_STRIDES, TRAIN_STRIDE, check_arch, check_cam
 from ..pixels.decode import DEFAULT_MAX_PIXELS
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_SPREAD")
+LR_PRETRAINED, LR_SCRATCH = 1e-4, 5e-4  # the fine-tuning lr when --lr is not given
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings:
     data: str  # folder (or s3:// prefix) with train/, val/, test/ each holding NORMAL/ and PNEUMONIA/
-    out: str  # run folder: last.ckpt, best.ckpt, history.json; re-running it resumes
-    arch: str = "resnet101"
-    weights: str = "imagenet"  # imagenet | none | path to a torchvision state dict
-    epochs: int = 10  # total, warm-up included
-    warmup_epochs: int = 1  # head only, backbone frozen; skipped when weights=none (nothing to protect)
-    batch_size: int = 32  # per worker
-    lr: float | None = None  # fine-tuning lr (AdamW); None = 1e-4 pretrained, 5e-4 from scratch (2e-3 stalled for 6 epochs on phantoms)
+    out: str = setting(help="Run folder (local or s3://) for last.ckpt, best.ckpt and history.json; a re-run resumes"
+                       " it.", group=OUTPUT)
+    arch: str = setting("resnet101", "The ResNet to fine-tune.", group=MODEL, choices=ARCHS)
+    weights: str = setting("imagenet", "Starting weights: torchvision's ImageNet weights, none (random) or a local"
+                           " state-dict file.", group=MODEL)
+    epochs: int = setting(10, "Total epochs, warm-up included.", group=TRAINING)
+    # Skipped when weights=none: a random backbone has nothing to protect from the new head's first steps.
+    warmup_epochs: int = setting(1, "Epochs that train only the new head, the backbone frozen (pretrained weights"
+                                 " only).", group=TRAINING)
+    batch_size: int = setting(32, "Images per worker and step.", group=TRAINING)
+    # From scratch needs the larger rate; a much larger one stalled training on phantoms.
+    lr: float | None = setting(None, "Fine-tuning learning rate (AdamW, cosine decay).", group=TRAINING,
+                               shown=f"{LR_PRETRAINED:g} pretrained, {LR_SCRATCH:g} from scratch")
     warmup_lr: float = 1e-3
     weight_decay: float = 1e-4
-    image_size: int = 224
-    # Where the CAM and the head sit: 4 keeps the whole network (the standard transfer-learning recipe, and
-    # the only one that learned on every task family tried: docs/decisions/001-full-network.md); 3 and 2 end it
-    # at layer3 (stride 16) or layer2 (stride 8) for a finer map, at the cost of learning.
-    cam_layer: int = 4
-    cam_stride: int | None = None  # None = the layer's (archs.TRAIN_STRIDE); only layer4 has a choice (32, or 16 dilated)
-    # Random shift of each training image, up to this share of its side in x and y (after the crop and rotation).
-    # Off by default: the shifts were a fix for the layer2 map, and on the full network they are not yet shown
-    # to learn as fast and as accurately (the same decision record).
-    translate: float = 0.0
-    # Weight of the CAM flip-consistency loss (model/camloss.py): each image trains beside its mirrored
-    # twin and their maps must mirror too, which forbids the network to learn its evidence off the
-    # lesion. 0 = plain training.
-    cam_consistency: float = 0.0
-    # Weight of the quiet-NORMAL loss (model/camloss.quiet_normal): no cell of a NORMAL image's map may vote
-    # PNEUMONIA, so the map cannot carry a pattern common to both classes (hot top corners) that outshines a
-    # faint lesion. 0 = off.
-    cam_quiet: float = 0.0
-    workers: int = 2
-    gpu: bool | None = None  # None = use GPUs when the cluster has them
+    image_size: int = setting(224, "Side in px of the images the network sees.", group=MODEL)
+    # 4 keeps the whole network (the standard transfer-learning recipe, and the only one that learned on
+    # every task family tried: docs/decisions/001-full-network.md); 3 and 2 end it at layer3 (stride 16)
+    # or layer2 (stride 8) for a finer map, at the cost of learning.
+    cam_layer: int = setting(4, "Where the network ends and its CAM is read: 4 is the whole ResNet, 3 and 2 cut it"
+                             " after layer3 or layer2 for a finer map that learns more slowly.", group=MODEL,
+                             choices=CAM_LAYERS)
+    # Resolved in __post_init__ (archs.TRAIN_STRIDE); only layer4 has a choice (32, or 16 dilated).
+    cam_stride: int | None = setting(None, "Stride of the CAM's cells: with --cam-layer 4, 32 keeps layer4 as built"
+                                     " and 16 dilates it for a finer map.", group=MODEL, choices=CAM_STRIDES,
+                                     shown="the layer's own")
+    # Applied after the crop and rotation. Off by default: the shifts were a fix for the layer2 map, and on
+    # the full network they are not yet shown to learn as fast and as accurately (the same decision record).
+    translate: float = setting(0.0, "Random shift of each training image, up to this share of its side; 0 is off.",
+                               group=TRAINING)
+    # model/camloss.py: the mirrored twin forbids the network to learn its evidence off the lesion.
+    cam_consistency: float = setting(0.0, "Weight of the CAM flip-consistency loss: each image trains beside its"
+                                     " mirror image, whose CAM must mirror its own; 0 is off.", group=TRAINING)
+    # model/camloss.quiet_normal: the map cannot carry a pattern common to both classes (hot top
+    # corners) that outshines a faint lesion.
+    cam_quiet: float = setting(0.0, "Weight of the quiet-NORMAL loss: no cell of a NORMAL image's CAM may vote"
+                               " PNEUMONIA; 0 is off.", group=TRAINING)
+    workers: int = setting(2, "Data-parallel Ray Train workers, one GPU each when they train on GPUs.",
+                           group=PERFORMANCE)
+    device: str = setting("auto", "Where the workers train; auto uses GPUs when the cluster has them.",
+                          group=PERFORMANCE, choices=DEVICES)
+    # What --device resolves to: None = GPUs when the cluster has them. Also the old --gpu/--no-gpu flag.
+    gpu: bool | None = setting(None, "Deprecated: use --device gpu or --device cpu.", group=PERFORMANCE)
     # None = fit_worker_cpus: on CPU workers the most CPUs each that still places every worker (one worker
-    # on a 2-CPU node gets both: torch's threads follow it, and a worker held to one thread trained about
-    # 3x slower than a plain loop on both cores); 1 on GPU workers.
-    cpus_per_worker: float | None = None
-    # Ray placement group strategy for the workers: PACK fills one node first (fast all-reduce);
-    # SPREAD prefers one worker per node, STRICT_SPREAD refuses to start without it.
-    placement: str = "PACK"
-    val_fraction: float = 0.1  # of train/, by patient, stratified, when val/ is missing or tiny (jobs/patients.py)
-    target_sensitivity: float | None = None  # None: threshold by Youden's J on val
-    seed: int = 0
-    max_failures: int = 1  # worker-group restarts (from the last checkpoint) before giving up
+    # on a small node gets all its cores: torch's threads follow it, and a worker held to one thread
+    # trains far slower than a plain loop on every core); 1 on GPU workers.
+    cpus_per_worker: float | None = setting(None, "CPUs (and torch threads) per worker.", group=PERFORMANCE,
+                                            shown="on CPU workers the most that still places every worker, 1 on"
+                                                  " GPU workers")
+    placement: str = setting("PACK", "How the workers spread over nodes: PACK fills one node first (a fast"
+                             " all-reduce), SPREAD prefers one worker per node, STRICT_SPREAD requires it.",
+                             group=CLUSTER, choices=PLACEMENTS)
+    # By patient, stratified (jobs/patients.py).
+    val_fraction: float = setting(0.1, "Share of train/ held out for validation when val/ is missing or tiny, by"
+                                  " whole patients and stratified by class.", group=INPUT)
+    target_sensitivity: float | None = setting(None, "Choose the decision threshold that reaches this sensitivity"
+                                               " on validation.", group=TRAINING, shown="Youden's J")
+    seed: int = setting(0, "Seed of the initial weights, the validation split and the order of the images.",
+                        group=TRAINING)
+    max_failures: int = setting(1, "Worker-group restarts, each from the last checkpoint, before the run fails.",
+                                group=CLUSTER)
     max_pixels: int = DEFAULT_MAX_PIXELS
     stop_after_epoch: int | None = None  # testing hook: end the run (not the count) after this epoch
 
     def __post_init__(self):
         check_arch(self.arch)
+        if self.device not in DEVICES:
+            raise InputError(f"Invalid --device {self.device}. Only {', '.join(DEVICES)} are supported.")
+        wanted = {"auto": None, "cpu": False, "gpu": True}[self.device]
+        if self.gpu is None:
+            object.__setattr__(self, "gpu", wanted)
+        elif wanted is not None and wanted != self.gpu:
+            raise InputError(f"--device {self.device} contradicts --{'' if self.gpu else 'no-'}gpu: drop --gpu/--no-gpu.")
         # Resolved here, so the checkpoint, the run's settings and a resume see the number, not None.
         if self.cam_stride is None and self.cam_layer in TRAIN_STRIDE:
             object.__setattr__(self, "cam_stride", TRAIN_STRIDE[self.cam_layer])
@@ -92,7 +121,7 @@ class TrainSettings:
 
     @property
     def finetune_lr(self) -> float:
-        return self.lr if self.lr is not None else (1e-4 if self.pretrained else 5e-4)
+        return self.lr if self.lr is not None else (LR_PRETRAINED if self.pretrained else LR_SCRATCH)
 
     @property
     def n_warmup(self) -> int:
@@ -136,6 +165,8 @@ def calibrated_threshold(y, margin, temperature: float, target_sensitivity: floa
     """The decision threshold on the calibrated P = sigmoid(margin / T): chosen on the margins (the
     rule needs only an order) and mapped through that same monotone transform, so the decisions
     are the raw margins' decisions whatever T is."""
+    from ..model.calibration import calibrated  # scipy: not for a command that only builds settings
+
     threshold, rule = choose_threshold(y, margin, target_sensitivity)
     if len(set(np.asarray(y).tolist())) == 2:  # else the default 0.5, already a probability
         threshold = float(calibrated(threshold, temperature))
