@@ -41,7 +41,7 @@ def trained(ray_session, tmp_path_factory):
     os.chdir(root)
     try:
         s = TrainSettings(data="data", out="run", arch="resnet18", weights="none", epochs=8,
-                          image_size=128, batch_size=16, workers=2, lr=5e-4)
+                          image_size=96, batch_size=16, workers=2, lr=5e-4)
         summary = run_train(s, register=True, echo=lambda *a: None)
         report = run_evaluate(EvaluateSettings(checkpoint=os.path.relpath(summary["best_checkpoint"]),
                                                folder="data/test", out="report", n_boot=300,
@@ -94,8 +94,8 @@ def test_cam_peaks_point_at_the_lesions_far_more_often_than_chance(trained):
     assert game["rate"] >= 3 * chance, (game, chance)
 
 
-@pytest.mark.xfail(strict=True, reason="8 epochs at 128 px are too few: the default network's fixture"
-                                       " points 33/40 (82%), mean dy +0.99 radii, with the evidence point")
+@pytest.mark.xfail(strict=True, reason="8 epochs at 96 px are too few: the default network's fixture"
+                                       " points 38/42 (90%), but with mean dy +0.52 radii, with the evidence point")
 def test_cam_localisation_meets_the_target(trained):
     game = trained[3]["pointing"]["true_positives"]
     assert game["rate"] >= TARGET_POINTING, game
@@ -114,7 +114,7 @@ def test_evaluate_writes_every_file_and_its_metrics_match_the_parquet(trained):
         with Image.open(png) as im:
             assert im.size[0] > 200
     cams = sorted((out / "cams").rglob("*.png"))
-    assert len(cams) == 120  # one overlay per test image, at the asked size (the model saw 128 px)
+    assert len(cams) == 120  # one overlay per test image, at the asked size (the model saw 96 px)
     for png in cams[:5]:
         with Image.open(png) as im:
             assert im.size == (200, 200)
@@ -215,7 +215,7 @@ def test_deletion_curves_start_at_the_scored_probability_and_the_cam_beats_rando
     root, s, _, report = trained
     d = report["deletion"]
     assert (s.cam_layer, s.cam_stride) == (4, TRAIN_STRIDE[4])  # the default: the whole network's map
-    side = 128 // s.cam_stride
+    side = -(-s.image_size // s.cam_stride)
     assert d["n_images"] == 16 and len(d["cam_curve"]) == 9 and d["grid"] == [side, side]
     table = {r["path"]: r["prob_pneumonia"] for r in pq.read_table(root / "report" / "predictions.parquet").to_pylist()}
     # step 0 is the scoring job's own number: the same model, preparation and precision
