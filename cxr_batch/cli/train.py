@@ -6,6 +6,7 @@ import click
 
 from .console import Console
 from .options import cam_point_option, cam_scale_option, cam_size_option, cluster_options, friendly, output_options
+from .score import sigterm_stops_the_run
 from .summaries import format_eval_summary, format_train_summary
 
 
@@ -84,7 +85,7 @@ def train(data, out, arch, weights, epochs, warmup_epochs, batch_size, lr, image
     if register is None and joining_a_cluster(address):
         register = False
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
-                     echo=console.note):
+                     echo=console.note), sigterm_stops_the_run():
         summary = run_train(s, echo=console.note, progress=console.epoch_progress(), register=register)
     console.summary(format_train_summary(summary), summary)
 
