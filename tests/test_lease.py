@@ -3,6 +3,7 @@ processes (a holder killed with SIGKILL) and real races (threads released by one
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from cxr_batch.archive.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost, read_holder
+from cxr_batch.archive.lease import LEASE_FILE, LOCK_FILE, Lease, LeaseHeld, LeaseLost, read_holder
 from cxr_batch.archive.results import SCHEMA, PartWriter, part_files
 
 import s3server
@@ -23,6 +24,8 @@ from s3server import BUCKET
 
 HOLDER = """
 import sys, time
+real_time = time.time
+time.time = lambda: real_time() + float(sys.argv[3])  # this host's wall clock, set wrong by that much
 from cxr_batch.archive.lease import Lease
 Lease(sys.argv[1], run_id="deadbeef", timeout_s=float(sys.argv[2])).acquire()
 print("holding", flush=True)
@@ -30,8 +33,9 @@ time.sleep(600)
 """
 
 
-def hold_in_process(out: str, timeout_s: float) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, out, str(timeout_s)], stdout=subprocess.PIPE, text=True)
+def hold_in_process(out: str, timeout_s: float, clock_off_s: float = 0) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, out, str(timeout_s), str(clock_off_s)], stdout=subprocess.PIPE,
+                         text=True)
     assert p.stdout.readline().strip() == "holding"
     return p
 
@@ -67,10 +71,18 @@ def test_a_second_run_is_refused_with_the_holder_and_since_when(out):
         assert os.listdir(out) == []  # nothing left behind beside the parts
 
 
-def killed_holder(out: str, timeout_s: float) -> None:
-    holder = hold_in_process(out, timeout_s)
+def killed_holder(out: str, timeout_s: float, clock_off_s: float = 0) -> None:
+    holder = hold_in_process(out, timeout_s, clock_off_s)
     holder.send_signal(signal.SIGKILL)  # dies without releasing
     holder.wait()
+
+
+def as_if_elsewhere(out: str) -> None:
+    """Make the lease look like another node's: its process cannot be looked at from here."""
+    record = read_holder(out)
+    record["holder"].update(host="node-7", boot_id="another-kernel")
+    with open(os.path.join(out, LEASE_FILE), "w") as f:
+        json.dump(record, f)
 
 
 def test_a_dead_holder_on_this_machine_is_taken_over_at_once(tmp_path):
@@ -83,10 +95,7 @@ def test_a_dead_holder_on_this_machine_is_taken_over_at_once(tmp_path):
 def test_a_dead_holder_elsewhere_is_taken_over_after_its_timeout(tmp_path):
     out = str(tmp_path / "results")
     killed_holder(out, timeout_s=3)
-    record = read_holder(out)  # as if it had run on another node: its process cannot be looked at
-    record["holder"].update(host="node-7", boot_id="another-kernel")
-    with open(os.path.join(out, LEASE_FILE), "w") as f:
-        json.dump(record, f)
+    as_if_elsewhere(out)
     with pytest.raises(LeaseHeld, match="run deadbeef .* on host node-7.* taken over 3 s after its last heartbeat"):
         Lease(out, run_id="next").acquire()
     time.sleep(3.5)
@@ -136,7 +145,7 @@ def test_racing_local_runs_never_both_win(tmp_path, stale):
         if stale:  # all eight find a dead holder's lease and try to take it over at once
             os.makedirs(out)
             with open(os.path.join(out, LEASE_FILE), "w") as f:
-                json.dump({"holder": {"run_id": "dead"}, "heartbeat_s": time.time() - 600, "timeout_s": 120,
+                json.dump({"holder": {"run_id": "dead"}, "heartbeat_s": time.time() - 600, "timeout_s": 0.5,
                            "token": "old"}, f)
 
         def run(i):
@@ -177,3 +186,70 @@ def test_a_holder_that_lost_its_lease_publishes_nothing_more(out):
     assert len(part_files(out)) == 1
     lease.release()
     assert read_holder(out)["holder"]["run_id"] == "thief"  # the loser does not delete the winner's lease
+
+
+def test_a_dead_holder_whose_clock_ran_ahead_cannot_keep_its_lease(tmp_path):
+    """Its heartbeat lies an hour in this host's future: judged on this process's own clock (unchanged
+    for a full timeout), not by comparing the two wall clocks."""
+    out = str(tmp_path / "results")
+    killed_holder(out, timeout_s=2, clock_off_s=3600)
+    as_if_elsewhere(out)
+    t0 = time.monotonic()
+    with Lease(out, run_id="next"):
+        assert read_holder(out)["holder"]["run_id"] == "next"
+    assert time.monotonic() - t0 >= 2  # watched for the dead holder's full timeout first
+
+
+def test_a_live_holder_whose_clock_runs_behind_keeps_its_lease(tmp_path):
+    """Its heartbeats look an hour old on this host's clock, yet they keep changing: a live lease."""
+    out = str(tmp_path / "results")
+    holder = hold_in_process(out, timeout_s=2, clock_off_s=-3600)
+    try:
+        as_if_elsewhere(out)  # a live holder rewrites this within a heartbeat, and is still watched as one
+        for _ in range(2):
+            with pytest.raises(LeaseHeld, match="run deadbeef"):
+                Lease(out, run_id="next").acquire()
+        assert read_holder(out)["holder"]["run_id"] == "deadbeef"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_paused_holder_publishes_nothing_after_its_lease_was_taken_over(tmp_path):
+    """SIGSTOP a scoring run past its lease timeout, let a second run take over and finish, SIGCONT the
+    first: it stops before publishing another part, with one line and exit 3, and the output has
+    one row per listed file."""
+    from cxr_batch.archive.results import read_table
+    from cxr_batch.errors import EXIT_INCOMPLETE
+    from cxr_batch.synth.archive import make_archive
+
+    root, out = tmp_path / "archive", tmp_path / "out"
+    make_archive(root, n_train=0, n_val=0, n_test=80, size=96, seed=5)
+    expected = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpeg"))
+    cmd = [sys.executable, "-m", "cxr_batch.cli", "score", str(root), "--out", str(out), "--model", "resnet18:none",
+           "--engine", "local", "--batch-size", "4", "--rows-per-part", "4", "--no-cams", "--lease-timeout", "3"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not part_files(str(out)) and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGSTOP)  # the run and its decode pool: paused, as by a VM pause
+    try:
+        time.sleep(3.5)  # past its timeout by the wall clock too: the second run watches, then takes over
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 0, second.stderr[-3000:]
+        # Its heartbeat would notice the takeover on waking; make that refresh hang (as on a hung mount)
+        # by holding the lock it takes: only the check before each publish can stop the first run now.
+        lock = open(out / LOCK_FILE, "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    time.sleep(3)  # time enough to publish a part or two, had it not checked
+    lock.close()
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == EXIT_INCOMPLETE, err[-3000:]
+    assert "lost its lease on --out" in err and "Traceback" not in err, err[-3000:]
+    paths = read_table(str(out))["path"].to_pylist()
+    assert sorted(paths) == expected  # one row per file: nothing published after the takeover
+    assert read_holder(str(out)) is None  # and the loser did not leave or delete a lease
+    os.unlink(out / LOCK_FILE)
