@@ -3,6 +3,7 @@ processes (a holder killed with SIGKILL) and real races (threads released by one
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 from cxr_batch.archive.lease import LEASE_FILE, LOCK_FILE, Lease, LeaseHeld, LeaseLost, read_holder
 from cxr_batch.archive.results import SCHEMA, PartWriter, part_files
 
+import s3proxy
 import s3server
 from s3server import BUCKET
 
@@ -115,27 +117,54 @@ def test_a_live_holder_keeps_its_lease_past_the_timeout(tmp_path):
         holder.wait()
 
 
-def test_racing_runs_on_s3_never_both_win(s3):
-    for round_ in range(3):
-        out = f"s3://{BUCKET}/race-{round_}"
-        barrier, results = threading.Barrier(4), {}
+@pytest.mark.parametrize("server", ["conditional", "ignore-conditions", "refuse-conditions"])
+def test_racing_runs_on_s3_never_both_win(s3, server, monkeypatch):
+    """With conditional writes (moto honours If-None-Match and If-Match) the race is settled by the
+    server, with no wait at all; a server that ignores or refuses them (a proxy in front of moto)
+    gets the older write-wait-read protocol, and the lease says so."""
+    proxy = contextlib.nullcontext(s3) if server == "conditional" else s3proxy.s3_proxy(s3, server)
+    with proxy as env:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", env["AWS_ENDPOINT_URL"])
+        for round_ in range(3):
+            out = f"s3://{BUCKET}/race-{server}-{round_}"
+            barrier, results = threading.Barrier(4), {}
 
-        def run(i):
-            barrier.wait()
-            try:
-                results[i] = Lease(out, run_id=f"r{i}", settle_s=1.0).acquire()
-            except LeaseHeld as e:
-                results[i] = e
+            def run(i):
+                barrier.wait()
+                try:
+                    results[i] = Lease(out, run_id=f"r{i}", settle_s=0 if server == "conditional" else 2.0).acquire()
+                except LeaseHeld as e:
+                    results[i] = e
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        winners = [r for r in results.values() if isinstance(r, Lease)]
-        assert len(winners) == 1, results
-        assert read_holder(out)["holder"]["run_id"] == winners[0].run_id
-        winners[0].release()
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            winners = [r for r in results.values() if isinstance(r, Lease)]
+            assert len(winners) == 1, results
+            assert read_holder(out)["holder"]["run_id"] == winners[0].run_id
+            note = winners[0].note
+            if server == "conditional":
+                assert note is None
+            else:
+                assert note.startswith(f"lease on --out {out}: it {server.split('-')[0]}") and "read back" in note, note
+            winners[0].release()
+            assert read_holder(out) is None and not [k for k in s3server.keys(s3, out[len(f"s3://{BUCKET}/"):])
+                                                     if ".probe-" in k]  # no scratch object left
+
+
+def test_an_s3_endpoint_answering_500_at_start_up_is_one_line_and_says_run_again(s3, tmp_path):
+    from cxr_batch.errors import EXIT_INCOMPLETE
+
+    with s3proxy.s3_proxy(s3, "500") as env:
+        cmd = [sys.executable, "-m", "cxr_batch.cli", "score", f"s3://{BUCKET}/archive", "--out", str(tmp_path / "out"),
+               "--model", "resnet18:none", "--engine", "local"]
+        p = subprocess.run(cmd, env=s3server.subprocess_env(env), capture_output=True, text=True, timeout=300)
+    assert p.returncode == EXIT_INCOMPLETE, p.stderr[-3000:]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: storage error: "), p.stderr[-3000:]
+    assert "500" in lines[0] and lines[0].endswith("run the same command again (it resumes).")
 
 
 @pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
