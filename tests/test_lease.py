@@ -282,3 +282,21 @@ def test_a_paused_holder_publishes_nothing_after_its_lease_was_taken_over(tmp_pa
     assert sorted(paths) == expected  # one row per file: nothing published after the takeover
     assert read_holder(str(out)) is None  # and the loser did not leave or delete a lease
     os.unlink(out / LOCK_FILE)
+
+
+def test_on_s3_a_write_based_on_an_old_read_is_refused_by_the_server(s3):
+    """The slow PUT of the old protocol: a rival read the lease, the holder renewed it, then the
+    rival's write arrives. With If-Match the server refuses it; so does If-None-Match a second create."""
+    from cxr_batch.archive.lease_store import S3Store
+
+    out = f"s3://{BUCKET}/slow-put-{time.monotonic_ns()}"
+    lease = Lease(out, run_id="holder", timeout_s=60).acquire()
+    try:
+        rival = S3Store(out, LEASE_FILE, 0)
+        rival.probe()
+        assert rival.conditional and rival.read()["token"] == lease.token
+        lease.refresh()
+        assert not rival.replace(b'{"token": "rival"}') and not rival.create(b'{"token": "rival"}')
+        assert read_holder(out)["token"] == lease.token
+    finally:
+        lease.release()
