@@ -89,3 +89,28 @@ def test_run_survives_the_loss_of_a_worker_process(ray_session, tiny, tmp_path):
     assert "resuming from" in output  # the group was restarted from last.ckpt, not left to finish
     history = _history(out)
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+
+
+def test_one_training_run_per_out_and_sigterm_stops_it_as_ctrl_c_does(ray_session, tiny, tmp_path):
+    """A second `train` on the same --out is refused in one line while the first holds the lease;
+    SIGTERM (`ray job stop`, Kubernetes) then stops the first with one line and exit 143, its lease
+    released, so a re-run starts at once. Each epoch writes last.ckpt before best.ckpt."""
+    from cxr_batch.archive.lease import LEASE_FILE
+    from cxr_batch.errors import EXIT_ERROR
+
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(tiny, out, address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(out, proc)
+    assert (out / "last.ckpt").stat().st_mtime_ns <= (out / "best.ckpt").stat().st_mtime_ns
+    second = subprocess.run(_train_cmd(tiny, out, address), capture_output=True, text=True, timeout=300)
+    assert second.returncode == EXIT_ERROR, second.stderr[-3000:]
+    error = [line for line in second.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and f"--out {out} is in use by another cxr-batch run" in error[0], second.stderr[-3000:]
+    assert "Traceback" not in second.stderr
+    assert proc.poll() is None, "the refused run stopped the first one"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Stopped by SIGTERM" in err and "Traceback" not in err, err[-3000:]
+    assert not (out / LEASE_FILE).exists()

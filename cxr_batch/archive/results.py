@@ -100,10 +100,8 @@ class PartWriter:
         table = pa.concat_tables(self.pending).replace_schema_metadata(self.schema.metadata)
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        if self.before_publish:
-            self.before_publish()
         storage.write_bytes_atomic(storage.join(self.out, f"part-{self.run}-{self.seq:05d}.parquet"), buf.getvalue(),
-                                   durable=True)
+                                   durable=True, before_rename=self.before_publish)
         self.seq += 1
         self.pending, self.rows = [], 0
 
@@ -205,9 +203,7 @@ def drop_retry_rows(out: str, paths: pa.Array, *, parts: list | None = None, bef
             continue
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        if before_publish:
-            before_publish()
-        storage.write_bytes_atomic(part, buf.getvalue(), durable=True)
+        storage.write_bytes_atomic(part, buf.getvalue(), durable=True, before_rename=before_publish)
         dropped += n
     return dropped
 

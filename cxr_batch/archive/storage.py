@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import stat
+import threading
 import uuid
 from functools import lru_cache
 
@@ -31,7 +32,7 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """-> (filesystem, path inside it). Local paths become absolute."""
     path = str(path)
     if path.startswith("s3://"):
-        return _s3(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""), path[5:].rstrip("/")
+        return _s3(_endpoint()), path[5:].rstrip("/")
     if is_uri(path):
         fs, inner = pafs.FileSystem.from_uri(path)
         return fs, inner
@@ -48,6 +49,30 @@ def _s3(endpoint: str) -> pafs.S3FileSystem:
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+
+
+@lru_cache(maxsize=4)
+def _boto3_client(endpoint: str, region: str):
+    import boto3
+    from botocore.config import Config
+
+    # Few retries and short timeouts: the lease's heartbeat must notice a dead endpoint well within its timeout.
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=20)
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None, config=config)
+
+
+def s3_client():
+    """A boto3 S3 client for the same endpoint, region and credentials as ``resolve`` gives pyarrow:
+    for what pyarrow cannot do (the lease's conditional writes)."""
+    with _CLIENT_LOCK:  # boto3's client creation is not thread-safe (racing leases make their first one at once)
+        return _boto3_client(_endpoint(), os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "")
+
+
+_CLIENT_LOCK = threading.Lock()
 
 
 def absolute(path: str) -> str:
@@ -173,12 +198,13 @@ def local_path(root: str, rel: str) -> str:
     return path
 
 
-def write_bytes_atomic(uri: str, data: bytes, *, durable: bool = False) -> None:
+def write_bytes_atomic(uri: str, data: bytes, *, durable: bool = False, before_rename=None) -> None:
     """Readers never see a half-written file: local writes go to a hidden temp name in the same
     folder and are renamed over the target (atomic on POSIX); an S3 PUT is atomic by itself.
     ``durable`` (result parts): the data is fsynced before the rename and the folder after it, so a
     power loss leaves the old file or the whole new one, never a renamed empty one (a rename can
-    reach the disk before the data it names)."""
+    reach the disk before the data it names). ``before_rename()`` runs right before the file takes its
+    name (the rename, or the PUT): a lease's fencing check, as close to the publish as it can be."""
     fs, path = resolve(uri)
     parent = posixpath.dirname(path) if is_uri(uri) else os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
@@ -189,10 +215,18 @@ def write_bytes_atomic(uri: str, data: bytes, *, durable: bool = False) -> None:
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        try:
+            if before_rename:
+                before_rename()
+        except BaseException:
+            os.unlink(tmp)
+            raise
         os.replace(tmp, path)
         if durable:
             fsync_dir(parent)
     else:
+        if before_rename:
+            before_rename()
         with fs.open_output_stream(path) as f:
             f.write(data)
 

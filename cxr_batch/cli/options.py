@@ -9,7 +9,7 @@ import functools
 
 import click
 
-from ..errors import CxrError
+from ..errors import EXIT_ERROR, EXIT_INCOMPLETE, CxrError, one_line
 from ..fields import CLUSTER, GROUPS, OUTPUT, field_of
 
 OTHER = "Other"
@@ -83,8 +83,24 @@ def friendly(fn):
             exc = click.ClickException(str(e))
             exc.exit_code = e.exit_code
             raise exc from None
+        except OSError as e:  # storage or the cluster failed us (an S3 answering 500, no Ray at --address)
+            exc = click.ClickException(storage_error(e))
+            exc.exit_code = EXIT_ERROR if isinstance(e, (FileNotFoundError, PermissionError)) else EXIT_INCOMPLETE
+            raise exc from None
 
     return wrapper
+
+
+def storage_error(e: OSError) -> str:
+    """One line for an OSError that reached the command: what failed and what to do. A missing path or a
+    permission is the user's to fix; anything else (a server error, a timeout, a lost connection)
+    usually passes, and a re-run resumes."""
+    what = one_line(e, 300)
+    if isinstance(e, (FileNotFoundError, PermissionError)):
+        return f"{what}. Check the path and its permissions."
+    if "ray" in what.lower() and isinstance(e, ConnectionError):
+        return f"{what}. Check --address (or RAY_ADDRESS) and that this process has the cluster's auth token; run again."
+    return f"storage error: {what}. It is usually passing: run the same command again (it resumes)."
 
 
 def cluster_options(fn):

@@ -112,14 +112,20 @@ def sigterm_stops_the_run():
         yield
         return
 
+    received = []
+
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the cleanup short
+        received.append(signum)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
-    except Terminated:
+    except KeyboardInterrupt:
+        if not received:  # Ctrl-C itself: click's "Aborted!"
+            raise
+        # Ray Train's fit() turns the interrupt into a KeyboardInterrupt of its own: the flag, not the type, says why.
         click.echo("Stopped by SIGTERM: what was written is kept; run the same command again to resume.", err=True)
         click.get_current_context().exit(128 + signal.SIGTERM)
     finally:

@@ -6,6 +6,7 @@ import click
 
 from .console import Console
 from .options import GroupedCommand, GroupedOption, cluster_options, friendly, option_from_field, output_options
+from .score import sigterm_stops_the_run
 from .summaries import format_eval_summary, format_train_summary
 from ..fields import OUTPUT
 from ..jobs.evaluate import EvaluateSettings
@@ -65,7 +66,7 @@ def train(register, address, wait_for_gpus, wait_timeout, as_json, verbose, **se
     if register is None and joining_a_cluster(address):
         register = False
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
-                     echo=console.note):
+                     echo=console.note), sigterm_stops_the_run():
         summary = run_train(s, echo=console.note, progress=console.epoch_progress(), register=register)
     console.summary(format_train_summary(summary), summary)
 

@@ -174,7 +174,7 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
         early = choose_engine(s.engine, 0) == "ray"
         if early:
             info = stack.enter_context(_ray_engine(s, info, cam_dir, summary, ray_context))
-        lease = _leases(stack, s, run_id, cam_dir)
+        lease = _leases(stack, s, run_id, cam_dir, summary)
         files = _listing(s, summary)
         engine = choose_engine(s.engine, files.num_rows)
         if engine == "ray" and not early:
@@ -205,14 +205,16 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
     return summary
 
 
-def _leases(stack: ExitStack, s: ScoreSettings, run_id: str, cam_dir: str | None) -> Lease:
+def _leases(stack: ExitStack, s: ScoreSettings, run_id: str, cam_dir: str | None, summary: ScoreSummary) -> Lease:
     """Take the lease on --out, then on the CAM folder: two outputs can share one (``--out r`` and
     ``--out r.parquet`` both default to ``r-cams``), and two runs writing and pruning it would collide.
     -> the --out lease (the one publishing checks)."""
     lease = stack.enter_context(Lease(s.out, run_id=run_id, timeout_s=s.lease_timeout_s, details={"archive": s.archive}))
+    leases = [lease]
     if cam_dir and not same_folder(cam_dir, s.out):
-        stack.enter_context(Lease(cam_dir, run_id=run_id, timeout_s=s.lease_timeout_s, details={"archive": s.archive},
-                                  option="--cam-dir"))
+        leases.append(stack.enter_context(Lease(cam_dir, run_id=run_id, timeout_s=s.lease_timeout_s,
+                                                details={"archive": s.archive}, option="--cam-dir")))
+    summary.notes += [held.note for held in leases if held.note]  # an S3 server without conditional writes
     return lease
 
 

@@ -4,8 +4,9 @@ Transfer learning as it should be done: ImageNet weights when available, a new 2
 warm-up with the backbone frozen (so the random head's large gradients do not wreck pretrained
 filters), then all layers at a lower learning rate with cosine decay. Classes are weighted by
 inverse frequency (the public set is 74% PNEUMONIA). Every epoch all ranks all-reduce their
-counts, rank 0 writes ``last.ckpt`` (and ``best.ckpt`` when the epoch is the best so far, by
-train_config.best_epoch), and a re-run of the same ``--out`` resumes from ``last.ckpt``.
+counts, rank 0 writes ``last.ckpt`` (then ``best.ckpt`` when the epoch is the best so far, by
+train_config.best_epoch), and a re-run of the same ``--out`` resumes from ``last.ckpt``. The
+driver holds the lease on ``--out`` (archive/lease.py) for the whole run, as scoring does.
 
 What the workers run is train_worker.py. Each epoch's metrics come back to this process through
 a Ray Train callback (``_EpochRelay``, run in Ray Train's controller) and a queue, so the driver
@@ -18,6 +19,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from contextlib import suppress
 from dataclasses import asdict, replace
 from queue import Empty
@@ -26,6 +28,7 @@ import numpy as np
 from ray.train import UserCallback
 
 from ..archive import storage
+from ..archive.lease import Lease
 from ..errors import InputError, TrainingError, one_line
 from ..model.archs import WEIGHTS
 from .ood_fit import fit_ood
@@ -55,7 +58,14 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool | N
     check_resumable(s)
     # Rank 0 writes checkpoints that every rank reads on restart; each worker decodes its shard of DATA.
     check_shared_storage({"--out": s.out, "DATA": s.data}, job="the training workers")
-    storage.makedirs(s.out)
+    # One run per --out, as for scoring: two runs would interleave last.ckpt, best.ckpt and history.json.
+    with Lease(s.out, run_id=uuid.uuid4().hex[:8], details={"data": s.data}) as lease:
+        return _train(s, split, use_gpu, lease, echo, progress, register)
+
+
+def _train(s: TrainSettings, split: Split, use_gpu: bool, lease: Lease, echo, progress, register) -> dict:
+    """The run itself, while this process holds the lease on --out."""
+    lease.check()
     storage.write_bytes_atomic(storage.join(s.out, "settings.json"), json.dumps(asdict(s), indent=2).encode())
     storage.write_bytes_atomic(storage.join(s.out, "val_files.json"), json.dumps(split.record(), indent=1).encode())
     counts = np.bincount([y for _, y in split.train], minlength=2)
@@ -72,6 +82,7 @@ def run_train(s: TrainSettings, *, echo=print, progress=None, register: bool | N
         raise TrainingError(f"Training ended without finishing an epoch; nothing was written to {s.out}. See the"
                             " workers' notes above (unreadable images?).")
     history = json.loads(storage.read_bytes(storage.join(s.out, "history.json")))
+    lease.check()  # a run that lost --out must not add the OOD statistics to another run's best.ckpt
     ood = fit_ood(s, split, use_gpu=use_gpu)  # the OOD statistics of best.ckpt, stored in it (jobs/ood_fit.py)
     summary = {**_summary(s, history, split.val_note, time.perf_counter() - t0), "ood": ood}
     return register_if_fit(summary, history, complete=len(history) == s.epochs, register=register)

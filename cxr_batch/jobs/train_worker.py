@@ -213,16 +213,18 @@ def _epoch_row(epoch, phase, lr, tr, va, seconds, n_local):
 
 
 def _save(model, opt, s, row, history, phase, validation):
-    """last.ckpt every epoch; best.ckpt when this epoch is the best so far (train_config.best_epoch).
+    """last.ckpt every epoch, then best.ckpt when this epoch is the best so far (train_config.best_epoch).
     ``validation``: which files validated (and how they were grouped), kept in the checkpoint."""
     ck = make_checkpoint(model, arch=s.arch, image_size=s.image_size, threshold=row["threshold"], settings=asdict(s),
                          cam_stride=s.cam_stride, cam_layer=s.cam_layer, temperature=row["temperature"],
                          validation=validation,
                          epoch=row["epoch"], metrics=row, history=history,
                          optimizer={"phase": phase, "state": opt.state_dict()})
+    # last.ckpt first: it is what a re-run resumes from, so a run stopped between the two writes never
+    # has a best.ckpt of an epoch that its resume point (and history) does not know of.
+    save_checkpoint(ck, storage.join(s.out, "last.ckpt"))
     if best_epoch(history)["epoch"] == row["epoch"]:
         save_checkpoint({**ck, "optimizer": None}, storage.join(s.out, "best.ckpt"))  # scoring needs no optimizer state
-    save_checkpoint(ck, storage.join(s.out, "last.ckpt"))
     storage.write_bytes_atomic(storage.join(s.out, "history.json"), json.dumps(history, indent=1).encode())
 
 
