@@ -39,9 +39,9 @@ def cluster_options(fn):
 
 
 def cam_size_option(fn):
-    """--cam-size: the overlay PNGs' side (score and evaluate)."""
+    """--cam-size: the overlay PNGs' long side (score and evaluate)."""
     return click.option("--cam-size", type=click.IntRange(min=0), default=None,
-                        help="Overlay side in px. Default: the model's input size; 0 = the image's own resolution (slow).")(fn)
+                        help="Overlay long side in px, in the image's aspect ratio. Default: the model's input size; 0 = the image's own resolution (slow).")(fn)
 
 
 def cam_scale_option(fn):
