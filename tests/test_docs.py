@@ -102,24 +102,6 @@ def test_history_hits_are_found():
         assert found == n, (text, found)
 
 
-def test_the_formats_page_lists_every_column_in_order_with_its_type():
-    """docs/formats.md's table says it is in SCHEMA's order, with each column's type."""
-    import pyarrow as pa
-
-    from cxr_batch.archive.results import SCHEMA
-
-    section = (DOCS / "formats.md").read_text().split("## The output table", 1)[1].split("\n#", 1)[0]
-    rows = re.findall(r"^\| (`.+?) \| (\w+) \|", section, re.M)
-    listed = [(name, kind) for cell, kind in rows for name in re.findall(r"`([a-z_0-9]+)`", cell)]
-
-    def kind(t):
-        return ("string" if pa.types.is_string(t) else "float" if pa.types.is_floating(t) else
-                "int" if pa.types.is_integer(t) else "bool" if pa.types.is_boolean(t) else str(t))
-
-    assert [n for n, _ in listed] == SCHEMA.names
-    assert {n: k for n, k in listed} == {f.name: kind(f.type) for f in SCHEMA}
-
-
 def test_no_history_in_the_readme_or_the_package():
     files = [README, *sorted(p for p in (REPO / "cxr_batch").rglob("*") if p.is_file() and "__pycache__" not in p.parts)]
     hits = [h for f in files for h in history_hits(f)]

@@ -1,8 +1,7 @@
 """What a command prints: progress lines with an ETA on stderr, the summary on stdout.
 
 On a terminal a progress line is redrawn in place; in a log (stderr not a TTY) a new line is
-written about every ``LOG_INTERVAL_S`` seconds (cli/progress.py keeps them coming while no batch
-finishes), and always the last one. With ``--json`` the
+written at most every ``LOG_INTERVAL_S`` seconds, and always the last one. With ``--json`` the
 first stdout line is the settings and the last one is the summary, each as JSON.
 """
 
@@ -10,13 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from dataclasses import asdict
 
 import click
 
-from .progress import LOG_DUE_S, PhaseProgress, ScoreProgress, eta
+LOG_INTERVAL_S = 5.0
 
 
 class Console:
@@ -26,18 +24,15 @@ class Console:
         self.tty = self.stream.isatty()
         self._open = False  # a redrawn line is on screen without its newline
         self._last_logged = 0.0
-        self._lock = threading.RLock()  # progress lines come from a ticker thread too
 
     def note(self, line: str) -> None:
         """A line about what the job is doing (stderr)."""
-        with self._lock:
-            self._end_line()
-            click.echo(line, file=self.stream)
+        self._end_line()
+        click.echo(line, file=self.stream)
 
     def warn(self, line: str) -> None:
-        with self._lock:
-            self._end_line()
-            click.secho(line, fg="yellow", file=self.stream)
+        self._end_line()
+        click.secho(line, fg="yellow", file=self.stream)
 
     def settings(self, settings) -> None:
         if self.as_json:
@@ -45,23 +40,20 @@ class Console:
 
     def summary(self, text: str, data) -> None:
         """The human summary, then (with --json) the same as one JSON line, the last one printed."""
-        with self._lock:
-            self._end_line()
-            click.echo(text)
-            if self.as_json:
-                click.echo(json.dumps({"summary": data}, default=str))
+        self._end_line()
+        click.echo(text)
+        if self.as_json:
+            click.echo(json.dumps({"summary": data}, default=str))
 
     def progress(self, text: str, *, final: bool = False) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if self.tty:
-                self.stream.write("\r\033[K" + text + ("\n" if final else ""))
-                self.stream.flush()
-                self._open = not final
-            elif final or now - self._last_logged >= LOG_DUE_S:
-                click.echo(text, file=self.stream)
-                self.stream.flush()
-                self._last_logged = now
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+            self.stream.flush()
+            self._open = not final
+        elif final or now - self._last_logged >= LOG_INTERVAL_S:
+            click.echo(text, file=self.stream)
+            self._last_logged = now
 
     def _end_line(self) -> None:
         if self._open:
@@ -72,13 +64,36 @@ class Console:
         """A ``progress(summary, total)`` callback for run_score."""
         return ScoreProgress(self, what)
 
-    def phase(self, what: str, total: int, unit: str):
-        """An ``update(done)`` callback for a phase of ``total`` units (a line per tick, and a last one)."""
-        return PhaseProgress(self, what, total, unit)
-
     def epoch_progress(self):
         """A ``progress(metrics, epochs)`` callback for run_train: one line per epoch."""
         return EpochProgress(self)
+
+
+def eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "--"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ScoreProgress:
+    """The rate counts from the first rows out, so the ETA leaves the start-up (actors, model) out."""
+
+    def __init__(self, console: Console, what: str):
+        self.console, self.what, self.first = console, what, None
+
+    def __call__(self, summary, total: int) -> None:
+        done, now = summary.scored + summary.errors + getattr(summary, "skipped", 0), time.monotonic()
+        if self.first is None and done:
+            self.first = (now, done)
+        rate = summary.images_per_s or None  # start-up included, until a second point gives the steady rate
+        if self.first and now > self.first[0] and done > self.first[1]:
+            rate = (done - self.first[1]) / (now - self.first[0])
+        left = (total - done) / rate if rate else None
+        final = done >= total
+        self.console.progress(
+            f"{self.what} {done:,}/{total:,} files  {summary.images_per_s:.1f} img/s  {summary.errors:,} errors"
+            + ("" if final else f"  ETA {eta(left)}"), final=final)
 
 
 class EpochProgress:

@@ -110,5 +110,5 @@ def evaluate(address, wait_for_gpus, wait_timeout, as_json, verbose, **settings)
     console.settings(s)
     with ray_for_job(address, wait_for_gpus=wait_for_gpus, wait_timeout=wait_timeout, verbose=verbose,
                      echo=console.note):
-        m = run_evaluate(s, progress=console.score_progress(), echo=console.note, phase=console.phase)
+        m = run_evaluate(s, progress=console.score_progress(), echo=console.note)
     console.summary(format_eval_summary(m, s.out), m)

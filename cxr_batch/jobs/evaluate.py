@@ -28,7 +28,6 @@ from ..archive.results import ERROR, OUT_OF_SCOPE, RETRY, SCORED, SKIPPED
 from ..model.entries import checkpoint_entries
 from ..errors import InputError
 from ..fields import INPUT, METRICS, MODEL, OUTPUT, setting, setting_like
-from ..reports.camref import resolve_cam
 from ..reports.markdown import report_markdown
 from .score_settings import ScoreSettings
 
@@ -81,9 +80,7 @@ class EvaluateSettings:
                              cam_point=self.cam_point, ood="flag")
 
 
-def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None, phase=None) -> dict:
-    """``progress`` and ``echo`` as run_score takes them; ``phase(what, total, unit)``: an ``update(done)``
-    callback for the deletion curves (a console's ``phase``)."""
+def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None) -> dict:
     from ..reports.metrics import binary_metrics, bootstrap_ci
     from ..archive.results import read_table
     from .score import run_score
@@ -116,14 +113,16 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None, phase=None) -
         "scoring": {"seconds": summary.seconds, "images_per_s": summary.images_per_s},
         "settings": asdict(s),
     }
-    metrics.update(_localisation(s, scored))
+    truth = _load_truth(s.folder, s.truth)
+    if truth:
+        metrics["pointing"] = dict(_pointing(scored, truth, s.pointing_tolerance), cam_point=s.cam_point)
     metrics["calibration"] = _calibration(scored, y, float(summary.model.get("temperature", 1.0)), s.n_boot)
-    metrics["deletion"] = _deletion(scored, score_settings, summary.model, s, phase)
+    metrics["deletion"] = _deletion(scored, score_settings, summary.model, s)
     if s.ood_check:
         metrics["ood_check"] = _ood_check(s, score_settings, rows, progress, echo)
     history = ckpt.get("history", [])
     with tempfile.TemporaryDirectory() as tmp:
-        _plots(tmp, y, p, threshold, metrics, history, scored, s.montage_size, score_settings.cam_dir)
+        _plots(tmp, y, p, threshold, metrics, history, scored, s.montage_size)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2, default=float)
         with open(os.path.join(tmp, "report.md"), "w") as f:
@@ -135,14 +134,6 @@ def run_evaluate(s: EvaluateSettings, *, progress=None, echo=None, phase=None) -
 
     write_evaluate_report(s.out)  # built from the folder just written: it shows whatever is there
     return metrics
-
-
-def _localisation(s: EvaluateSettings, scored: list) -> dict:
-    """The pointing game when there is a truth file, else one line saying why there is none."""
-    truth, why = _load_truth(s.folder, s.truth)
-    if not truth:
-        return {"pointing_note": why}
-    return {"pointing": dict(_pointing(scored, truth, s.pointing_tolerance), cam_point=s.cam_point)}
 
 
 def _ood_check(s: EvaluateSettings, score_settings, rows: list, progress, echo) -> dict:
@@ -184,16 +175,16 @@ def _calibration(scored, y, temperature: float, n_boot: int) -> dict:
     return {**calibration_report(y, margin, temperature, n_boot=n_boot, seed=0), "source": source}
 
 
-def _deletion(scored, score_settings, model: dict, s: EvaluateSettings, phase) -> dict | None:
+def _deletion(scored, score_settings, model: dict, s: EvaluateSettings) -> dict | None:
     from .deletion import run_deletion
 
     if s.deletion_images < 1:
         return None
     return run_deletion(scored, score_settings, model, n_images=s.deletion_images, steps=s.deletion_steps,
-                        n_boot=s.n_boot, phase=phase)
+                        n_boot=s.n_boot)
 
 
-def _plots(tmp, y, p, threshold, metrics, history, scored, montage_size, cam_dir):
+def _plots(tmp, y, p, threshold, metrics, history, scored, montage_size):
     from ..reports.plots import plot_confusion, plot_deletion, plot_montage, plot_reliability, plot_roc, plot_training_curves
 
     plot_roc(y, p, threshold, os.path.join(tmp, "roc.png"), title=f"ROC ({metrics['n_scored']} images)")
@@ -209,7 +200,7 @@ def _plots(tmp, y, p, threshold, metrics, history, scored, montage_size, cam_dir
     items = []
     for r in errors[:montage_size]:
         if r["cam_path"]:
-            items.append({"image": _image_bytes(resolve_cam(r["cam_path"], cam_dir)),
+            items.append({"image": _image_bytes(r["cam_path"]),
                           "caption": f"{posixpath.basename(r['path'])}\ntrue {r['label']}, P(pneu)={r['prob_pneumonia']:.2f}"})
     plot_montage(items, os.path.join(tmp, "errors_montage.png"), title="Most confident errors (CAM of PNEUMONIA)")
 
@@ -221,12 +212,8 @@ def _image_bytes(uri: str):
         return np.asarray(im.convert("RGB"))
 
 
-TRUTH_COLUMNS = ("path", "x", "y", "r")
-
-
-def _load_truth(folder: str, truth: str | None) -> tuple[dict | None, str | None]:
-    """-> (truth.csv rows keyed by the image path relative to ``folder``, None), or (None, one line saying
-    why there is no pointing result: no file, columns it does not know, no row for these images)."""
+def _load_truth(folder: str, truth: str | None) -> dict | None:
+    """truth.csv rows keyed by the image path relative to ``folder``."""
     candidates = [truth] if truth else []
     if not truth:
         base = folder.rstrip("/")
@@ -240,19 +227,14 @@ def _load_truth(folder: str, truth: str | None) -> tuple[dict | None, str | None
         if cand and storage.exists(cand):
             prefix = _relative_prefix(folder, posixpath.dirname(cand) if storage.is_uri(cand) else os.path.dirname(os.path.abspath(cand)))
             rows = csv.DictReader(io.StringIO(storage.read_bytes(cand).decode()))
-            missing = [c for c in TRUTH_COLUMNS if c not in (rows.fieldnames or [])]
-            if missing:
-                return None, (f"No pointing result: {cand} has columns {', '.join(rows.fieldnames or []) or 'none'};"
-                              f" it needs {', '.join(TRUTH_COLUMNS)} (the lesion centre and radius as fractions).")
             out = {}
             for r in rows:
                 if r.get("x") and r["path"].startswith(prefix):
                     out[r["path"][len(prefix):]] = (float(r["x"]), float(r["y"]), float(r["r"]))
-            return (out, None) if out else (None, f"No pointing result: no row of {cand} gives a lesion for an image of {folder}.")
+            return out
     if truth:
         raise InputError(f"--truth {truth} not found.")
-    return None, (f"No pointing result: no truth.csv of lesion positions in {folder} or the folders above it;"
-                  " pass one with --truth (columns path, x, y, r).")
+    return None
 
 
 def _relative_prefix(folder: str, truth_dir: str) -> str:

@@ -166,9 +166,8 @@ STALLED = ("no progress for {s:g} s (--stall-timeout) in the local engine: a rea
 
 def _drive(state: _Flow, scorer: Scorer, stages: StageConfig, stats: LocalStats, t0: float,
            stall_timeout_s: float | None = None) -> Iterator[pa.Table]:
-    held: list = []
     while not state.done:
-        r = _next_result(state.pool, held, stall_timeout_s)
+        r = state.pool.get(timeout=stall_timeout_s)
         if r is None:
             raise Stalled(STALLED.format(s=stall_timeout_s))
         state.in_flight -= 1
@@ -188,17 +187,6 @@ def _drive(state: _Flow, scorer: Scorer, stages: StageConfig, stats: LocalStats,
         elif r.status == DONE:
             yield pa.table({k: _arrow(v) for k, v in r.value.items()})
         # LOST: the batch's rows stay absent; the driver's anti-join finds them (RUNLOOP.md).
-
-
-def _next_result(pool, held: list, timeout: float | None):
-    """The next finished task, finished rows before decoded ones: the decodes done ahead during the
-    start-up would otherwise all go through the model before the first row is written, and progress
-    (and a reader of the output) would see nothing until then."""
-    while (r := pool.get(timeout=0)) is not None:
-        held.append(r)
-    if not held:
-        return pool.get(timeout=timeout)
-    return held.pop(next((i for i, r in enumerate(held) if r.tag[0] == "finish"), 0))
 
 
 def _forward_batches(batch: dict, size: int) -> Iterator[dict]:

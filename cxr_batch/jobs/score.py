@@ -34,7 +34,6 @@ from ..model.registry import ModelInfo, describe
 from .ray_env import check_shared_storage, joining_a_cluster
 from .runloop import Outcome, RetryPolicy, drive
 from .score_settings import ScoreSettings
-from ..reports.camref import META_KEY as CAM_ROOT
 from .score_stages import Scorer, StageConfig, decode_batch, finish_batch, skip_reason
 
 DEVICE_DECODE_NOTE = "JPEGs decoded and overlays composed beside the model"  # the start line's and the summary's
@@ -156,7 +155,7 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
     multi-node cluster; take the lease on --out; list; start Ray now if the archive's size made the
     engine Ray; clear (--overwrite); skip what is done; run the stages under the retry policy
     (jobs/runloop.py).
-    ``progress(summary, total)`` is called once the files are counted, per batch of rows, and at the end (its ``close()``, if any, also on failure);
+    ``progress(summary, total)`` is called as rows arrive (at most every 2 s, and at the end);
     ``echo(line)`` gets one line per stage of the job. ``prepared``: what ``prepare(s)`` returned and the
     seconds it took, when the caller already ran it (the CLI does, to fail before anything starts)."""
     t0 = time.perf_counter()
@@ -187,13 +186,10 @@ def run_score(s: ScoreSettings, *, progress=None, echo=None, ray_context=None, p
         todo, retry_parts = _resume(s, files, info, summary)
         info = info if todo.num_rows else _vetted(info, summary)  # nothing to score: a bad model is still refused
         metadata = {"settings": asdict(s), "model_id": info.model_id, "model": info.to_dict(),
-                    "classes": list(CLASSES), CAM_ROOT: cam_dir, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
+                    "classes": list(CLASSES), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id}
         writer = PartWriter(s.out, metadata, s.rows_per_part, run=run_id, before_publish=lease.check)
         if echo:
             echo(_start_line(summary, todo.num_rows, plan))
-        if progress and todo.num_rows:
-            progress(summary, todo.num_rows)
-            stack.callback(getattr(progress, "close", lambda: None))
         if todo.num_rows:
             # Old "retry" rows of these files go first (parts rewritten whole), so no reader sees two rows.
             summary.redone = drop_retry_rows(s.out, todo["path"].combine_chunks(), parts=retry_parts, before_publish=lease.check)
@@ -462,10 +458,11 @@ def _failed_rows(info: ModelInfo):
 
 
 def _publisher(writer: PartWriter, summary: ScoreSummary, total: int, t0: float, progress):
-    """``publish(table)``: write final rows, count them by status, tell ``progress``."""
+    """``publish(table)``: write final rows and count them by status; progress at most every 2 s."""
+    last = [0.0]
+
     def publish(table: pa.Table) -> None:
         summary.startup.setdefault("first_rows_s", round(time.perf_counter() - t0, 3))
-        table = null_unknown_sizes(table)
         writer.add(table)
         counts = {d["values"]: d["counts"] for d in pc.value_counts(table["status"].cast(pa.string())).to_pylist()}
         summary.scored += counts.get(SCORED, 0)
@@ -477,20 +474,10 @@ def _publisher(writer: PartWriter, summary: ScoreSummary, total: int, t0: float,
         summary.flagged_out_of_scope += _flagged(table)
         summary.errors += table.num_rows - sum(counts.get(k, 0) for k in (SCORED, SKIPPED, RETRY, OUT_OF_SCOPE))
         summary.seconds = time.perf_counter() - t0
-        if progress:
+        if progress and time.perf_counter() - last[0] > 2:
+            last[0] = time.perf_counter()
             progress(summary, total)
     return publish
-
-
-def null_unknown_sizes(table: pa.Table) -> pa.Table:
-    """``width``/``height`` of 0 (a file that never decoded) -> null: no image is 0 px wide, and a 0
-    would pull down every average a reader takes."""
-    for name in ("width", "height"):
-        if name in table.column_names:
-            col = table[name]
-            table = table.set_column(table.column_names.index(name), name,
-                                     pc.if_else(pc.equal(col, 0), pa.scalar(None, col.type), col))
-    return table
 
 
 MAX_SKIP_REASONS = 100  # distinct reasons counted by name: the values come from the files, so they are unbounded

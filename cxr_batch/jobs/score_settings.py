@@ -35,7 +35,7 @@ class ScoreSettings:
                                   shown="<out>-cams beside the output")
     cams: bool = setting(True, "Write a CAM overlay PNG per image.", group=OUTPUT)
     # None: the model's input size, the cheapest overlay; 0: the image's own resolution.
-    cam_size: int | None = setting(None, "Long side of the overlay PNGs in px, in the image's aspect ratio; 0 keeps its own resolution.",
+    cam_size: int | None = setting(None, "Side of the overlay PNGs in px; 0 keeps the image's own resolution.",
                                    group=OUTPUT, shown="the model's input size")
     # absolute: one fixed range of the map's logit units (cam.ABSOLUTE_RANGE), so a confident NORMAL
     # stays cold and heat says how strong; relative: every image, NORMAL too, shows a hot spot.

@@ -20,13 +20,12 @@ from .. import CLASSES, POSITIVE
 from ..archive import storage
 from ..archive.discover import label_from_path, opened_outside, outside_archive
 from ..archive.results import ERROR, OUT_OF_SCOPE, RETRY, SCORED, SKIPPED, TEXT_COLUMNS, cam_uri
-from ..reports.camref import relative_cam
 from ..errors import DecodeError, Skipped, TransientError, one_line
 from ..pixels.decode import DEFAULT_MAX_PIXELS, decode_image
 from ..pixels.device_decode import decode_on_device, device_jpeg_header
 from ..pixels.gate import PREFIX as GATE_PREFIX
 from ..pixels.gray import to_u8
-from ..pixels.transforms import to_aspect, to_model_pixels
+from ..pixels.transforms import to_model_pixels
 
 
 @dataclass(frozen=True)
@@ -427,20 +426,19 @@ def finish_batch(batch: dict, *, info: dict, cam_dir: str | None, cam_size: int 
 
 
 def _write_cam(batch, i, cam_dir, cam_size, archive, max_pixels, cam_scale, grid, follow_symlinks, max_bytes):
-    """Row ``i``'s overlay PNG -> (its name relative to ``cam_dir`` or None, None or (error, status) when it
-    could not be written)."""
+    """Row ``i``'s overlay PNG -> (its URI or None, None or (error, status) when it could not be written)."""
     from ..model.cam import encode_png, overlay
 
     try:
-        if "overlay" in batch:  # composed beside the model (Scorer.add_overlays), on its square input
-            rgb = to_aspect(batch["overlay"][i], int(batch["width"][i]), int(batch["height"][i]))
+        if "overlay" in batch:  # composed beside the model (Scorer.add_overlays)
+            rgb = batch["overlay"][i]
         else:
             base = _cam_base(batch, i, cam_size, archive, max_pixels, follow_symlinks=follow_symlinks,
                              max_bytes=max_bytes)
             rgb = overlay(base, batch["cam"][i], grid, scale=cam_scale)
         uri = cam_uri(cam_dir, batch["path"][i])
         storage.write_bytes_atomic(uri, encode_png(rgb))
-        return relative_cam(cam_dir, uri), None
+        return uri, None
     except Exception as e:  # a failed PNG must not lose the row's prediction
         # No space, a read-only remount, an unreadable file for a full-size overlay: the environment's, so
         # the row is redone; anything else is this image's own problem.
@@ -470,14 +468,13 @@ CHANGED = "file changed between its two reads (scored, then read again for --cam
 
 def _cam_base(batch: dict, i: int, cam_size: int | None, archive: str, max_pixels: int, *, follow_symlinks: bool,
               max_bytes: int | None) -> np.ndarray:
-    """The X-ray under the overlay, in the file's aspect ratio, its long side ``cam_size``: the model's
-    (square) input un-squashed when sizes match (no second decode). Else the file is read again by the
-    decode stage's reader, with its checks, and must be the bytes that were scored."""
+    """The X-ray under the overlay: the model's input when sizes match (no second decode). Else the file
+    is read again by the decode stage's reader, with its checks, and must be the bytes that were scored."""
     pixels = batch["pixels"][i]
     if cam_size is None or cam_size == pixels.shape[0]:
-        return to_aspect(pixels, int(batch["width"][i]), int(batch["height"][i]))
+        return pixels
     data = _read(archive, batch["path"][i], sniff=False, follow_symlinks=follow_symlinks, max_bytes=max_bytes)
     if hashlib.sha256(data).hexdigest() != batch["sha256"][i]:
         raise TransientError(CHANGED)
     d = decode_image(data, max_pixels=max_pixels, draft=cam_size or None)
-    return to_u8(d.gray) if cam_size == 0 else to_aspect(to_u8(d.gray), d.width, d.height, cam_size)
+    return to_u8(d.gray) if cam_size == 0 else to_model_pixels(d.gray, cam_size)

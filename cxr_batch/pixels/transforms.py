@@ -39,23 +39,6 @@ def to_model_pixels(gray: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im.resize((size, size), Image.BILINEAR))
 
 
-def aspect_size(width: int, height: int, long_side: int) -> tuple[int, int]:
-    """(W, H) with the long side ``long_side`` and the file's own aspect ratio (at least 1 px each)."""
-    if width <= 0 or height <= 0:
-        return long_side, long_side
-    k = long_side / max(width, height)
-    return max(1, round(width * k)), max(1, round(height * k))
-
-
-def to_aspect(img: np.ndarray, width: int, height: int, long_side: int | None = None) -> np.ndarray:
-    """A picture (H, W) or (H, W, 3) uint8 -> the file's aspect ratio, its long side ``long_side``
-    (default: the picture's own). The model's input is square: an overlay drawn on it is un-squashed here."""
-    size = aspect_size(width, height, long_side or max(img.shape[:2]))
-    if (img.shape[1], img.shape[0]) == size:
-        return img
-    return np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR))
-
-
 def normalize(pixels: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
     """uint8 or [0, 1] float (B, S, S) -> normalized float32 (B, 3, S, S)."""
     import torch

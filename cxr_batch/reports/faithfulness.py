@@ -62,30 +62,14 @@ def deletion_curves(score, pixels: np.ndarray, *, cells: CamGrid, steps: int, se
     """``score(uint8 (m, S, S)) -> (P(PNEUMONIA) (m,), CAMs (m, h, w))`` the model, its CAM cells placed
     by ``cells``; ``pixels`` (n, S, S).
     -> per-image curves (n, steps + 1) for the CAM order and a random order, and their areas."""
-    gen = iter_deletion_curves(score, pixels, cells=cells, steps=steps, seed=seed, batch_size=batch_size)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return done.value
-
-
-def deletion_passes(n_images: int, steps: int) -> int:
-    """Forward passes (images through the model) that the curves of ``n_images`` cost."""
-    return n_images * (2 * steps + 1)
-
-
-def iter_deletion_curves(score, pixels: np.ndarray, *, cells: CamGrid, steps: int, seed: int = 0, batch_size: int = 16):
-    """``deletion_curves`` as a generator: yields the forward passes done so far after each batch
-    (out of ``deletion_passes``), so a long run can show its progress; returns the curves."""
-    p0, cams = yield from _in_batches(score, pixels, batch_size, 0)
+    p0, cams = _in_batches(score, pixels, batch_size)
     grid = cams.shape[1:]
     rng = np.random.default_rng(seed)
     stacks = []
     for img, cam in zip(pixels, cams):
         by_cam = np.argsort(-block_scores(cam, img.shape[0], cells).ravel(), kind="stable")
         stacks += [deletion_stack(img, by_cam, grid, steps), deletion_stack(img, rng.permutation(by_cam.size), grid, steps)]
-    probs, _ = yield from _in_batches(score, np.concatenate(stacks), batch_size, len(pixels))
+    probs, _ = _in_batches(score, np.concatenate(stacks), batch_size)
     probs = probs.reshape(len(pixels), 2, steps)
     cam_curve = np.column_stack([p0, probs[:, 0]])
     random_curve = np.column_stack([p0, probs[:, 1]])
@@ -94,13 +78,12 @@ def iter_deletion_curves(score, pixels: np.ndarray, *, cells: CamGrid, steps: in
             "auc_cam": trapezoid(cam_curve, x, axis=1), "auc_random": trapezoid(random_curve, x, axis=1)}
 
 
-def _in_batches(score, pixels, batch_size, before: int):
+def _in_batches(score, pixels, batch_size):
     probs, cams = [], []
     for i in range(0, len(pixels), batch_size):
         p, c = score(pixels[i:i + batch_size])
         probs.append(np.asarray(p, np.float64))
         cams.append(np.asarray(c, np.float32))
-        yield before + min(i + batch_size, len(pixels))
     return np.concatenate(probs), np.concatenate(cams)
 
 

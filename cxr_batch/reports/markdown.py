@@ -27,8 +27,6 @@ def report_markdown(metrics: dict, ckpt: dict) -> str:
     c = m["confusion"]
     lines += ["", f"Confusion: TP {c['tp']}, FN {c['fn']}, FP {c['fp']}, TN {c['tn']}.", ""]
     pt = metrics.get("pointing")
-    if metrics.get("pointing_note"):
-        lines += [metrics["pointing_note"], ""]
     if pt and pt.get("true_positives"):
         g = pt["true_positives"]
         how = {"map": "the centre of the CAM's hot spot", "evidence": "the input pixels that make the CAM's hot spot hot"}

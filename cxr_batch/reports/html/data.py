@@ -61,9 +61,6 @@ class GallerySpec:
     key: str  # "prob": highest P first; "margin": closest to the threshold first; "wrong": most confident errors;
     # "ood": the out-of-scope rows farthest from the training images (highest ood_score) first
     k: int
-    # The name of a gallery this one must not repeat (a reader looks at both: a shared image is a wasted
-    # tile); it is chosen first.
-    unlike: str | None = None
 
 
 @dataclass
@@ -279,15 +276,14 @@ class Aggregator:
             if spec.key == "wrong":
                 keep = pc.and_(keep, pc.and_(pc.is_valid(g["label"]), pc.not_equal(g["label"], g["pred"])).fill_null(False))
             old = self.a.galleries.get(spec.name)
-            wanted = self._wanted(spec)
-            if old is not None and old.num_rows >= wanted > 0:
+            if old is not None and old.num_rows >= spec.k > 0:
                 # Only rows that can enter the top k: most batches then hand on none.
                 worst = (pc.min if order == "descending" else pc.max)(old[column])
                 keep = pc.and_(keep, (pc.greater_equal if order == "descending" else pc.less_equal)(g[column], worst))
             cand = g.filter(keep)
             if old is not None:
                 cand = pa.concat_tables([old, cand])
-            k = min(wanted, cand.num_rows)
+            k = min(spec.k, cand.num_rows)
             idx = pc.select_k_unstable(cand, k, sort_keys=[(column, order), ("path", "ascending")]) if k else []
             self.a.galleries[spec.name] = cand.take(idx)
 
@@ -324,23 +320,7 @@ class Aggregator:
             entry[0] += row["path_count"]
             entry[2] = sorted(entry[2] + row["path_list"])[:EXAMPLES_PER_ERROR]
 
-    def _wanted(self, spec: GallerySpec) -> int:
-        """Candidates kept: k, and as many again as the gallery it must not repeat can take away."""
-        other = next((o for o in self.specs if o.name == spec.unlike), None)
-        return spec.k + (other.k if other else 0)
-
-    def _disjoint(self) -> None:
-        for spec in self.specs:
-            rows, other = self.a.galleries.get(spec.name), self.a.galleries.get(spec.unlike or "")
-            if rows is None:
-                continue
-            if other is not None:
-                rows = rows.filter(pc.invert(pc.is_in(rows["path"], other["path"])))
-            column, order = _GALLERY_KEYS[spec.key]
-            self.a.galleries[spec.name] = rows.sort_by([(column, order), ("path", "ascending")]).slice(0, spec.k)
-
     def result(self) -> Aggregate:
-        self._disjoint()
         a = self.a
         a.threshold = (self._tmin, self._tmax) if np.isfinite(self._tmin) else None
         a.errors = sorted((ErrorGroup(norm, st, n, msg, sorted(ex)) for (st, norm), (n, msg, ex) in self._errors.items()),

@@ -2,7 +2,7 @@
 
 Built from what the folder holds, not from evaluate's internals, so each section appears when its
 data exists and the page still works without it: metrics.json (metrics with 95% CIs, confusion,
-threshold, pointing, and a few named rows of the rest: reports/html/curated.py), the PNG plots
+threshold, pointing; whatever else later versions add lands in "Other results"), the PNG plots
 beside it (ROC, confusion, training curves, reliability, deletion...; unknown ones in "More
 figures"), and predictions.parquet/ with cams/ for the distribution and the most confident errors.
 """
@@ -18,10 +18,11 @@ from markupsafe import Markup
 from ... import CLASSES
 from ...archive import storage
 from ...errors import InputError
-from ..camref import META_KEY as CAM_ROOT
-from .curated import curated
-from .page import cam_legend, checkpoint_rows, gallery_items, kv_rows, pct, render, show
+from .page import checkpoint_rows, gallery_items, kv_rows, pct, render, show
 
+# metrics.json keys that have a section of their own; every other key goes to "Other results".
+KNOWN_KEYS = {"checkpoint", "model_id", "folder", "threshold", "threshold_rule", "n_files", "n_scored", "n_errors",
+              "metrics", "ci95", "scoring", "settings", "pointing"}
 METRIC_NAMES = [("accuracy", "Accuracy"), ("sensitivity", "Sensitivity (recall)"), ("specificity", "Specificity"),
                 ("ppv", "PPV (precision)"), ("npv", "NPV"), ("f1", "F1"), ("roc_auc", "ROC AUC")]
 # Which section a figure or a metrics.json key belongs to, by name.
@@ -49,6 +50,29 @@ def _caption(name: str) -> str:
     return CAPTIONS.get(stem) or re.sub(r"[_-]+", " ", stem).strip().capitalize()
 
 
+def flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dicts -> ("a › b", text) rows. A value with a ``<key>_ci95`` pair beside it shows its
+    interval in its own row; long lists (curves, per-bin counts) are counted, not printed."""
+    rows = []
+    for k, v in d.items():
+        if k.endswith("_ci95") and k[: -len("_ci95")] in d:
+            continue
+        name = f"{prefix} › {k}" if prefix else str(k)
+        if isinstance(v, dict):
+            rows += flatten(v, name)
+        else:
+            rows.append((name.replace("_", " "), _value(v, d.get(f"{k}_ci95"))))
+    return rows
+
+
+def _value(v, ci=None) -> str:
+    if isinstance(v, (list, tuple)) and len(v) > 6:
+        return f"{len(v)} values (in metrics.json)"
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return f"{show(v)} (95% CI {show(ci[0])} – {show(ci[1])})"
+    return show(v)
+
+
 def _metric_rows(m: dict) -> list[dict]:
     values, ci = m.get("metrics") or {}, m.get("ci95") or {}
     rows = []
@@ -58,6 +82,21 @@ def _metric_rows(m: dict) -> list[dict]:
             continue
         rows.append({"key": key, "name": name, "value": v, "lo": lohi[0] if lohi else None, "hi": lohi[1] if lohi else None})
     return rows
+
+
+def _extra_results(m: dict) -> dict:
+    """metrics.json keys without a section of their own, grouped by the section their name suggests."""
+    out: dict = {}
+    for k, v in m.items():
+        if k in KNOWN_KEYS:
+            continue
+        section = _section_of(k)
+        if isinstance(v, dict):  # in the section of the same name, rows need no "key ›" before them
+            rows = flatten(v, "" if k == section else k)
+        else:
+            rows = [(k.replace("_", " "), _value(v))]
+        out.setdefault(section, []).extend(rows)
+    return out
 
 
 def _pointing(m: dict) -> list[dict]:
@@ -76,32 +115,8 @@ def _pointing(m: dict) -> list[dict]:
     return games
 
 
-# An error is confident when the model gave its wrong call at least this probability: P(pneumonia)
-# this high for a false positive, this low (1 - it) for a false negative.
-CONFIDENT = 0.8
-
-
-def is_confident(prob: float, label: str) -> bool:
-    """Whether a wrong call on an image of true class ``label`` was made with confidence."""
-    return prob >= CONFIDENT if label == CLASSES[0] else prob <= 1 - CONFIDENT
-
-
-def errors_lead(tiles: list, labels: list) -> str:
-    """What the errors gallery says above its tiles (ranked by distance to the threshold)."""
-    confident = sum(is_confident(t["prob"], lab) for t, lab in zip(tiles, labels))
-    if not tiles:
-        return ""
-    if not confident:
-        return (f"No error was confident: every wrong call had a P(pneumonia) between {1 - CONFIDENT:.1f} and"
-                f" {CONFIDENT:.1f}, so the model was unsure of each image it got wrong. Shown: the errors farthest"
-                " from the threshold, with their CAM overlays.")
-    return (f"The misclassified images farthest from the threshold; {confident} of these {len(tiles)} were confident"
-            f" (their wrong call at P {CONFIDENT:.1f} or more). Click one for the full-size CAM overlay.")
-
-
 def _confident_errors(folder: str, page: str, threshold: float, k: int):
-    """(histogram SVG by true class, gallery tiles, their lead) from predictions.parquet; (None, None, "")
-    without it."""
+    """(histogram SVG by true class, gallery tiles) from predictions.parquet; (None, None) without it."""
     from .data import GallerySpec, aggregate
     from .plots import histogram_svg
 
@@ -109,7 +124,7 @@ def _confident_errors(folder: str, page: str, threshold: float, k: int):
     try:
         a, meta = aggregate(preds, galleries=[GallerySpec("wrong", "wrong", k)])
     except InputError:
-        return None, None, ""
+        return None, None
     svg = Markup(histogram_svg(a.bins, a.hist, threshold)) if a.scored else None
 
     def truth(r):
@@ -117,10 +132,9 @@ def _confident_errors(folder: str, page: str, threshold: float, k: int):
             return f"FP · true {r['label']}", "flag"
         return f"FN · true {r['label']}", "error"
 
-    wrong = a.galleries.get("wrong")
-    tiles = gallery_items(wrong, page, (meta.get("settings") or {}).get("archive"),
-                          cam_dir=storage.join(folder, "cams"), cam_root=meta.get(CAM_ROOT), badge=truth)
-    return svg, tiles, errors_lead(tiles, wrong["label"].to_pylist() if wrong is not None else [])
+    tiles = gallery_items(a.galleries.get("wrong"), page, (meta.get("settings") or {}).get("archive"),
+                          cam_dir=storage.join(folder, "cams"), badge=truth)
+    return svg, tiles
 
 
 def render_evaluate_page(folder: str, *, gallery: int = 12) -> str:
@@ -129,15 +143,14 @@ def render_evaluate_page(folder: str, *, gallery: int = 12) -> str:
     m = json.loads(storage.read_bytes(storage.join(folder, "metrics.json")))
     page = storage.join(folder, "report.html")
     threshold = float(m.get("threshold", 0.5))
-    hist_svg, tiles, errors_text = _confident_errors(folder, page, threshold, gallery)
-    figs, extra = _figures(folder), curated(m)
+    hist_svg, tiles = _confident_errors(folder, page, threshold, gallery)
+    figs, extra = _figures(folder), _extra_results(m)
     ck = checkpoint_facts(m["checkpoint"], m.get("model_id")) if m.get("checkpoint") else None
     c = (m.get("metrics") or {}).get("confusion") or {}
     sections = [("metrics", "Metrics"), ("roc", "ROC & confusion")]
     has = {"calibration": figs.get("calibration") or extra.get("calibration"),
            "distribution": hist_svg is not None, "training": figs.get("training") or extra.get("training"),
-           "localisation": figs.get("localisation") or extra.get("localisation") or m.get("pointing")
-                            or m.get("pointing_note"),
+           "localisation": figs.get("localisation") or extra.get("localisation") or m.get("pointing"),
            "errors": tiles is not None, "other": figs.get("other") or extra.get("other")}
     names = {"calibration": "Calibration", "distribution": "P(pneumonia)", "training": "Training",
              "localisation": "CAM localisation", "errors": "Most confident errors", "other": "Other results"}
@@ -148,8 +161,7 @@ def render_evaluate_page(folder: str, *, gallery: int = 12) -> str:
         subtitle=[f"{m.get('n_scored', 0):,} labelled images scored", f"{m.get('n_errors', 0):,} errors",
                   f"model {m.get('model_id')}", f"threshold {threshold:.3g} ({m.get('threshold_rule', '?')})"],
         metric_rows=_metric_rows(m), confusion=c, figs=figs, extra=extra, pointing=_pointing(m), hist_svg=hist_svg,
-        tiles=tiles or [], errors_lead=errors_text, cam_legend=cam_legend((m.get("settings") or {}).get("cam_scale")),
-        checkpoint=ck, ck_rows=_model_rows(ck),
+        tiles=tiles or [], checkpoint=ck, ck_rows=_model_rows(ck),
         train_rows=kv_rows((ck or {}).get("settings") or {}), settings_rows=kv_rows(m.get("settings") or {}),
         scoring=m.get("scoring") or {}, pct=pct, threshold=threshold,
         footer="Files beside this page: metrics.json, report.md, the PNG plots, predictions.parquet/ and cams/.",

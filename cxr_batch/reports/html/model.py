@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from ...errors import CxrError
 from ...model.entries import checkpoint_entries
-from ..camref import META_KEY as CAM_ROOT
 
 # Checkpoint entries that are weights or bookkeeping, not provenance.
 _SKIP = {"state_dict", "optimizer", "format", "version", "classes", "history"}
@@ -47,4 +46,4 @@ def provenance(meta: dict) -> dict:
     if model.get("trained") and spec:
         checkpoint = checkpoint_facts(spec, meta.get("model_id"))
     return {"model": model, "model_id": meta.get("model_id"), "settings": meta.get("settings") or {},
-            "started": meta.get("started"), "checkpoint": checkpoint, "cam_dir": meta.get(CAM_ROOT)}
+            "started": meta.get("started"), "checkpoint": checkpoint}

@@ -3,7 +3,6 @@ value formatting, relative links, gallery tiles and the rows that describe a che
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from functools import lru_cache
@@ -12,7 +11,6 @@ from urllib.parse import quote
 from ... import CLASSES, __version__
 from ...archive import storage
 from ...archive.results import cam_uri
-from ..camref import is_relative, resolve_cam
 
 # Checkpoint entries shown in their own rows, or not at all (arch and size are in the model's rows).
 _CHECKPOINT_SHOWN = {"uri", "same_file", "model_id", "settings", "metrics", "epoch", "epochs_trained", "threshold",
@@ -47,21 +45,18 @@ def pct(n: int, d: int) -> str:
     return f"{100 * n / d:.1f}%" if d else "–"
 
 
-def _cam_of(r: dict, cam_dir: str | None, cam_root: str | None = None) -> str | None:
-    """The row's CAM PNG: a relative ``cam_path`` under the table's CAM root (``cam_root``, from its
-    metadata), else under ``cam_dir``; an old absolute one as stored, or, when the table and its CAMs
-    were moved or copied together, the same relative name under ``cam_dir``."""
+def _cam_of(r: dict, cam_dir: str | None) -> str | None:
+    """The row's CAM PNG; when the table and its CAMs were moved or copied together (the stored
+    path is absolute), the same relative name under ``cam_dir``."""
     cam = r.get("cam_path")
-    if cam and is_relative(cam):
-        return resolve_cam(cam, cam_root, cam_dir)
     if cam and cam_dir and not storage.exists(cam):
         moved = cam_uri(cam_dir, r["path"])
         return moved if storage.exists(moved) else cam
     return cam
 
 
-def gallery_items(table, page: str, archive: str | None, *, cam_dir: str | None = None, cam_root: str | None = None,
-                  badge=None, value: str = "prob_pneumonia") -> list[dict]:
+def gallery_items(table, page: str, archive: str | None, *, cam_dir: str | None = None, badge=None,
+                  value: str = "prob_pneumonia") -> list[dict]:
     """Gallery rows -> tiles: a CAM thumbnail (else the archive image itself) and a link to the full PNG;
     each captioned with its ``value`` column (P(pneumonia), or ood_score)."""
     from .plots import thumbnails
@@ -69,7 +64,7 @@ def gallery_items(table, page: str, archive: str | None, *, cam_dir: str | None 
     rows = table.to_pylist() if table is not None else []
     sources = []
     for r in rows:
-        cam = _cam_of(r, cam_dir, cam_root)
+        cam = _cam_of(r, cam_dir)
         if cam:
             sources.append((cam, True))
         elif archive and ".." not in r["path"].split("/"):
@@ -122,26 +117,3 @@ def checkpoint_rows(ck: dict) -> list[tuple[str, str]]:
     rows.append(("threshold", f"{show(ck.get('threshold'))} ({metrics.get('threshold_rule', 'rule not recorded')})"))
     rows += [(k.replace("_", " "), v) for k, v in ck.items() if k not in _CHECKPOINT_SHOWN]
     return [(k, show(v)) for k, v in rows if v is not None]
-
-
-def cam_legend(scale: str | None) -> dict | None:
-    """The overlays' colour scale for a page: a CSS gradient of the colour map and what its ends mean.
-    None when the scale is unknown (a table written by another tool)."""
-    from ...model.cam import ABSOLUTE_RANGE, _lut
-
-    if scale not in ("absolute", "relative"):
-        return None
-    lut = _lut("jet")
-    stops = ", ".join(f"rgb({r},{g},{b}) {100 * i / 8:.0f}%" for i, (r, g, b) in enumerate(lut[::32].tolist() + [lut[-1].tolist()]))
-    if scale == "absolute":
-        lo, hi = ABSOLUTE_RANGE
-        low, high = f"{lo:g} or less", f"{hi:g} or more"
-        text = (f"Colour (--cam-scale absolute, the same on every image): the map's log-odds of PNEUMONIA per region."
-                f" No colour at {lo:g} and below (a region that says nothing either way); full colour (red) at {hi:g}"
-                f" and above: an image made all of such regions would be PNEUMONIA at odds of {math.exp(hi):,.0f} to 1.")
-    else:
-        low, high = "this image's coldest", "its hottest"
-        text = ("Colour (--cam-scale relative, per image): from the image's coldest region (no colour) to its hottest"
-                " (red). It shows where the model looked, not how strongly: every image has a red spot; the"
-                " cam_max column gives the strength.")
-    return {"gradient": f"linear-gradient(to right, {stops})", "low": low, "high": high, "text": text, "scale": scale}

@@ -21,7 +21,7 @@ from ...errors import InputError
 from ...archive.results import default_cam_dir, part_files, read_metadata
 from .data import MAX_FOLDERS_AUTO, Aggregate, GallerySpec, aggregate
 from .model import provenance
-from .page import cam_legend, checkpoint_rows, gallery_items, kv_rows, pct, render, show
+from .page import checkpoint_rows, gallery_items, kv_rows, pct, render, show
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +59,7 @@ class ReportResult:
 def write_score_report(s: ReportSettings) -> ReportResult:
     t0 = time.perf_counter()
     out = s.resolved_out()
-    specs = [GallerySpec("suspicious", "prob", s.gallery), GallerySpec("uncertain", "margin", s.gallery, unlike="suspicious"),
+    specs = [GallerySpec("suspicious", "prob", s.gallery), GallerySpec("uncertain", "margin", s.gallery),
              GallerySpec("out_of_scope", "ood", s.gallery)]
     with ThreadPoolExecutor(1) as pool:
         # The checkpoint's facts need torch (seconds to import): fetched while the table streams.
@@ -91,9 +91,7 @@ def render_score_page(a: Aggregate, prov: dict, s: ReportSettings, out: str) -> 
              ("suspicious", "Most suspicious"), ("uncertain", "Most uncertain"), ("out_of_scope", "Out of scope"),
              ("model", "Model"), ("run", "Run")],
         counts=_counts(a), hist=_hist(a), folders=_folders(a, s.max_folders), errors=_errors(a),
-        galleries=_galleries(a, out, archive, s.gallery, _default_cam_dir(s.results), prov.get("cam_dir"),
-                             prov["settings"].get("cam_scale")),
-        model=_model(prov),
+        galleries=_galleries(a, out, archive, s.gallery, _default_cam_dir(s.results)), model=_model(prov),
         run=_run(prov, a),
         footer=f"Regenerate: cxr-batch report {s.results} --out {out}",
     )
@@ -122,7 +120,6 @@ def _hist(a: Aggregate) -> dict:
     from .plots import histogram_svg
 
     thr = _threshold(a)
-    key = cam_legend(scale)
     if not a.scored:
         return {"svg": None, "lead": "No image was scored.", "by_label": []}
     varies = a.threshold is not None and a.threshold[1] - a.threshold[0] > 1e-6
@@ -171,8 +168,7 @@ def _errors(a: Aggregate) -> dict:
     return {"groups": [g for g in a.errors if g.status != "skipped"], "lead": lead}
 
 
-def _galleries(a: Aggregate, out: str, archive: str | None, k: int, cam_dir: str, cam_root: str | None,
-               scale: str | None) -> list[dict]:
+def _galleries(a: Aggregate, out: str, archive: str | None, k: int, cam_dir: str) -> list[dict]:
     def flagged(r):
         return ("flagged", "flag") if r["pred"] == CLASSES[POSITIVE] else ("not flagged", "ok")
 
@@ -182,12 +178,10 @@ def _galleries(a: Aggregate, out: str, archive: str | None, k: int, cam_dir: str
         {"id": "suspicious", "title": "Most suspicious", "empty": "No image was scored.",
          "lead": f"The {k} images with the highest P(pneumonia). Each thumbnail is the CAM overlay (where the model"
                  " looked: red is most PNEUMONIA-like); click it for the full-size PNG.",
-         "tiles": gallery_items(a.galleries.get("suspicious"), out, archive, cam_dir=cam_dir, cam_root=cam_root, badge=flagged),
-         "legend": key},
+         "tiles": gallery_items(a.galleries.get("suspicious"), out, archive, cam_dir=cam_dir, badge=flagged)},
         {"id": "uncertain", "title": "Most uncertain", "empty": "No image was scored.",
          "lead": f"The {k} images closest to the threshold ({thr_text}): the model's hardest calls, worth a second look.",
-         "tiles": gallery_items(a.galleries.get("uncertain"), out, archive, cam_dir=cam_dir, cam_root=cam_root, badge=flagged),
-         "legend": key},
+         "tiles": gallery_items(a.galleries.get("uncertain"), out, archive, cam_dir=cam_dir, badge=flagged)},
         _out_of_scope(a, out, archive, k),
     ]
 
