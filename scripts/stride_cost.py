@@ -19,23 +19,24 @@ from torch.utils.flop_counter import FlopCounterMode
 from cxr_batch.model.network import build_model
 
 
-def _flops(net, x, train: bool) -> int:
-    with FlopCounterMode(display=False) as fc:
-        if train:
-            net(x)[0].sum().backward()
-        else:
-            with torch.no_grad():
-                net(x)
-    return fc.get_total_flops()
-
-
-def _seconds(net, x, train: bool) -> float:
-    t = time.perf_counter()
+def _step(net, x, train: bool) -> None:
+    """One training step's forward and backward, or one scoring forward."""
     if train:
         net(x)[0].sum().backward()
     else:
         with torch.no_grad():
             net(x)
+
+
+def _flops(net, x, train: bool) -> int:
+    with FlopCounterMode(display=False) as fc:
+        _step(net, x, train)
+    return fc.get_total_flops()
+
+
+def _seconds(net, x, train: bool) -> float:
+    t = time.perf_counter()
+    _step(net, x, train)
     return time.perf_counter() - t
 
 
