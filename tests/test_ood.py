@@ -176,40 +176,16 @@ def test_a_checkpoint_without_statistics_scores_everything_with_one_note(trained
 def test_the_report_says_why_each_file_was_not_scored_with_counts(trained, skipped, tmp_path):
     """The page's "Not scored: out of scope" section: a row per gate reason (tag and value) and one for the
     OOD check, each with its count, beside the thumbnails of the out-of-scope images."""
-    from html.parser import HTMLParser
+    import html
+    import re
 
     from cxr_batch.reports.html.score import ReportSettings, write_score_report
 
     out, summary, df = skipped
-    page = write_score_report(ReportSettings(results=str(out), out=str(tmp_path / "r.html"))).path
-
-    class Rows(HTMLParser):
-        def __init__(self):
-            super().__init__()
-            self.inside, self.rows, self.cell = False, [], None
-
-        def handle_starttag(self, tag, attrs):
-            if tag == "table" and dict(attrs).get("id") == "out_of_scope-reasons":
-                self.inside = True
-            elif self.inside and tag == "tr":
-                self.rows.append([])
-            elif self.inside and tag == "td":
-                self.cell = ""
-
-        def handle_endtag(self, tag):
-            if tag == "table":
-                self.inside = False
-            elif self.inside and tag == "td" and self.cell is not None:
-                self.rows[-1].append(self.cell.strip())
-                self.cell = None
-
-        def handle_data(self, data):
-            if self.cell is not None:
-                self.cell += data
-
-    parser = Rows()
-    parser.feed(open(page).read())
-    shown = {r[0]: int(r[1].replace(",", "")) for r in parser.rows if len(r) >= 2}
+    page = open(write_score_report(ReportSettings(results=str(out), out=str(tmp_path / "r.html"))).path).read()
+    table = re.search(r'<table id="out_of_scope-reasons">(.*?)</table>', page, re.S).group(1)
+    shown = {html.unescape(m): int(n.replace(",", ""))
+             for m, n in re.findall(r'<tr><td>(.*?)</td><td class="num">([\d,]+)</td>', table)}
     gated = df[df.status == SKIPPED].error.value_counts()
     assert sum(v for k, v in shown.items() if k.startswith("not a chest radiograph")) == gated.sum() >= 4
     assert any(k.startswith("not a chest radiograph: Modality") for k in shown), shown
